@@ -1,0 +1,90 @@
+"""The backend-neutral entry: ``dispatch`` / ``combine`` with ``backend=`` and knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
+from fused_a2a.backends import make_comm
+from fused_a2a.checks import check_dispatch_inputs
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """The handle of a backend-neutral dispatch: the backend's own handle and how to reach it again.
+
+    Attributes:
+        comm: the backend with its resolved knobs.
+        group: the process group of the dispatch.
+        raw: the backend's own handle (what its ``combine`` takes).
+    """
+
+    comm: Comm
+    group: dist.ProcessGroup | None
+    raw: Any
+
+    @property
+    def backend(self) -> str:
+        return self.comm.name
+
+
+def dispatch(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    group: dist.ProcessGroup | None = None,
+    backend: str = "torch",
+    async_finish: bool = False,
+    allocate_on_comm_stream: bool = False,
+    **knobs: Any,
+):
+    """Send each token to the ranks that hold its experts, with any backend.
+
+    Args:
+        x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank.
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert".
+        topk_weights: ``[N, K]`` float32 routing weights (differentiable).
+        num_experts: total number of experts, divisible by the group size.
+        group: the expert-parallel process group (``None``: the default group).
+        backend: ``"torch"`` (the reference, runs anywhere).
+        async_finish, allocate_on_comm_stream: as in DeepEP (no-ops for the torch backend).
+        **knobs: the backend's knobs (``fused_a2a.backends.BACKENDS[backend].knobs``).
+
+    Returns:
+        recv_x: ``[R, H]`` received tokens, ordered by source rank then source token.
+        recv_topk_idx: ``[R, K]`` int64 local expert ids, ``-1`` for experts on other ranks.
+        recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is on another rank.
+        tokens_per_expert: ``[E / W]`` int64 CPU tensor, received tokens per local expert.
+        handle: a :class:`DispatchHandle` for :func:`combine`.
+    """
+    check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, dist.get_world_size(group))
+    comm = make_comm(backend, knobs)
+    recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
+        x.contiguous(), topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
+    )
+    return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
+
+
+def combine(
+    y: torch.Tensor,
+    handle: DispatchHandle,
+    async_finish: bool = False,
+    allocate_on_comm_stream: bool = False,
+) -> torch.Tensor:
+    """Return each received row to its source rank and sum the copies of each token.
+
+    Args:
+        y: ``[R, H]`` rows in the order :func:`dispatch` received them (differentiable).
+        handle: the :class:`DispatchHandle` of that dispatch.
+
+    Returns:
+        ``[N, H]`` in ``y``'s dtype (summed in float32).
+    """
+    if not isinstance(handle, DispatchHandle):
+        raise ValueError(f"combine needs the handle returned by fused_a2a.dispatch, got {type(handle).__name__}")
+    return BufferCombine.apply(y, handle.group, handle.raw, handle.comm, async_finish, allocate_on_comm_stream)

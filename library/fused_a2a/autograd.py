@@ -1,0 +1,169 @@
+"""The forward and backward passes shared by every ``deep_ep.Buffer``-shaped backend.
+
+Dispatch's backward is a combine of the gradient (which also sums the routing weights' gradient
+back to the source tokens); combine's backward is a cached dispatch of the gradient with the
+forward's handle. The autograd Functions of the DeepEP, UCCL-EP and torch backends call these
+helpers with a :class:`Comm` that says which buffer and which configs to use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+def get_hidden_bytes(x: torch.Tensor) -> int:
+    """Bytes of one token row as the buffers size it: ``H * max(element_size, 2)``.
+
+    Args:
+        x: ``[N, H]`` tensor.
+
+    Returns:
+        int: the number of hidden bytes.
+    """
+    return x.size(1) * max(x.element_size(), 2)
+
+
+@dataclass(frozen=True)
+class Comm:
+    """One backend with its knobs resolved: what the shared autograd code needs.
+
+    Attributes:
+        name: backend name (``torch``, ``deepep``, ``uccl``).
+        get_buffer: ``(group, hidden_bytes) -> buffer`` with the ``deep_ep.Buffer`` methods.
+        dispatch_config: passed as ``config=`` to ``buffer.dispatch`` (``None``: the buffer's default).
+        combine_config: passed as ``config=`` to ``buffer.combine`` (``None``: the buffer's default).
+        new_event: ``() -> previous_event`` capturing the current stream, used when ``async_finish``.
+    """
+
+    name: str
+    get_buffer: Callable[[Any, int], Any]
+    dispatch_config: Any = None
+    combine_config: Any = None
+    new_event: Callable[[], Any] | None = None
+
+    def previous_event(self, async_finish: bool):
+        return self.new_event() if async_finish and self.new_event is not None else None
+
+
+def _wait(event, async_finish: bool) -> None:
+    if async_finish and event is not None:
+        event.current_stream_wait()
+
+
+def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, group, async_finish, on_comm_stream):
+    """Layout + dispatch; saves what the backward needs on ``ctx``.
+
+    Returns:
+        ``(recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle)`` where
+        ``tokens_per_expert`` is a CPU int64 tensor with one count per local expert.
+    """
+    buffer = comm.get_buffer(group, get_hidden_bytes(x))
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = (
+        buffer.get_dispatch_layout(
+            topk_idx,
+            num_experts,
+            previous_event=comm.previous_event(async_finish),
+            async_finish=async_finish,
+            allocate_on_comm_stream=on_comm_stream,
+        )
+    )
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, after = buffer.dispatch(
+        x,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        config=comm.dispatch_config,
+        previous_event=event,
+        async_finish=async_finish,
+        allocate_on_comm_stream=on_comm_stream,
+    )
+    _wait(after, async_finish)
+    ctx.comm, ctx.group, ctx.handle = comm, group, handle
+    ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
+    return recv_x, recv_topk_idx, recv_topk_weights, torch.tensor(counts, dtype=torch.int64), handle
+
+
+def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):
+    """Combine the gradients of ``recv_x`` and ``recv_topk_weights`` back to the source tokens.
+
+    Returns:
+        ``(grad_x [N, H], grad_topk_weights [N, K] float32)``.
+    """
+    comm: Comm = ctx.comm
+    buffer = comm.get_buffer(ctx.group, get_hidden_bytes(grad_recv_x))
+    grad_x, grad_topk_weights, after = buffer.combine(
+        grad_recv_x.contiguous(),
+        ctx.handle,
+        topk_weights=grad_recv_topk_weights.float(),
+        config=comm.combine_config,
+        previous_event=comm.previous_event(ctx.async_finish),
+        async_finish=ctx.async_finish,
+        allocate_on_comm_stream=ctx.on_comm_stream,
+    )
+    _wait(after, ctx.async_finish)
+    return grad_x, grad_topk_weights
+
+
+def combine_forward(ctx, comm: Comm, x, group, handle, async_finish, on_comm_stream):
+    """Combine; saves what the backward needs on ``ctx``. Returns ``[N, H]`` in ``x``'s dtype."""
+    buffer = comm.get_buffer(group, get_hidden_bytes(x))
+    combined_x, _, after = buffer.combine(
+        x,
+        handle=handle,
+        config=comm.combine_config,
+        previous_event=comm.previous_event(async_finish),
+        async_finish=async_finish,
+        allocate_on_comm_stream=on_comm_stream,
+    )
+    _wait(after, async_finish)
+    ctx.comm, ctx.group, ctx.handle = comm, group, handle
+    ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
+    return combined_x
+
+
+def combine_backward(ctx, grad_combined):
+    """Dispatch the gradient with the forward's handle. Returns ``[R, H]``."""
+    comm: Comm = ctx.comm
+    buffer = comm.get_buffer(ctx.group, get_hidden_bytes(grad_combined))
+    grad_x, _, _, _, _, after = buffer.dispatch(
+        grad_combined.contiguous(),
+        handle=ctx.handle,
+        config=comm.dispatch_config,
+        previous_event=comm.previous_event(ctx.async_finish),
+        async_finish=ctx.async_finish,
+        allocate_on_comm_stream=ctx.on_comm_stream,
+    )
+    _wait(after, ctx.async_finish)
+    return grad_x
+
+
+
+class BufferDispatch(torch.autograd.Function):
+    """Dispatch through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.dispatch` applies."""
+
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weights, num_experts, group, comm, async_finish=False, allocate_on_comm_stream=False):
+        return dispatch_forward(ctx, comm, x, topk_idx, topk_weights, num_experts, group, async_finish, allocate_on_comm_stream)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_topk_idx, grad_topk_weights, grad_tokens_per_expert, grad_handle):
+        grad_x, grad_weights = dispatch_backward(ctx, grad_output, grad_topk_weights)
+        return grad_x, None, grad_weights, None, None, None, None, None
+
+
+class BufferCombine(torch.autograd.Function):
+    """Combine through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.combine` applies."""
+
+    @staticmethod
+    def forward(ctx, x, group, handle, comm, async_finish=False, allocate_on_comm_stream=False):
+        return combine_forward(ctx, comm, x, group, handle, async_finish, allocate_on_comm_stream)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return combine_backward(ctx, grad_output), None, None, None, None, None

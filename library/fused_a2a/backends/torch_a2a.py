@@ -1,0 +1,297 @@
+"""The ``torch`` backend: DeepEP's dispatch/combine semantics on plain ``torch.distributed``.
+
+It is the correctness reference for every other backend and the default that runs anywhere
+(NCCL on GPU, gloo on CPU). :class:`TorchBuffer` has the method names, arguments and returns of
+``deep_ep.Buffer`` (normal mode), so the autograd code in :mod:`fused_a2a.autograd` drives it the
+same way it drives DeepEP.
+
+Semantics (identical to DeepEP's intranode normal mode):
+
+* dispatch sends each token once to every rank that holds at least one of its experts; the
+  received tokens are ordered by source rank, then by token index on the source;
+* ``recv_topk_idx`` holds local expert ids (``global - rank * num_local_experts``) and ``-1`` for
+  experts held elsewhere; ``recv_topk_weights`` is ``0`` where the expert is held elsewhere;
+* combine sends each received row back to its source and sums the copies of a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fused_a2a.checks import check_combine_input, check_dispatch_inputs, check_topk_range
+
+IMPLS = ("all_to_all", "p2p")
+
+
+@dataclass(frozen=True)
+class TorchConfig:
+    """Knobs of the torch backend.
+
+    Attributes:
+        impl: ``"all_to_all"`` moves the tokens with one ``all_to_all_single`` per tensor;
+            ``"p2p"`` with one batch of ``isend``/``irecv`` pairs per peer (own rows copied locally).
+    """
+
+    impl: str = "all_to_all"
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"torch backend: impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+
+
+@dataclass(frozen=True)
+class TorchHandle:
+    """What a torch-backend dispatch leaves for its combine and for cached dispatches.
+
+    Attributes:
+        group: the process group of the dispatch.
+        send_token_idx: ``[S]`` int64, the source token of each sent row, ordered by destination rank.
+        send_counts: rows sent to each rank (length = group size).
+        recv_counts: rows received from each rank (length = group size).
+        num_tokens: ``N``, the number of tokens of this rank before dispatch.
+        is_token_in_rank: ``[N, W]`` bool, which ranks received each token.
+    """
+
+    group: dist.ProcessGroup | None
+    send_token_idx: torch.Tensor
+    send_counts: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+    num_tokens: int
+    is_token_in_rank: torch.Tensor
+
+    @property
+    def num_recv_tokens(self) -> int:
+        return sum(self.recv_counts)
+
+
+class TorchBuffer:
+    """A ``deep_ep.Buffer``-shaped communicator over ``torch.distributed`` collectives.
+
+    Args:
+        group: the expert-parallel process group (``None`` for the default group).
+    """
+
+    num_nvl_bytes = 0
+    num_rdma_bytes = 0
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.group_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event=None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Count where each token goes (``ValueError`` for an expert id outside ``[-1, num_experts)``).
+
+        Args:
+            topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for none.
+            num_experts: total number of experts.
+            previous_event, async_finish, allocate_on_comm_stream: accepted for DeepEP
+                compatibility; the torch backend runs on the current stream.
+
+        Returns:
+            num_tokens_per_rank: ``[W]`` int32, tokens sent to each rank.
+            num_tokens_per_rdma_rank: ``None`` (no RDMA ranks).
+            num_tokens_per_expert: ``[E]`` int32, tokens routed to each expert.
+            is_token_in_rank: ``[N, W]`` bool.
+            event: ``None``.
+        """
+        check_topk_range(topk_idx, num_experts)
+        num_local = num_experts // self.group_size
+        valid = topk_idx >= 0
+        dest_rank = torch.where(valid, topk_idx // num_local, -1)
+        ranks = torch.arange(self.group_size, device=topk_idx.device)
+        is_token_in_rank = (dest_rank.unsqueeze(-1) == ranks).any(dim=1)
+        num_tokens_per_rank = is_token_in_rank.sum(dim=0).to(torch.int32)
+        num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, None
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        handle: TorchHandle | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: TorchConfig | None = None,
+        previous_event=None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send each token to the ranks that hold its experts.
+
+        Args:
+            x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank.
+            handle: a handle from an earlier dispatch: repeat that layout ("cached" dispatch).
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: the layout from
+                :meth:`get_dispatch_layout` (computed here when omitted).
+            num_tokens_per_rdma_rank, num_worst_tokens, previous_event, async_finish,
+                allocate_on_comm_stream: accepted for DeepEP compatibility, unused.
+            topk_idx: ``[N, K]`` int64 global expert ids (required without ``handle``).
+            topk_weights: ``[N, K]`` float32 routing weights (required without ``handle``).
+            expert_alignment: each entry of the returned per-expert counts is rounded up to it.
+            config: :class:`TorchConfig`; default ``TorchConfig()``.
+
+        Returns:
+            recv_x: ``[R, H]`` received tokens, ordered by source rank then source token.
+            recv_topk_idx: ``[R, K]`` int64 local expert ids, ``-1`` for experts elsewhere
+                (``None`` for a cached dispatch).
+            recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is elsewhere (``None`` if cached).
+            num_recv_tokens_per_expert_list: list of ``E / W`` ints (``None`` if cached).
+            handle: a :class:`TorchHandle` for combine (``None`` if cached).
+            event: ``None``.
+        """
+        config = config or TorchConfig()
+        if handle is not None:
+            recv_x = self._exchange(x[handle.send_token_idx], handle.send_counts, handle.recv_counts, config)
+            return recv_x, None, None, None, None, None
+
+        if topk_idx is None or topk_weights is None:
+            raise ValueError("a dispatch without a handle needs topk_idx and topk_weights")
+        num_experts = int(num_tokens_per_expert.numel()) if num_tokens_per_expert is not None else None
+        if num_experts is None or is_token_in_rank is None or num_tokens_per_rank is None:
+            raise ValueError("a dispatch without a handle needs the layout from get_dispatch_layout")
+        check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, self.group_size)
+
+        dest, send_token_idx = is_token_in_rank.t().nonzero(as_tuple=True)
+        send_counts = num_tokens_per_rank.to(torch.int64)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_list = tuple(send_counts.tolist())
+        recv_list = tuple(recv_counts.tolist())
+
+        num_local = num_experts // self.group_size
+        send_idx = topk_idx[send_token_idx]
+        local_idx = send_idx - (dest * num_local).unsqueeze(-1)
+        is_local = (send_idx >= 0) & (local_idx >= 0) & (local_idx < num_local)
+        send_local_idx = torch.where(is_local, local_idx, -1)
+        send_weights = torch.where(is_local, topk_weights[send_token_idx], 0.0)
+
+        recv_x = self._exchange(x[send_token_idx], send_list, recv_list, config)
+        recv_topk_idx = self._exchange(send_local_idx, send_list, recv_list, config)
+        recv_topk_weights = self._exchange(send_weights, send_list, recv_list, config)
+
+        counts = torch.bincount(recv_topk_idx[recv_topk_idx >= 0], minlength=num_local)
+        counts = (counts + expert_alignment - 1) // expert_alignment * expert_alignment
+        handle = TorchHandle(
+            group=self.group,
+            send_token_idx=send_token_idx,
+            send_counts=send_list,
+            recv_counts=recv_list,
+            num_tokens=x.size(0),
+            is_token_in_rank=is_token_in_rank,
+        )
+        return recv_x, recv_topk_idx, recv_topk_weights, counts.tolist(), handle, None
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: TorchHandle,
+        topk_weights: torch.Tensor | None = None,
+        bias=None,
+        config: TorchConfig | None = None,
+        previous_event=None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send each received row back to its source rank and sum the copies of each token.
+
+        Args:
+            x: ``[R, H]`` rows in the order the dispatch of ``handle`` received them.
+            handle: the :class:`TorchHandle` of that dispatch.
+            topk_weights: optional ``[R, K]`` float32, summed back the same way.
+            bias: ``None``, or a tensor or pair of tensors ``[N, H]`` added to the result.
+            config: :class:`TorchConfig`; default ``TorchConfig()``.
+            previous_event, async_finish, allocate_on_comm_stream: accepted, unused.
+
+        Returns:
+            combined_x: ``[N, H]`` in ``x``'s dtype, summed in float32.
+            combined_topk_weights: ``[N, K]`` float32, or ``None`` without ``topk_weights``.
+            event: ``None``.
+        """
+        config = config or TorchConfig()
+        check_combine_input(x, handle.num_recv_tokens)
+        back = self._exchange(x, handle.recv_counts, handle.send_counts, config)
+        combined = torch.zeros(handle.num_tokens, x.size(1), dtype=torch.float32, device=x.device)
+        combined.index_add_(0, handle.send_token_idx, back.float())
+        for extra in _bias_terms(bias):
+            combined += extra.float()
+        combined_weights = None
+        if topk_weights is not None:
+            back_w = self._exchange(topk_weights.float().contiguous(), handle.recv_counts, handle.send_counts, config)
+            combined_weights = torch.zeros(
+                handle.num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device
+            )
+            combined_weights.index_add_(0, handle.send_token_idx, back_w)
+        return combined.to(x.dtype), combined_weights, None
+
+    def destroy(self) -> None:
+        """Release nothing: the torch backend holds no buffers of its own."""
+
+    def _exchange(
+        self,
+        rows: torch.Tensor,
+        send_counts: tuple[int, ...],
+        recv_counts: tuple[int, ...],
+        config: TorchConfig,
+    ) -> torch.Tensor:
+        """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank ``r``; return the received rows."""
+        rows = rows.contiguous()
+        out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+        if config.impl == "all_to_all":
+            dist.all_to_all_single(out, rows, list(recv_counts), list(send_counts), group=self.group)
+            return out
+        sends = rows.split(list(send_counts))
+        recvs = out.split(list(recv_counts))
+        ops = []
+        for peer in range(self.group_size):
+            if peer == self.rank:
+                recvs[peer].copy_(sends[peer])
+                continue
+            global_peer = dist.get_global_rank(self.group, peer) if self.group is not None else peer
+            if send_counts[peer]:
+                ops.append(dist.P2POp(dist.isend, sends[peer], global_peer, self.group))
+            if recv_counts[peer]:
+                ops.append(dist.P2POp(dist.irecv, recvs[peer], global_peer, self.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return out
+
+
+def _bias_terms(bias) -> tuple[torch.Tensor, ...]:
+    if bias is None:
+        return ()
+    if isinstance(bias, torch.Tensor):
+        return (bias,)
+    return tuple(b for b in bias if b is not None)
+
+
+_buffers: dict[object, TorchBuffer] = {}
+
+
+def get_torch_buffer(group: dist.ProcessGroup | None, hidden_bytes: int = 0) -> TorchBuffer:
+    """The torch buffer of ``group`` (``None``: the default group), created on first use."""
+    key = group if group is not None else dist.group.WORLD
+    if key not in _buffers:
+        _buffers[key] = TorchBuffer(group)
+    return _buffers[key]
+
+
+def free_torch_buffers() -> None:
+    """Forget every torch buffer (they hold no device memory of their own)."""
+    _buffers.clear()

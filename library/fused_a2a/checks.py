@@ -1,0 +1,79 @@
+"""Input validation shared by every backend: one clear ``ValueError`` per mistake.
+
+The shape and dtype checks read only tensor metadata (no device synchronisation). The range check
+of ``topk_idx`` reads its minimum and maximum, which synchronises with the device; the torch backend
+runs it on every call (it synchronises anyway to learn the receive counts), the fused GPU backends
+leave it to the caller of :func:`check_topk_range`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_dispatch_inputs(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    num_experts: int,
+    group_size: int,
+) -> None:
+    """Raise ``ValueError`` unless the arguments of a dispatch are consistent.
+
+    Args:
+        x: ``[N, H]`` tokens, bf16/fp16/fp32.
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert".
+        topk_weights: ``[N, K]`` float32 routing weights, or ``None``.
+        num_experts: total number of experts across the group.
+        group_size: number of ranks in the expert-parallel group.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [num_tokens, hidden], got shape {_shape(x)}")
+    if x.dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx must be a 2-D tensor [num_tokens, topk], got shape {_shape(topk_idx)}")
+    if topk_idx.dtype != torch.int64:
+        raise ValueError(f"topk_idx must be int64, got {topk_idx.dtype}")
+    if topk_idx.size(0) != x.size(0):
+        raise ValueError(f"x has {x.size(0)} tokens but topk_idx has {topk_idx.size(0)}")
+    if topk_weights is not None:
+        if not isinstance(topk_weights, torch.Tensor) or topk_weights.dim() != 2:
+            raise ValueError(f"topk_weights must be a 2-D tensor [num_tokens, topk], got shape {_shape(topk_weights)}")
+        if topk_weights.dtype != torch.float32:
+            raise ValueError(f"topk_weights must be float32, got {topk_weights.dtype}")
+        if topk_weights.shape != topk_idx.shape:
+            raise ValueError(
+                f"topk_weights shape {tuple(topk_weights.shape)} does not match topk_idx shape {tuple(topk_idx.shape)}"
+            )
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if num_experts % group_size != 0:
+        raise ValueError(f"num_experts ({num_experts}) is not divisible by the group size ({group_size})")
+
+
+def check_topk_range(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """Raise ``ValueError`` unless every entry of ``topk_idx`` lies in ``[-1, num_experts)``."""
+    if topk_idx.numel() == 0:
+        return
+    low, high = torch.stack([topk_idx.min(), topk_idx.max()]).tolist()
+    if low < -1 or high >= num_experts:
+        raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}]")
+
+
+def check_combine_input(x: torch.Tensor, num_recv_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``x`` can be combined by a handle that received ``num_recv_tokens``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"combine input must be a 2-D tensor [num_recv_tokens, hidden], got shape {_shape(x)}")
+    if x.dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"combine input must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.size(0) != num_recv_tokens:
+        raise ValueError(
+            f"combine input has {x.size(0)} rows but its handle received {num_recv_tokens} tokens"
+        )
+
+
+def _shape(obj: object) -> object:
+    return tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__
