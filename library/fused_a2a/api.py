@@ -9,8 +9,11 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
-from fused_a2a.backends import make_comm
+from fused_a2a.backends import BACKENDS, make_comm
 from fused_a2a.checks import check_dispatch_inputs
+from fused_a2a.tuning.resolve import best_backend, resolve
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,13 @@ def dispatch(
         topk_weights: ``[N, K]`` float32 routing weights (differentiable).
         num_experts: total number of experts, divisible by the group size.
         group: the expert-parallel process group (``None``: the default group).
-        backend: ``"torch"`` (the reference, runs anywhere).
+        backend: a name of ``fused_a2a.backends.BACKENDS`` (``"torch"``, the reference, runs
+            anywhere), or ``"auto"``: the installed backend that this cluster's tuning table
+            measured fastest for this shape (``"torch"`` without a table).
         async_finish, allocate_on_comm_stream: as in DeepEP (no-ops for the torch backend).
-        **knobs: the backend's knobs (``fused_a2a.backends.BACKENDS[backend].knobs``).
+        **knobs: the backend's knobs (``fused_a2a.backends.BACKENDS[backend].knobs``). A knob not
+            given comes from ``FUSED_A2A_<BACKEND>_<KNOB>``, else from this cluster's tuning table,
+            else from the backend's default (``a2a-bench show`` prints the choice).
 
     Returns:
         recv_x: ``[R, H]`` received tokens, ordered by source rank then source token.
@@ -62,8 +69,17 @@ def dispatch(
         tokens_per_expert: ``[E / W]`` int64 CPU tensor, received tokens per local expert.
         handle: a :class:`DispatchHandle` for :func:`combine`.
     """
-    check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, dist.get_world_size(group))
-    comm = make_comm(backend, knobs)
+    world_size = dist.get_world_size(group)
+    check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, world_size)
+    shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
+    if backend == "auto":
+        backend = best_backend(**shape, topk=topk_idx.size(1), num_experts=num_experts)
+    chosen = knobs
+    combine_knobs = None
+    if backend in BACKENDS and set(knobs) != {k.name for k in BACKENDS[backend].knobs}:
+        resolution = resolve(backend, **shape, explicit=knobs, topk=topk_idx.size(1), num_experts=num_experts)
+        chosen, combine_knobs = resolution.dispatch, resolution.combine
+    comm = make_comm(backend, chosen, combine_knobs)
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
         x.contiguous(), topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )

@@ -1,0 +1,3 @@
+from a2a_bench.cli import main
+
+main()

@@ -1,0 +1,214 @@
+"""The ``a2a-bench`` command line: parse options, call one function per command, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from a2a_bench.results import ResultsError
+from a2a_bench.spec import (
+    QUICK, SpecError, SweepSpec, load_spec_file, merge, parse_ints, parse_knob, parse_words, validate,
+)
+from fused_a2a.tuning.table import TuningFileError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
+console = Console()
+
+
+def _opt(text: Optional[str], parse, what: str):
+    return None if text is None else parse(text, what)
+
+
+@app.command()
+def sweep(
+    backends: Optional[str] = typer.Option(None, help="Backends, comma list (torch, ...)."),
+    sms: Optional[str] = typer.Option(None, help="SM counts for backends with a num_sms knob: 8,16 or 8:64:8 (stop included)."),
+    hidden: Optional[str] = typer.Option(None, help="Hidden sizes, comma list or start:stop:step."),
+    tokens: Optional[str] = typer.Option(None, help="Tokens per rank, comma list or start:stop:step."),
+    topk: Optional[str] = typer.Option(None, help="Experts per token, comma list."),
+    experts: Optional[str] = typer.Option(None, help="Number of experts, comma list (divisible by the ranks)."),
+    dtype: Optional[str] = typer.Option(None, help="Token dtypes: bf16, fp16, fp32."),
+    routing: Optional[str] = typer.Option(None, help="Routings: uniform, zipf:<skew>, hot:<fraction>."),
+    knob: Optional[List[str]] = typer.Option(None, help="A backend knob's values: backend.knob=v1,v2 (repeatable)."),
+    seed: Optional[int] = typer.Option(None, help="Base seed of the workloads."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed iterations per mode."),
+    iters: Optional[int] = typer.Option(None, help="Timed iterations per mode (>= 1)."),
+    point_timeout: Optional[float] = typer.Option(None, help="Seconds before a point is recorded as timeout."),
+    spec: Optional[Path] = typer.Option(None, help="TOML spec file with the same keys; options override it."),
+    quick: bool = typer.Option(False, "--quick", help="A small preset (about a minute on 2 CPU ranks)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/sweep-<UTC time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip points already in RUN_DIR/results.csv."),
+    nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks through torchrun's launcher."),
+) -> None:
+    """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
+    from a2a_bench.sweep import launch_local, run_sweep
+
+    base = QUICK if quick else SweepSpec()
+    if spec is not None:
+        base = merge(base, load_spec_file(spec))
+    knobs = {b: dict(v) for b, v in base.knobs.items()}
+    for text in knob or []:
+        backend, name, values = parse_knob(text)
+        knobs.setdefault(backend, {})[name] = values
+    sweep_spec = merge(base, {
+        "backends": _opt(backends, parse_words, "--backends"), "sms": _opt(sms, parse_ints, "--sms"),
+        "hidden": _opt(hidden, parse_ints, "--hidden"), "tokens": _opt(tokens, parse_ints, "--tokens"),
+        "topk": _opt(topk, parse_ints, "--topk"), "experts": _opt(experts, parse_ints, "--experts"),
+        "dtypes": _opt(dtype, parse_words, "--dtype"), "routings": _opt(routing, parse_words, "--routing"),
+        "knobs": knobs, "seed": seed, "warmup": warmup, "iters": iters, "point_timeout_s": point_timeout,
+    })
+    out = out or Path("runs") / datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
+    if nproc is not None and "LOCAL_RANK" not in os.environ:
+        if nproc < 1:
+            raise SpecError(f"--nproc must be >= 1, got {nproc}")
+        validate(sweep_spec, nproc)
+        raise typer.Exit(launch_local(nproc, _argv_for_ranks(sys.argv[1:], out)))
+    run_sweep(sweep_spec, out, resume, sys.argv)
+
+
+def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
+    """The command line each launched rank runs: ``--nproc`` removed, ``--out`` fixed."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word in ("--nproc", "--out"):
+            skip = True
+            continue
+        if word.startswith(("--nproc=", "--out=")):
+            continue
+        kept.append(word)
+    return [*kept, "--out", str(out)]
+
+
+@app.command()
+def tune(
+    run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
+    out: Path = typer.Option(Path("tuning_results"), help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json."),
+    routing: str = typer.Option("uniform", help="Tune from the rows of this routing."),
+) -> None:
+    """Select the fastest verified config per shape and merge it into the cluster's tuning.json."""
+    from a2a_bench.report import tuning_rich
+    from a2a_bench.tune import tune as run_tune
+
+    path, table = run_tune(run_dir, out, routing)
+    console.print(tuning_rich(table))
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def table(
+    cluster_dir: Optional[Path] = typer.Argument(None, help="A folder holding tuning.json (default: this machine's cluster)."),
+) -> None:
+    """Print a cluster's tuning table and write it as Markdown to CLUSTER_DIR/TABLE.md."""
+    from a2a_bench.report import tuning_markdown, tuning_rich
+    from fused_a2a.cluster import detect_cluster
+    from fused_a2a.files import atomic_write_text
+    from fused_a2a.tuning.resolve import tuning_dirs
+    from fused_a2a.tuning.table import read_table
+
+    if cluster_dir is None:
+        cluster = detect_cluster().id
+        found = [d / cluster for d in tuning_dirs() if (d / cluster / "tuning.json").exists()]
+        if not found:
+            raise ResultsError(f"no tuning table for cluster {cluster}; pass a CLUSTER_DIR")
+        cluster_dir = found[0]
+    tuning = read_table(cluster_dir / "tuning.json")
+    atomic_write_text(cluster_dir / "TABLE.md", tuning_markdown(tuning))
+    console.print(tuning_rich(tuning))
+    console.print(f"wrote {cluster_dir / 'TABLE.md'}")
+
+
+@app.command()
+def show(
+    backend: str = typer.Option("torch", help="Backend name."),
+    hidden: int = typer.Option(..., help="Hidden size of the call."),
+    tokens: int = typer.Option(..., help="Tokens per rank of the call."),
+    world_size: int = typer.Option(..., help="Ranks in the expert-parallel group."),
+    dtype: str = typer.Option("bf16", help="Token dtype."),
+    topk: Optional[int] = typer.Option(None, help="Experts per token (prefer entries with it)."),
+    experts: Optional[int] = typer.Option(None, help="Number of experts (prefer entries with it)."),
+    cluster: Optional[str] = typer.Option(None, help="Cluster id (default: this machine's)."),
+    knob: Optional[List[str]] = typer.Option(None, help="An explicit knob as a caller would pass it: name=value."),
+) -> None:
+    """What fused_a2a would use for this call on this machine, and where each knob comes from."""
+    from fused_a2a.backends import get_backend
+    from fused_a2a.tuning.resolve import resolve
+
+    spec = get_backend(backend)
+    explicit = {}
+    for text in knob or []:
+        name, sep, value = text.partition("=")
+        if not sep:
+            raise SpecError(f"--knob takes name=value, got {text!r}")
+        explicit[name] = spec.knob(name).parse(value)
+    res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster)
+    out = Table(title=f"{backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}")
+    for column in ("knob", "dispatch", "combine", "source"):
+        out.add_column(column)
+    for name in res.dispatch:
+        out.add_row(name, str(res.dispatch[name]), str(res.combine[name]), res.sources[name])
+    console.print(out)
+    if res.entry is not None:
+        e = res.entry
+        console.print(f"table entry: {res.table_path} ({e.backend}, {e.world_size} ranks, {e.dtype}, hidden {e.hidden}, "
+                      f"{e.num_tokens} tokens, top-{e.topk}, {e.num_experts} experts)", markup=False)
+    else:
+        console.print(f"no table entry ({res.table_path or 'no tuning table for this cluster'})", markup=False)
+
+
+@app.command()
+def env(
+    world_size: Optional[int] = typer.Option(None, help="World size for the cluster id (default: GPUs of this node)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Installed backends (version, or why not), GPUs, link topology and cluster id."""
+    from a2a_bench.environment import describe
+
+    info = describe(world_size)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    c = info["cluster"]
+    console.print(f"cluster id: [bold]{c['id']}[/bold]  gpu: {c['gpu'] or 'none'}  gpus/node: {c['gpus_per_node']}  "
+                  f"nodes: {c['nodes']}  intranode link: {c['intranode_link'] or 'n/a'}  internode: {c['internode'] or 'n/a'}")
+    console.print(f"GPUs: {', '.join(info['gpus']) or 'none'}")
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
+    out = Table(title="backends")
+    for column in ("backend", "available", "version or reason"):
+        out.add_column(column)
+    for b in info["backends"]:
+        out.add_row(b["backend"], "yes" if b["available"] else "no", b["detail"])
+    console.print(out)
+
+
+USER_ERRORS = (SpecError, ResultsError, TuningFileError, ValueError)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit with status 2."""
+    try:
+        result = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except USER_ERRORS as exc:
+        print(f"a2a-bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        if not hasattr(exc, "format_message"):  # Typer's usage errors (bad or unknown option) have it
+            raise
+        print(f"a2a-bench: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)

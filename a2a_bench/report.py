@@ -1,0 +1,84 @@
+"""Tables for people: the sweep summary and the per-cluster tuning table (terminal and Markdown)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from rich.table import Table
+
+from fused_a2a.tuning.table import TuningEntry, TuningTable
+
+
+def summary_table(results: pd.DataFrame) -> Table:
+    """One line per point: backend, knobs, shape, status, kernel-mode µs and GB/s."""
+    table = Table(title="sweep results (kernel mode, median of the slowest rank)")
+    for column in ("backend", "knobs", "hidden", "tokens", "status", "disp µs", "comb µs",
+                   "disp GB/s", "comb GB/s", "xbw/peak"):
+        table.add_column(column, justify="right" if "µs" in column or "GB" in column else "left")
+    for _, r in results.iterrows():
+        ok = r["status"] == "ok"
+        table.add_row(
+            str(r["backend"]), _knobs(json.loads(r["knobs"])), str(r["hidden"]), str(r["num_tokens"]), str(r["status"])[:60],
+            _num(r["dispatch_kernel_us_median"], ok), _num(r["combine_kernel_us_median"], ok),
+            _num(r["dispatch_algbw_gbps"], ok), _num(r["combine_algbw_gbps"], ok),
+            _num(r["dispatch_xbw_frac_peak"], ok, "{:.2f}"),
+        )
+    return table
+
+
+def entry_cells(entry: TuningEntry) -> list[str]:
+    """The cells of one tuning entry, as :data:`TUNING_COLUMNS` names them."""
+    m = entry.measured
+    speedup = "n/a"
+    if "default_dispatch_us" in m:
+        speedup = f"{(m['default_dispatch_us'] + m['default_combine_us']) / (m['dispatch_us'] + m['combine_us']):.2f}x"
+    peak = m.get("link_peak_gbps") or 0.0
+    frac = f"{m['dispatch_xbw_gbps'] / peak:.2f} / {m['combine_xbw_gbps'] / peak:.2f}" if peak else "n/a"
+    return [
+        entry.backend, str(entry.world_size), entry.dtype, str(entry.hidden), str(entry.num_tokens),
+        f"{entry.topk}/{entry.num_experts}", _knobs(entry.dispatch), _knobs(entry.combine),
+        f"{m['dispatch_us']:.1f} / {m['combine_us']:.1f}",
+        f"{m['dispatch_algbw_gbps']:.1f} / {m['combine_algbw_gbps']:.1f}", speedup, frac,
+    ]
+
+
+TUNING_COLUMNS = ["backend", "ranks", "dtype", "hidden", "tokens", "topk/experts", "dispatch knobs",
+                  "combine knobs", "µs (d / c)", "algbw GB/s (d / c)", "speedup vs default", "xbw / peak (d / c)"]
+
+
+def tuning_rich(table: TuningTable) -> Table:
+    """The tuning table for the terminal."""
+    out = Table(title=f"tuning table of {table.cluster['id']} ({len(table.entries)} entries)")
+    for column in TUNING_COLUMNS:
+        out.add_column(column)
+    for entry in table.entries:
+        out.add_row(*entry_cells(entry))
+    return out
+
+
+def tuning_markdown(table: TuningTable) -> str:
+    """The tuning table as Markdown (``TABLE.md``)."""
+    c = table.cluster
+    lines = [
+        f"# Tuning table: {c['id']}",
+        "",
+        f"GPU: {c.get('gpu') or 'none (CPU, gloo)'}; {c.get('gpus_per_node')} per node, {c.get('nodes')} node(s); "
+        f"intranode link: {c.get('intranode_link') or 'n/a'}. Created {table.created} by a2a-bench {table.tool_version}.",
+        "Times are kernel-mode medians of the slowest rank; speedup compares with the backend's default knobs.",
+        "",
+        "| " + " | ".join(TUNING_COLUMNS) + " |",
+        "|" + "---|" * len(TUNING_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(entry_cells(e)) + " |" for e in table.entries]
+    return "\n".join(lines) + "\n"
+
+
+def _knobs(knobs: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
+
+
+def _num(value, ok: bool, fmt: str = "{:.1f}") -> str:
+    if not ok or value == "" or pd.isna(value):
+        return "-"
+    return fmt.format(float(value))

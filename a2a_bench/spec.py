@@ -1,0 +1,264 @@
+"""What a sweep measures: the grid (from options or a TOML file), validated, expanded into points."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from a2a_bench.workload import DTYPES, ROUTINGS, WorkloadSpec
+from fused_a2a.backends import BACKENDS, get_backend
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SMS_KNOB = "num_sms"
+
+
+class SpecError(ValueError):
+    """A user error in the sweep's options or spec file (the CLI exits with status 2)."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid of one sweep; every field is a list of values to cross, except the timing fields.
+
+    Attributes:
+        backends: backend names (``fused_a2a.backends.BACKENDS``).
+        hidden, tokens, topk, experts: hidden sizes, tokens per rank, experts per token, experts.
+        dtypes: ``bf16``/``fp16``/``fp32``.
+        routings: ``uniform``, ``zipf:<skew>`` or ``hot:<fraction>``.
+        sms: SM counts for the backends with a ``num_sms`` knob (empty: their default).
+        knobs: ``{backend: {knob: [values]}}`` for the backends' other knobs (missing: default only).
+        seed: base seed of the workloads.
+        warmup, iters: untimed and timed iterations per mode.
+        point_timeout_s: a point that runs longer is recorded as ``timeout``.
+    """
+
+    backends: tuple[str, ...] = ("torch",)
+    hidden: tuple[int, ...] = (4096,)
+    tokens: tuple[int, ...] = (4096,)
+    topk: tuple[int, ...] = (8,)
+    experts: tuple[int, ...] = (64,)
+    dtypes: tuple[str, ...] = ("bf16",)
+    routings: tuple[str, ...] = ("uniform",)
+    sms: tuple[int, ...] = ()
+    knobs: dict[str, dict[str, tuple]] = field(default_factory=dict)
+    seed: int = 0
+    warmup: int = 5
+    iters: int = 20
+    point_timeout_s: float = 300.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+QUICK = SweepSpec(
+    backends=("torch",),
+    hidden=(1024, 2048),
+    tokens=(256, 512),
+    topk=(4,),
+    experts=(16,),
+    knobs={"torch": {"impl": ("all_to_all", "p2p")}},
+    warmup=3,
+    iters=10,
+)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: a backend with fixed knobs on one workload, on ``world_size`` ranks."""
+
+    backend: str
+    knobs: tuple[tuple[str, Any], ...]
+    workload: WorkloadSpec
+    world_size: int
+
+    @property
+    def knob_dict(self) -> dict[str, Any]:
+        return dict(self.knobs)
+
+    @property
+    def point_id(self) -> str:
+        """A stable 12-hex-digit hash of what is measured (not of how long it is timed)."""
+        key = {"backend": self.backend, "knobs": dict(self.knobs), "world_size": self.world_size, **asdict(self.workload)}
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """``"8,16,32"`` or ``"8:64:8"`` (start:stop:step, stop included) → ints; ``SpecError`` otherwise."""
+    values: list[int] = []
+    for part in _words(text, what):
+        if ":" in part:
+            bounds = part.split(":")
+            if len(bounds) != 3:
+                raise SpecError(f"{what}: a range is start:stop:step, got {part!r}")
+            start, stop, step = (_int(b, what) for b in bounds)
+            if step <= 0:
+                raise SpecError(f"{what}: range step must be positive, got {part!r}")
+            if stop < start:
+                raise SpecError(f"{what}: range {part!r} is reversed (stop < start)")
+            values.extend(range(start, stop + 1, step))
+        else:
+            values.append(_int(part, what))
+    return tuple(dict.fromkeys(values))
+
+
+def parse_words(text: str, what: str) -> tuple[str, ...]:
+    """``"a,b"`` → ``("a", "b")``; ``SpecError`` for an empty list."""
+    return tuple(dict.fromkeys(_words(text, what)))
+
+
+def parse_knob(text: str) -> tuple[str, str, tuple]:
+    """``"backend.knob=v1,v2"`` → ``(backend, knob, values)`` typed by the knob; ``SpecError`` otherwise."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise SpecError(f"--knob takes backend.knob=v1,v2, got {text!r}")
+    target, values = text.split("=", 1)
+    backend, name = target.split(".", 1)
+    return backend, name, _knob_values(backend, name, parse_words(values, f"--knob {target}"))
+
+
+def _knob_values(backend: str, name: str, words) -> tuple:
+    try:
+        knob = get_backend(backend).knob(name)
+        return tuple(dict.fromkeys(knob.parse(str(w)) for w in words))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    """Read a TOML spec file into :class:`SweepSpec` field overrides; ``SpecError`` if it can't."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"spec file {path} does not parse: {exc}") from None
+    known = {f.name for f in fields(SweepSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"spec file {path}: unknown key {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "knobs":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise SpecError(f"spec file {path}: knobs must be a table of tables ([knobs.<backend>])")
+            out[key] = {
+                b: {k: _knob_values(b, k, v if isinstance(v, list) else [v]) for k, v in kv.items()}
+                for b, kv in value.items()
+            }
+        elif key in ("seed", "warmup", "iters", "point_timeout_s"):
+            out[key] = value
+        else:
+            items = value if isinstance(value, list) else [value]
+            text = ",".join(str(v) for v in items)
+            out[key] = parse_words(text, key) if key in ("backends", "dtypes", "routings") else parse_ints(text, key)
+    return out
+
+
+def parse_routing(text: str) -> tuple[str, float]:
+    """``uniform`` / ``zipf:1.2`` / ``hot:0.5`` → ``(routing, skew)``; ``SpecError`` otherwise."""
+    name, _, skew = text.partition(":")
+    if name not in ROUTINGS:
+        raise SpecError(f"unknown routing {text!r}; choose from uniform, zipf:<skew>, hot:<fraction>")
+    if name == "uniform":
+        return name, 1.0
+    try:
+        return name, float(skew) if skew else (1.0 if name == "zipf" else 0.5)
+    except ValueError:
+        raise SpecError(f"routing {text!r}: the skew must be a number") from None
+
+
+def validate(spec: SweepSpec, world_size: int) -> None:
+    """Raise ``SpecError`` (one line) for anything that makes the sweep meaningless on ``world_size`` ranks."""
+    for name in spec.backends:
+        if name not in BACKENDS:
+            raise SpecError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    for name in spec.knobs:
+        if name not in spec.backends:
+            raise SpecError(f"knobs given for backend {name!r}, which is not in --backends")
+    for label, values in (("hidden", spec.hidden), ("tokens", spec.tokens), ("topk", spec.topk), ("experts", spec.experts)):
+        if not values:
+            raise SpecError(f"{label}: empty list")
+        if any(v <= 0 for v in values):
+            raise SpecError(f"{label}: values must be positive, got {list(values)}")
+    for dtype in spec.dtypes:
+        if dtype not in DTYPES:
+            raise SpecError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    for routing in spec.routings:
+        parse_routing(routing)
+    for experts in spec.experts:
+        if experts % world_size:
+            raise SpecError(f"experts ({experts}) is not divisible by the number of ranks ({world_size})")
+    if max(spec.topk) > min(spec.experts):
+        raise SpecError(f"topk ({max(spec.topk)}) is larger than the number of experts ({min(spec.experts)})")
+    if spec.warmup < 0 or spec.iters < 1:
+        raise SpecError(f"warmup must be >= 0 and iters >= 1, got {spec.warmup} and {spec.iters}")
+    if spec.point_timeout_s <= 0:
+        raise SpecError(f"point timeout must be positive, got {spec.point_timeout_s}")
+    for name in spec.backends:
+        backend = get_backend(name)
+        grid = knob_grid(spec, name)
+        for knob_name, values in grid.items():
+            for value in values:
+                problem = backend.knob(knob_name).check(value)
+                if problem is not None:
+                    raise SpecError(f"{name}: {problem}")
+
+
+def knob_grid(spec: SweepSpec, backend_name: str) -> dict[str, tuple]:
+    """Each knob of the backend with the values this sweep tries (its default when not given)."""
+    backend = get_backend(backend_name)
+    given = spec.knobs.get(backend_name, {})
+    grid = {}
+    for knob in backend.knobs:
+        if knob.name in given:
+            grid[knob.name] = tuple(given[knob.name])
+        elif knob.name == SMS_KNOB and spec.sms:
+            grid[knob.name] = spec.sms
+        else:
+            grid[knob.name] = (knob.default,)
+    return grid
+
+
+def expand(spec: SweepSpec, world_size: int) -> list[Point]:
+    """Every point of the grid, in a stable order (backend, shape, then knobs)."""
+    points = []
+    for backend in spec.backends:
+        grid = knob_grid(spec, backend)
+        combos = [tuple(zip(grid, values)) for values in itertools.product(*grid.values())]
+        for dtype, routing, experts, topk, hidden, tokens in itertools.product(
+            spec.dtypes, spec.routings, spec.experts, spec.topk, spec.hidden, spec.tokens
+        ):
+            name, skew = parse_routing(routing)
+            workload = WorkloadSpec(
+                num_tokens=tokens, hidden=hidden, topk=topk, num_experts=experts, dtype=dtype,
+                routing=name, skew=skew, seed=spec.seed,
+            )
+            points.extend(Point(backend, combo, workload, world_size) for combo in combos)
+    return points
+
+
+def merge(base: SweepSpec, overrides: dict[str, Any]) -> SweepSpec:
+    """``base`` with the non-``None`` overrides applied."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _words(text: str, what: str) -> list[str]:
+    words = [w.strip() for w in str(text).split(",") if w.strip()]
+    if not words:
+        raise SpecError(f"{what}: empty list")
+    return words
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SpecError(f"{what}: {text!r} is not an integer") from None

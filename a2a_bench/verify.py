@@ -1,0 +1,77 @@
+"""Check one backend against the torch reference on the same inputs: forward and gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import fused_a2a
+from fused_a2a.backends import get_backend
+
+# relative-norm tolerance of the combined output and the gradients, per token dtype
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class RoundTrip:
+    """What one dispatch → expert → combine → backward produced on this rank."""
+
+    recv_x: torch.Tensor
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    out: torch.Tensor
+    grad_x: torch.Tensor
+    grad_weights: torch.Tensor
+
+
+def expert(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor) -> torch.Tensor:
+    """A differentiable stand-in for the local experts: ``x * (1 + sum of the local routing weights)``."""
+    scale = 1.0 + (recv_topk_weights * (recv_topk_idx >= 0)).sum(dim=1, keepdim=True)
+    return (recv_x.float() * scale).to(recv_x.dtype)
+
+
+def round_trip(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_experts: int, grad_seed: int, group=None) -> RoundTrip:
+    """Dispatch, run :func:`expert`, combine and back-propagate ``sum(out * g)`` with a seeded ``g``."""
+    x = x.detach().clone().requires_grad_(True)
+    weights = topk_weights.detach().clone().requires_grad_(True)
+    recv_x, recv_idx, recv_w, counts, handle = fused_a2a.dispatch(
+        x, topk_idx, weights, num_experts, group, backend=backend, **knobs
+    )
+    out = fused_a2a.combine(expert(recv_x, recv_idx, recv_w), handle)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device)
+    (out.float() * g).sum().backward()
+    return RoundTrip(recv_x.detach(), recv_idx, recv_w.detach(), counts, out.detach(), x.grad, weights.grad)
+
+
+def compare(got: RoundTrip, ref: RoundTrip, dtype: torch.dtype) -> str | None:
+    """``None`` if ``got`` matches ``ref`` (dispatch exactly, the rest within tolerance), else what differs."""
+    for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "tokens_per_expert"):
+        a, b = getattr(got, name), getattr(ref, name)
+        if a.shape != b.shape or not torch.equal(a.cpu(), b.cpu()):
+            return f"{name} differs from the torch reference"
+    for name in ("out", "grad_x", "grad_weights"):
+        a, b = getattr(got, name).double(), getattr(ref, name).double()
+        if a.shape != b.shape:
+            return f"{name} has shape {tuple(a.shape)}, reference {tuple(b.shape)}"
+        err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+        if not err <= TOLERANCE[dtype]:
+            return f"{name} relative error {err:.1e} exceeds {TOLERANCE[dtype]:.0e}"
+    return None
+
+
+def verify(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_experts: int, seed: int, group=None) -> str | None:
+    """Compare ``backend`` with the torch reference on this rank's inputs; ``None`` when every rank agrees.
+
+    Collective. Returns the first problem seen on any rank (the same string on every rank).
+    """
+    grad_seed = seed * 7919 + dist.get_rank(group)
+    ref = round_trip("torch", get_backend("torch").defaults(), x, topk_idx, topk_weights, num_experts, grad_seed, group)
+    got = round_trip(backend, knobs, x, topk_idx, topk_weights, num_experts, grad_seed, group)
+    problem = compare(got, ref, x.dtype)
+    problems: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, problem, group=group)
+    return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p is not None), None)

@@ -1,0 +1,222 @@
+"""Where a backend's knobs come from: explicit argument > environment > tuning table > backend default.
+
+Tables are looked for in ``$FUSED_A2A_TUNING_DIR/<cluster-id>/tuning.json``, then in the repository's
+``tuning_results/<cluster-id>/tuning.json``. A table that cannot be used is ignored with one warning (a
+training job never stops because of a tuning file) unless strict mode is on
+(``FUSED_A2A_TUNING_STRICT=1``), where it raises :class:`~fused_a2a.tuning.table.TuningFileError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fused_a2a
+from fused_a2a.backends import BACKENDS, Knob, get_backend
+from fused_a2a.cluster import detect_cluster
+from fused_a2a.tuning.table import TuningEntry, TuningFileError, TuningTable, lookup, read_table
+
+TUNING_DIR_ENV = "FUSED_A2A_TUNING_DIR"
+STRICT_ENV = "FUSED_A2A_TUNING_STRICT"
+TABLE_NAME = "tuning.json"
+
+logger = logging.getLogger("fused_a2a")
+_logged: set[tuple] = set()
+
+
+class TuningWarning(UserWarning):
+    """A tuning table was found but ignored (filter this category to silence it)."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The knobs a call runs with and where each came from.
+
+    Attributes:
+        backend: the backend name.
+        dispatch: every knob of the backend for dispatch (name -> value).
+        combine: every knob of the backend for combine.
+        sources: knob name -> ``"argument"``, ``"environment"``, ``"table"`` or ``"default"``.
+        table_path: the tuning file that was consulted, ``None`` if none was found.
+        entry: the table entry that applied, ``None`` if none did.
+    """
+
+    backend: str
+    dispatch: dict[str, Any]
+    combine: dict[str, Any]
+    sources: dict[str, str]
+    table_path: str | None
+    entry: TuningEntry | None
+
+
+def tuning_dirs() -> list[Path]:
+    """The folders searched for ``<cluster-id>/tuning.json``, first match wins."""
+    packaged = Path(fused_a2a.__file__).resolve().parents[2] / "tuning_results"
+    override = os.environ.get(TUNING_DIR_ENV)
+    return [Path(override), packaged] if override else [packaged]
+
+
+def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[TuningTable | None, Path | None]:
+    """The first usable tuning table of ``cluster`` in :func:`tuning_dirs`, and its path.
+
+    A file that cannot be read, fails validation, or names another cluster id is skipped with one
+    :class:`TuningWarning`. Results are cached (:func:`clear_cache` forgets them).
+
+    Args:
+        cluster: the cluster id (``fused_a2a.cluster.detect_cluster().id``).
+        strict: raise instead of skipping (default: ``$FUSED_A2A_TUNING_STRICT == "1"``).
+
+    Returns:
+        ``(table, path)``, or ``(None, None)`` when there is no usable file.
+
+    Raises:
+        TuningFileError: in strict mode, for a file that would be skipped.
+    """
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV) == "1"
+    return _load(cluster, tuple(tuning_dirs()), strict)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(cluster: str, dirs: tuple[Path, ...], strict: bool) -> tuple[TuningTable | None, Path | None]:
+    for folder in dirs:
+        path = folder / cluster / TABLE_NAME
+        if not path.exists():
+            continue
+        try:
+            table = read_table(path)
+            if table.cluster["id"] != cluster:
+                raise TuningFileError(str(path), f"is for cluster {table.cluster['id']!r}, not {cluster!r}")
+        except TuningFileError as err:
+            if strict:
+                raise
+            warnings.warn(f"{err}; ignored", TuningWarning, stacklevel=3)
+            continue
+        return table, path
+    return None, None
+
+
+def clear_cache() -> None:
+    """Forget the loaded tables, the detected cluster and which resolutions were logged."""
+    _load.cache_clear()
+    detect_cluster.cache_clear()
+    _logged.clear()
+
+
+def env_var(backend: str, knob: str) -> str:
+    """The environment variable that overrides ``knob`` of ``backend`` (``FUSED_A2A_TORCH_IMPL``);
+    its value is read as the knob's type (:meth:`~fused_a2a.backends.Knob.parse`)."""
+    return re.sub(r"[^A-Z0-9]", "_", f"FUSED_A2A_{backend}_{knob}".upper())
+
+
+def _parse_env(knob: Knob, name: str) -> Any:
+    try:
+        return knob.parse(os.environ[name])
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}: {err}") from None
+
+
+def resolve(
+    backend: str,
+    world_size: int,
+    dtype: str,
+    hidden: int,
+    num_tokens: int,
+    explicit: dict[str, Any],
+    topk: int | None = None,
+    num_experts: int | None = None,
+    cluster: str | None = None,
+) -> Resolution:
+    """The knobs of ``backend`` for a call of this shape, each from the first source that sets it.
+
+    Args:
+        backend: a backend name.
+        world_size: ranks in the expert-parallel group.
+        dtype: token dtype (``"bf16"``, ``"fp16"``, ``"fp32"``, ``"fp8"``).
+        hidden: hidden size; num_tokens: tokens of this rank; topk, num_experts: as the table's keys.
+        explicit: knobs the caller passed (used for both dispatch and combine).
+        cluster: the cluster id (default: :func:`fused_a2a.cluster.detect_cluster` ``(world_size).id``).
+
+    Returns:
+        a :class:`Resolution`; logged at INFO on the ``fused_a2a`` logger once per distinct choice.
+
+    Raises:
+        ValueError: unknown backend or knob name, or an environment override that does not convert
+            (:meth:`~fused_a2a.backends.Knob.parse`).
+        TuningFileError: in strict mode, an unusable tuning file.
+    """
+    spec = get_backend(backend)
+    for name in explicit:
+        spec.knob(name)
+    cluster = cluster or detect_cluster(world_size).id
+    table, path = load_cluster_table(cluster)
+    entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts) if table else None
+    dispatch, combine, sources = {}, {}, {}
+    for knob in spec.knobs:
+        name = env_var(backend, knob.name)
+        if knob.name in explicit:
+            sources[knob.name] = "argument"
+            dispatch[knob.name] = combine[knob.name] = explicit[knob.name]
+        elif name in os.environ:
+            sources[knob.name] = "environment"
+            dispatch[knob.name] = combine[knob.name] = _parse_env(knob, name)
+        elif entry is not None and knob.name in entry.dispatch:
+            sources[knob.name] = "table"
+            dispatch[knob.name], combine[knob.name] = entry.dispatch[knob.name], entry.combine[knob.name]
+        else:
+            sources[knob.name] = "default"
+            dispatch[knob.name] = combine[knob.name] = knob.default
+    resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry)
+    _log_once(resolution, (world_size, dtype, hidden, topk, num_experts))
+    return resolution
+
+
+def best_backend(
+    world_size: int,
+    dtype: str,
+    hidden: int,
+    num_tokens: int,
+    topk: int | None = None,
+    num_experts: int | None = None,
+    cluster: str | None = None,
+) -> str:
+    """The installed backend that this cluster's tuning table measured fastest for a call.
+
+    Each backend's entry is the one :func:`~fused_a2a.tuning.table.lookup` picks for the call; the
+    fastest is the least ``measured["dispatch_us"] + measured["combine_us"]`` (a sweep measures every
+    backend on one grid, so the entries compared share their shape). ``"torch"`` when no installed
+    backend has a timed entry, or there is no usable table. Arguments as in :func:`resolve`.
+    """
+    table, _ = load_cluster_table(cluster or detect_cluster(world_size).id)
+    timed = []
+    for name, spec in BACKENDS.items():
+        entry = lookup(table, name, world_size, dtype, hidden, num_tokens, topk, num_experts) if table else None
+        if entry is not None and {"dispatch_us", "combine_us"} <= entry.measured.keys() and spec.unavailable() is None:
+            timed.append((entry.measured["dispatch_us"] + entry.measured["combine_us"], name))
+    return min(timed)[1] if timed else "torch"
+
+
+def _log_once(resolution: Resolution, shape: tuple) -> None:
+    """Log ``resolution`` unless one with the same backend, shape, entry and sources was logged.
+
+    The call's token count is left out of the key (it changes every step in dropless MoE); the
+    entry it selects is in it.
+    """
+    entry_key = resolution.entry.key if resolution.entry else None
+    key = (resolution.backend, shape, entry_key, tuple(sorted(resolution.sources.items())))
+    if key in _logged:
+        return
+    _logged.add(key)
+    world_size, dtype, hidden, topk, num_experts = shape
+    logger.info(
+        "fused_a2a %s (world_size=%d dtype=%s hidden=%d topk=%s num_experts=%s): dispatch %s, combine %s; "
+        "sources %s; table %s; entry %s",
+        resolution.backend, world_size, dtype, hidden, topk, num_experts, resolution.dispatch,
+        resolution.combine, resolution.sources, resolution.table_path or "none", entry_key,
+    )

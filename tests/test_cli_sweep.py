@@ -1,0 +1,122 @@
+"""End to end on 2 CPU ranks: sweep → results.csv/run.json → tune → table → the library loads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import fused_a2a
+from a2a_bench.results import COLUMNS, read_results
+from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a.tuning.table import read_table
+from ranks import spawn
+
+GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8", "--knob",
+        "torch.impl=all_to_all,p2p", "--warmup", "1", "--iters", "3"]
+
+
+def a2a_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    proc = a2a_bench("sweep", "--nproc", "2", "--out", str(out), *GRID)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sweep_writes_one_verified_row_per_point(run_dir: Path) -> None:
+    results = read_results(run_dir / "results.csv")
+    assert list(results.columns) == COLUMNS
+    assert len(results) == 4 and results["point_id"].is_unique
+    assert set(results["status"]) == {"ok"} and results["verified"].all()
+    assert set(results["world_size"]) == {2} and set(results["cluster"]) == {"cpu-gloo-x2"}
+    assert set(results["hidden"]) == {256, 512}
+    assert sorted(results["knobs"].map(lambda k: json.loads(k)["impl"])) == ["all_to_all", "all_to_all", "p2p", "p2p"]
+    for op in ("dispatch", "combine"):
+        for mode in ("kernel", "api"):
+            med = results[f"{op}_{mode}_us_median"]
+            assert (med > 0).all()
+            assert (results[f"{op}_{mode}_us_min"] <= med).all() and (med <= results[f"{op}_{mode}_us_max"]).all()
+        assert (results[f"{op}_algbw_gbps"] >= results[f"{op}_xbw_gbps"]).all()
+    assert (results["recv_tokens"] > 0).all() and results["inputs_hash"].str.len().eq(16).all()
+    # the same inputs for the two knob values of one shape
+    assert results.groupby("hidden")["inputs_hash"].nunique().eq(1).all()
+
+
+def test_run_json_records_spec_cluster_versions_and_command(run_dir: Path) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["cluster"]["id"] == "cpu-gloo-x2" and info["world_size"] == 2
+    assert info["spec"]["hidden"] == [256, 512] and info["spec"]["knobs"] == {"torch": {"impl": ["all_to_all", "p2p"]}}
+    assert info["versions"]["torch"] == torch.__version__
+    assert "--hidden" in info["command"]
+
+
+def test_tune_table_and_library_lookup(run_dir: Path, tmp_path: Path) -> None:
+    tables = tmp_path / "tables"
+    proc = a2a_bench("tune", str(run_dir), "--out", str(tables))
+    assert proc.returncode == 0, proc.stderr
+    table = read_table(tables / "cpu-gloo-x2" / "tuning.json")
+    assert table.cluster["id"] == "cpu-gloo-x2"
+    assert sorted(e.hidden for e in table.entries) == [256, 512]
+    results = read_results(run_dir / "results.csv")
+    for entry in table.entries:
+        rows = results[results["hidden"] == entry.hidden]
+        assert entry.measured["dispatch_us"] == rows["dispatch_kernel_us_median"].min()
+        assert entry.measured["combine_us"] == rows["combine_kernel_us_median"].min()
+        assert "default_dispatch_us" in entry.measured and entry.frontier == ()
+
+    proc = a2a_bench("table", str(tables / "cpu-gloo-x2"))
+    assert proc.returncode == 0, proc.stderr
+    markdown = (tables / "cpu-gloo-x2" / "TABLE.md").read_text()
+    assert "# Tuning table: cpu-gloo-x2" in markdown and markdown.count("\n| torch |") == 2
+
+    proc = a2a_bench("show", "--hidden", "512", "--tokens", "64", "--world-size", "2",
+                     env={"FUSED_A2A_TUNING_DIR": str(tables)})
+    assert proc.returncode == 0 and "table" in proc.stdout and "tuning.json" in proc.stdout
+
+    spawn(_library_uses_table, 2, str(tables), {e.hidden: e for e in table.entries})
+
+
+def _library_uses_table(rank: int, world_size: int, tables: str, entries: dict) -> None:
+    os.environ["FUSED_A2A_TUNING_DIR"] = tables
+    resolve_mod.clear_cache()
+    x = torch.randn(64, 512, dtype=torch.bfloat16)
+    idx = torch.randint(0, 8, (64, 2))
+    weights = torch.rand(64, 2)
+    handle = fused_a2a.dispatch(x, idx, weights, 8)[4]
+    assert handle.comm.dispatch_config.impl == entries[512].dispatch["impl"]
+    assert handle.comm.combine_config.impl == entries[512].combine["impl"]
+    fallback = fused_a2a.dispatch(x.float(), idx, weights, 8)[4]  # no fp32 entry: the backend default
+    assert fallback.comm.dispatch_config.impl == "all_to_all"
+    explicit = fused_a2a.dispatch(x, idx, weights, 8, impl="p2p")[4]
+    assert explicit.comm.dispatch_config.impl == "p2p" and explicit.comm.combine_config.impl == "p2p"
+
+
+def test_resume_adds_only_missing_points(run_dir: Path, tmp_path: Path) -> None:
+    full = read_results(run_dir / "results.csv")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "run.json").write_text((run_dir / "run.json").read_text())
+    lines = (run_dir / "results.csv").read_text().splitlines(keepends=True)
+    # two complete rows survive, the third was torn by a kill mid-write
+    (partial / "results.csv").write_text("".join(lines[:3]) + lines[3][:25])
+    proc = a2a_bench("sweep", "--nproc", "2", "--out", str(partial), "--resume", *GRID)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_results(partial / "results.csv")
+    assert sorted(resumed["point_id"]) == sorted(full["point_id"])
+    assert resumed["point_id"].is_unique
+    kept = pd.read_csv(partial / "results.csv").iloc[:2]
+    assert list(kept["point_id"]) == list(full["point_id"].iloc[:2])
+    info = json.loads((partial / "run.json").read_text())
+    assert info["resumed_with_done"] == 2
