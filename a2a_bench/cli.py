@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from datetime import datetime, timezone
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from a2a_bench.plugins import load_backend_plugins
 from a2a_bench.results import ResultsError
 from a2a_bench.spec import (
     QUICK, SpecError, SweepSpec, load_spec_file, merge, parse_ints, parse_knob, parse_words, validate,
@@ -48,6 +50,7 @@ def sweep(
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/sweep-<UTC time>)."),
     resume: bool = typer.Option(False, "--resume", help="Skip points already in RUN_DIR/results.csv."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks through torchrun's launcher."),
+    max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
     from a2a_bench.sweep import launch_local, run_sweep
@@ -70,8 +73,15 @@ def sweep(
     if nproc is not None and "LOCAL_RANK" not in os.environ:
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
+        if max_restarts < 0:
+            raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
         validate(sweep_spec, nproc)
-        raise typer.Exit(launch_local(nproc, _argv_for_ranks(sys.argv[1:], out)))
+        if (out / "results.csv").exists() and not resume:
+            raise SpecError(f"{out / 'results.csv'} already exists: pass --resume to continue it, or choose another --out")
+        argv = _argv_for_ranks(sys.argv[1:], out)
+        if max_restarts and "--resume" not in argv:
+            argv.append("--resume")
+        raise typer.Exit(launch_local(nproc, argv, max_restarts))
     run_sweep(sweep_spec, out, resume, sys.argv)
 
 
@@ -82,10 +92,10 @@ def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
         if skip:
             skip = False
             continue
-        if word in ("--nproc", "--out"):
+        if word in ("--nproc", "--out", "--max-restarts"):
             skip = True
             continue
-        if word.startswith(("--nproc=", "--out=")):
+        if word.startswith(("--nproc=", "--out=", "--max-restarts=")):
             continue
         kept.append(word)
     return [*kept, "--out", str(out)]
@@ -197,11 +207,17 @@ USER_ERRORS = (SpecError, ResultsError, TuningFileError, ValueError)
 
 def main() -> None:
     """Entry point: user errors print one line and exit with status 2."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("a2a-bench: %(message)s"))
+    logging.getLogger("a2a_bench").addHandler(handler)
+    logging.getLogger("a2a_bench").setLevel(logging.INFO)
     try:
+        load_backend_plugins()
         result = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
+        print("a2a-bench: interrupted", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as exc:
         print(f"a2a-bench: error: {exc}", file=sys.stderr)

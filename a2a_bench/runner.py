@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ class RunContext:
     warmup: int
     iters: int
     group: Any = None
+    on_phase: Callable[[str], None] = lambda name: None
 
 
 def base_row(point: Point, ctx: RunContext) -> dict[str, Any]:
@@ -66,17 +67,20 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
         return {**row, "status": f"skipped: {reason}"}
     w, group, device = point.workload, ctx.group, ctx.device
     rank = dist.get_rank(group)
+    ctx.on_phase("inputs")
     inputs = make_inputs(w, rank)
     x, topk_idx, weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
     digests: list[str | None] = [None] * point.world_size
     dist.all_gather_object(digests, inputs.digest(), group=group)
     row["inputs_hash"] = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
+    ctx.on_phase("verify")
     problem = verify(point.backend, point.knob_dict, x, topk_idx, weights, w.num_experts, w.seed, group)
     if problem is not None:
         return {**row, "status": f"error: verification failed: {problem}"}
     row["verified"] = True
 
+    ctx.on_phase("dispatch_kernel")
     comm = make_comm(point.backend, point.knob_dict)
     buffer = comm.get_buffer(group, get_hidden_bytes(x))
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, w.num_experts)
@@ -84,12 +88,11 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
         x, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=per_rank,
         is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=comm.dispatch_config,
     )
-    timings = {
-        "dispatch_kernel": time_op(lambda: buffer.dispatch(x, handle=handle, config=comm.dispatch_config),
-                                   ctx.warmup, ctx.iters, device, group),
-        "combine_kernel": time_op(lambda: buffer.combine(recv_x, handle, config=comm.combine_config),
-                                  ctx.warmup, ctx.iters, device, group),
-    }
+    timings = {"dispatch_kernel": time_op(lambda: buffer.dispatch(x, handle=handle, config=comm.dispatch_config),
+                                          ctx.warmup, ctx.iters, device, group)}
+    ctx.on_phase("combine_kernel")
+    timings["combine_kernel"] = time_op(lambda: buffer.combine(recv_x, handle, config=comm.combine_config),
+                                        ctx.warmup, ctx.iters, device, group)
 
     api_handle = []
 
@@ -97,8 +100,10 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
         api_handle[:] = [fused_a2a.dispatch(x, topk_idx, weights, w.num_experts, group, backend=point.backend, **point.knob_dict)]
 
     with torch.no_grad():
+        ctx.on_phase("dispatch_api")
         timings["dispatch_api"] = time_op(api_dispatch, ctx.warmup, ctx.iters, device, group)
         api_recv_x, handle_api = api_handle[0][0], api_handle[0][4]
+        ctx.on_phase("combine_api")
         timings["combine_api"] = time_op(lambda: fused_a2a.combine(api_recv_x, handle_api), ctx.warmup, ctx.iters, device, group)
     for name, stats in timings.items():
         row.update(stats.as_columns(f"{name}_us"))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,12 +20,16 @@ from a2a_bench import __version__
 from a2a_bench.environment import backend_versions
 from a2a_bench.measure import link_peak_gbps
 from a2a_bench.report import summary_table
-from a2a_bench.results import RESULTS_FILE, RUN_FILE, append_row, done_point_ids, read_results
+from a2a_bench.results import RESULTS_FILE, RUN_FILE, read_results
+from a2a_bench.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.runner import RunContext, base_row, run_point
-from a2a_bench.spec import SpecError, SweepSpec, expand, validate
+from a2a_bench.spec import Point, SpecError, SweepSpec, expand, validate
+from a2a_bench.watchdog import Watchdog
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.teardown import free_all_buffers
 from fused_a2a.files import atomic_write_text
+
+logger = logging.getLogger("a2a_bench")
 
 
 @dataclass(frozen=True)
@@ -46,22 +52,29 @@ def placement_from_env() -> Placement:
 
 
 def init_group(where: Placement) -> None:
-    """Join the default process group: NCCL on GPU, gloo on CPU (a lone process gets a local store)."""
+    """Join the default process group: NCCL on GPU, gloo on CPU (a lone process gets a local store).
+
+    The group's keys live under a prefix of torchrun's restart count: the agent's store outlives a
+    restart, and a new rank must not read the addresses of the ranks that died.
+    """
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
+    timeout = timedelta(minutes=10)
+    store, rank, world = next(dist.rendezvous("env://", rank=where.rank, world_size=where.world_size, timeout=timeout))
+    store = dist.PrefixStore(f"a2a-bench/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if where.device.type == "cuda":
         torch.cuda.set_device(where.device)
-        dist.init_process_group("nccl", rank=where.rank, world_size=where.world_size, device_id=where.device,
-                                timeout=timedelta(minutes=10))
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=where.device, timeout=timeout)
     else:
-        dist.init_process_group("gloo", rank=where.rank, world_size=where.world_size, timeout=timedelta(minutes=10))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str]) -> Path:
     """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path.
 
-    Raises ``SpecError`` before joining the process group for user errors.
+    Raises ``SpecError`` before joining the process group for user errors. Buffers are freed before
+    the process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
     """
     where = placement_from_env()
     validate(spec, where.world_size)
@@ -69,50 +82,116 @@ def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str]) -> 
     if results.exists() and not resume:
         raise SpecError(f"{results} already exists: pass --resume to continue it, or choose another --out")
     points = expand(spec, where.world_size)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     init_group(where)
     try:
-        _sweep(spec, points, out_dir, resume, argv, where)
+        _sweep(spec, points, out_dir, argv, where)
     finally:
         free_all_buffers()
+        logger.info("buffers freed; destroying the process group")
         dist.destroy_process_group()
+        logger.info("process group destroyed")
     return results
 
 
-def _sweep(spec: SweepSpec, points, out_dir: Path, resume: bool, argv: list[str], where: Placement) -> None:
-    results = out_dir / RESULTS_FILE
+def _raise_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str], where: Placement) -> None:
+    folder = RunFolder(out_dir)
     cluster = detect_cluster(where.world_size)
-    done: list = [done_point_ids(results) if (where.rank == 0 and resume) else set()]
-    dist.broadcast_object_list(done, src=0)
-    todo = [p for p in points if p.point_id not in done[0]]
+    plan: list = [None]
     if where.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        plan[0] = _plan(folder, points)
+    dist.broadcast_object_list(plan, src=0)
+    todo, attempts, given_up = plan[0]
+    peak = link_peak_gbps(where.device)
+    ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters)
+    if where.rank == 0:
         run_info = {
             "spec": spec.to_json(), "cluster": cluster.to_json(), "world_size": where.world_size,
             "versions": {"a2a_bench": __version__, **backend_versions()}, "command": argv,
-            "points": len(points), "resumed_with_done": len(points) - len(todo),
+            "points": len(points), "resumed_with_done": len(points) - len(todo) - len(given_up),
         }
         atomic_write_text(out_dir / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
-    peak = link_peak_gbps(where.device)
-    ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters)
+        for point, phase in given_up:
+            folder.record({**base_row(point, ctx), "status": f"error: a rank died during {phase} in {MAX_ATTEMPTS} attempts"})
+    current: dict[str, Point] = {}
+
+    def on_expire(label: str, phase: str) -> None:
+        if where.rank == 0:
+            folder.record({**base_row(current["point"], ctx),
+                           "status": f"timeout: {phase} exceeded {spec.point_timeout_s:g} s"})
+
+    watchdog = Watchdog(on_expire, grace_s=0.0 if where.rank == 0 else 10.0)
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=where.rank != 0, transient=False,
+        TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=where.rank != 0,
     ) as progress:
         task = progress.add_task(f"sweep on {cluster.id}", total=len(todo))
         for point in todo:
-            progress.update(task, description=f"{point.backend} h{point.workload.hidden} n{point.workload.num_tokens}")
-            try:
-                row = run_point(point, ctx)
-            except Exception as exc:  # recorded, not raised: one bad point must not end the sweep
-                row = {**base_row(point, ctx), "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-                free_all_buffers()
+            current["point"] = point
+            w = point.workload
+            progress.update(task, description=f"{point.backend} h{w.hidden} n{w.num_tokens}")
+
+            def on_phase(name: str) -> None:
+                watchdog.phase(name)
+                if where.rank == 0:
+                    folder.phase(name)
+
             if where.rank == 0:
-                append_row(results, row)
+                folder.start(point.point_id, attempts.get(point.point_id, 1))
+            watchdog.arm(point.point_id, spec.point_timeout_s)
+            row = _measure(point, replace(ctx, on_phase=on_phase))
+            watchdog.disarm()
+            if where.rank == 0:
+                folder.record(row)
             progress.advance(task)
     if where.rank == 0:
-        console.print(f"link peak {peak:.1f} GB/s; {len(todo)} points measured; results in {results}")
-        Console().print(summary_table(read_results(results)))
+        folder.finish()
+        console.print(f"link peak {peak:.1f} GB/s; {len(todo)} points measured; results in {folder.results}")
+        Console().print(summary_table(read_results(folder.results)))
+
+
+def _plan(folder: RunFolder, points: list[Point]):
+    """Rank 0's plan: the points still to measure, their attempt numbers, and the points given up."""
+    done = folder.done()
+    left = folder.in_flight()
+    attempts, given_up = {}, []
+    if left is not None and left.point_id not in done:
+        died = next((p for p in points if p.point_id == left.point_id), None)
+        if died is not None and left.attempt >= MAX_ATTEMPTS:
+            given_up.append((died, left.phase))
+            done = done | {died.point_id}
+        else:
+            attempts[left.point_id] = left.attempt + 1
+    return [p for p in points if p.point_id not in done], attempts, given_up
+
+
+def _measure(point: Point, ctx: RunContext) -> dict:
+    """Run one point; any rank's exception becomes the point's ``error`` status on every rank.
+
+    After an error, every backend buffer is freed, so the next point starts from fresh ones.
+    """
+    try:
+        row, problem = run_point(point, ctx), None
+    except Exception as exc:  # recorded, not raised: one bad point must not end the sweep
+        row, problem = base_row(point, ctx), f"error: {type(exc).__name__}: {_first_line(exc)}"
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is None:
+        return row
+    free_all_buffers()
+    return {**base_row(point, ctx), "status": first}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _free_port() -> int:
@@ -123,11 +202,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_local(nproc: int, argv: list[str]) -> int:
+def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Re-run this command under torchrun's own launcher with ``nproc`` local ranks; its exit status."""
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--nproc-per-node", str(nproc), "--standalone", "-m", "a2a_bench", *argv])
+    args = get_args_parser().parse_args([
+        "--nproc-per-node", str(nproc), "--standalone", "--max-restarts", str(max_restarts),
+        "-m", "a2a_bench", *argv,
+    ])
     try:
         run(args)
     except Exception as exc:  # torchrun's ChildFailedError: the ranks already printed their errors

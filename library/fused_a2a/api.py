@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
 from fused_a2a.backends import BACKENDS, make_comm
 from fused_a2a.checks import check_dispatch_inputs
-from fused_a2a.tuning.resolve import best_backend, resolve
+from fused_a2a.tuning.resolve import TuningWarning, best_backend, resolve
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -74,16 +75,27 @@ def dispatch(
     shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
     if backend == "auto":
         backend = best_backend(**shape, topk=topk_idx.size(1), num_experts=num_experts)
-    chosen = knobs
-    combine_knobs = None
-    if backend in BACKENDS and set(knobs) != {k.name for k in BACKENDS[backend].knobs}:
-        resolution = resolve(backend, **shape, explicit=knobs, topk=topk_idx.size(1), num_experts=num_experts)
-        chosen, combine_knobs = resolution.dispatch, resolution.combine
-    comm = make_comm(backend, chosen, combine_knobs)
+    comm = _comm_for(backend, knobs, shape, topk_idx.size(1), num_experts)
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
         x.contiguous(), topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )
     return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
+
+
+def _comm_for(backend: str, knobs: dict[str, Any], shape: dict[str, Any], topk: int, num_experts: int) -> Comm:
+    """The backend with its knobs resolved; a table entry the backend rejects is dropped with a warning."""
+    if backend not in BACKENDS or set(knobs) == {k.name for k in BACKENDS[backend].knobs}:
+        return make_comm(backend, knobs)
+    resolution = resolve(backend, **shape, explicit=knobs, topk=topk, num_experts=num_experts)
+    try:
+        return make_comm(backend, resolution.dispatch, resolution.combine)
+    except (ValueError, RuntimeError) as exc:
+        if "table" not in resolution.sources.values():
+            raise
+        warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
+                      "using the defaults", TuningWarning, stacklevel=3)
+    resolution = resolve(backend, **shape, explicit=knobs, topk=topk, num_experts=num_experts, use_table=False)
+    return make_comm(backend, resolution.dispatch, resolution.combine)
 
 
 def combine(

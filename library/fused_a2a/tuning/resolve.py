@@ -132,6 +132,7 @@ def resolve(
     topk: int | None = None,
     num_experts: int | None = None,
     cluster: str | None = None,
+    use_table: bool = True,
 ) -> Resolution:
     """The knobs of ``backend`` for a call of this shape, each from the first source that sets it.
 
@@ -142,6 +143,7 @@ def resolve(
         hidden: hidden size; num_tokens: tokens of this rank; topk, num_experts: as the table's keys.
         explicit: knobs the caller passed (used for both dispatch and combine).
         cluster: the cluster id (default: :func:`fused_a2a.cluster.detect_cluster` ``(world_size).id``).
+        use_table: ``False`` skips the tuning table (after the backend rejected its entry).
 
     Returns:
         a :class:`Resolution`; logged at INFO on the ``fused_a2a`` logger once per distinct choice.
@@ -155,7 +157,7 @@ def resolve(
     for name in explicit:
         spec.knob(name)
     cluster = cluster or detect_cluster(world_size).id
-    table, path = load_cluster_table(cluster)
+    table, path = load_cluster_table(cluster) if use_table else (None, None)
     entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts) if table else None
     dispatch, combine, sources = {}, {}, {}
     for knob in spec.knobs:

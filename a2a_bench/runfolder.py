@@ -1,0 +1,83 @@
+"""The run folder as rank 0 keeps it: rows, the point in flight, and what a restart must know.
+
+``in_flight.json`` names the point being measured, its attempt and phase. A rank that dies (SIGKILL,
+a crash) leaves it behind: on ``--resume`` that point is tried once more, and recorded as an error
+if it was already on its second attempt, so a point that kills its process cannot stop the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from a2a_bench.results import RESULTS_FILE, append_row, done_point_ids
+from fused_a2a.files import atomic_write_text
+
+IN_FLIGHT_FILE = "in_flight.json"
+MAX_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """The point a rank was measuring when the previous process ended."""
+
+    point_id: str
+    attempt: int
+    phase: str
+
+
+class RunFolder:
+    """Rank 0's writer of ``results.csv`` and ``in_flight.json`` (thread-safe: the watchdog writes too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.results = path / RESULTS_FILE
+        self._marker = path / IN_FLIGHT_FILE
+        self._lock = threading.Lock()
+        self._current: InFlight | None = None
+        self._recorded: set[str] = set()
+
+    def done(self) -> set[str]:
+        """Point ids with a row already."""
+        return done_point_ids(self.results)
+
+    def in_flight(self) -> InFlight | None:
+        """The point left in flight by a previous process, if any (unreadable marker: ``None``)."""
+        try:
+            data = json.loads(self._marker.read_text())
+            return InFlight(str(data["point_id"]), int(data["attempt"]), str(data["phase"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def start(self, point_id: str, attempt: int) -> None:
+        with self._lock:
+            self._current = InFlight(point_id, attempt, "start")
+            self._write_marker()
+
+    def phase(self, name: str) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._current = InFlight(self._current.point_id, self._current.attempt, name)
+                self._write_marker()
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Append ``row`` unless its point already has one (from this process); ``True`` if appended."""
+        with self._lock:
+            if row["point_id"] in self._recorded:
+                return False
+            append_row(self.results, row)
+            self._recorded.add(row["point_id"])
+            self._current = None
+            return True
+
+    def finish(self) -> None:
+        """The sweep ended: no point is in flight."""
+        with self._lock:
+            self._marker.unlink(missing_ok=True)
+
+    def _write_marker(self) -> None:
+        c = self._current
+        atomic_write_text(self._marker, json.dumps({"point_id": c.point_id, "attempt": c.attempt, "phase": c.phase}))

@@ -1,0 +1,52 @@
+"""A test backend that fails on purpose: the torch backend plus a ``fault`` knob.
+
+Loaded into sweeps with ``A2A_BENCH_BACKENDS=faulty_backend`` (tests/ on ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch.distributed as dist
+
+from fused_a2a.autograd import Comm
+from fused_a2a.backends import BACKENDS, BackendSpec, Knob, one_of
+from fused_a2a.backends.torch_a2a import TorchBuffer, TorchConfig
+
+FAULTS = ("none", "raise", "hang", "hang_rank1", "kill_rank1", "invalid")
+
+
+class FaultyBuffer(TorchBuffer):
+    """A torch buffer whose ``dispatch`` raises, hangs or kills its process, as ``fault`` says."""
+
+    def __init__(self, group, fault: str) -> None:
+        super().__init__(group)
+        self.fault = fault
+
+    def dispatch(self, *args, **kwargs):
+        rank1 = dist.get_rank(self.group) == 1
+        if self.fault == "raise":
+            raise RuntimeError("injected failure")
+        if self.fault == "hang" or (self.fault == "hang_rank1" and rank1):
+            time.sleep(3600)
+        if self.fault == "kill_rank1" and rank1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().dispatch(*args, **kwargs)
+
+
+def _comm(dispatch: dict, combine: dict) -> Comm:
+    fault = dispatch["fault"]
+    if fault == "invalid":
+        raise ValueError("faulty: the installed library rejects fault=invalid")
+    return Comm(name="faulty", get_buffer=lambda group, hidden_bytes: FaultyBuffer(group, fault),
+                dispatch_config=TorchConfig(), combine_config=TorchConfig())
+
+
+BACKENDS["faulty"] = BackendSpec(
+    name="faulty",
+    knobs=(Knob("fault", "none", FAULTS, "what goes wrong in dispatch", check=one_of("fault", FAULTS)),),
+    make_comm=_comm,
+    invalid=lambda knobs, world_size: "injected invalid combination" if knobs["fault"] == "invalid" else None,
+)
