@@ -45,6 +45,7 @@ def sweep(
     warmup: Optional[int] = typer.Option(None, help="Untimed iterations per mode."),
     iters: Optional[int] = typer.Option(None, help="Timed iterations per mode (>= 1)."),
     point_timeout: Optional[float] = typer.Option(None, help="Seconds before a point is recorded as timeout."),
+    exhaustive: Optional[bool] = typer.Option(None, "--exhaustive", help="Time every knob combination (default: coordinate search)."),
     spec: Optional[Path] = typer.Option(None, help="TOML spec file with the same keys; options override it."),
     quick: bool = typer.Option(False, "--quick", help="A small preset (about a minute on 2 CPU ranks)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/sweep-<UTC time>)."),
@@ -68,6 +69,7 @@ def sweep(
         "topk": _opt(topk, parse_ints, "--topk"), "experts": _opt(experts, parse_ints, "--experts"),
         "dtypes": _opt(dtype, parse_words, "--dtype"), "routings": _opt(routing, parse_words, "--routing"),
         "knobs": knobs, "seed": seed, "warmup": warmup, "iters": iters, "point_timeout_s": point_timeout,
+        "exhaustive": exhaustive,
     })
     out = out or Path("runs") / datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
     if nproc is not None and "LOCAL_RANK" not in os.environ:

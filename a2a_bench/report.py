@@ -39,12 +39,26 @@ def entry_cells(entry: TuningEntry) -> list[str]:
         entry.backend, str(entry.world_size), entry.dtype, str(entry.hidden), str(entry.num_tokens),
         f"{entry.topk}/{entry.num_experts}", _knobs(entry.dispatch), _knobs(entry.combine),
         f"{m['dispatch_us']:.1f} / {m['combine_us']:.1f}",
-        f"{m['dispatch_algbw_gbps']:.1f} / {m['combine_algbw_gbps']:.1f}", speedup, frac,
+        f"{m['dispatch_algbw_gbps']:.1f} / {m['combine_algbw_gbps']:.1f}", speedup, frac, _knee(entry),
     ]
 
 
+def knee(frontier) -> int | None:
+    """The fewest SMs whose dispatch + combine time is within 5% of the frontier's best (``None`` if empty)."""
+    if not frontier:
+        return None
+    best = min(d + c for _, d, c in frontier)
+    return min(sms for sms, d, c in frontier if d + c <= 1.05 * best)
+
+
+def _knee(entry: TuningEntry) -> str:
+    sms = knee(entry.frontier)
+    return "n/a" if sms is None else str(sms)
+
+
 TUNING_COLUMNS = ["backend", "ranks", "dtype", "hidden", "tokens", "topk/experts", "dispatch knobs",
-                  "combine knobs", "µs (d / c)", "algbw GB/s (d / c)", "speedup vs default", "xbw / peak (d / c)"]
+                  "combine knobs", "µs (d / c)", "algbw GB/s (d / c)", "speedup vs default", "xbw / peak (d / c)",
+                  "knee SMs (within 5%)"]
 
 
 def tuning_rich(table: TuningTable) -> Table:

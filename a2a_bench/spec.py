@@ -39,6 +39,7 @@ class SweepSpec:
         seed: base seed of the workloads.
         warmup, iters: untimed and timed iterations per mode.
         point_timeout_s: a point that runs longer is recorded as ``timeout``.
+        exhaustive: time every knob combination (default: a coordinate search, :mod:`a2a_bench.search`).
     """
 
     backends: tuple[str, ...] = ("torch",)
@@ -54,6 +55,7 @@ class SweepSpec:
     warmup: int = 5
     iters: int = 20
     point_timeout_s: float = 300.0
+    exhaustive: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -153,7 +155,7 @@ def load_spec_file(path: Path) -> dict[str, Any]:
                 b: {k: _knob_values(b, k, v if isinstance(v, list) else [v]) for k, v in kv.items()}
                 for b, kv in value.items()
             }
-        elif key in ("seed", "warmup", "iters", "point_timeout_s"):
+        elif key in ("seed", "warmup", "iters", "point_timeout_s", "exhaustive"):
             out[key] = value
         else:
             items = value if isinstance(value, list) else [value]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -23,8 +25,10 @@ from a2a_bench.report import summary_table
 from a2a_bench.results import RESULTS_FILE, RUN_FILE, read_results
 from a2a_bench.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.runner import RunContext, base_row, run_point
+from a2a_bench.search import coordinate_search, groups, search_size
 from a2a_bench.spec import Point, SpecError, SweepSpec, expand, validate
 from a2a_bench.watchdog import Watchdog
+from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.teardown import free_all_buffers
 from fused_a2a.files import atomic_write_text
@@ -106,18 +110,19 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
         out_dir.mkdir(parents=True, exist_ok=True)
         plan[0] = _plan(folder, points)
     dist.broadcast_object_list(plan, src=0)
-    todo, attempts, given_up = plan[0]
+    known, attempts, given_up = plan[0]
     peak = link_peak_gbps(where.device)
     ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters)
     if where.rank == 0:
         run_info = {
             "spec": spec.to_json(), "cluster": cluster.to_json(), "world_size": where.world_size,
             "versions": {"a2a_bench": __version__, **backend_versions()}, "command": argv,
-            "points": len(points), "resumed_with_done": len(points) - len(todo) - len(given_up),
+            "points": len(points), "resumed_with_done": len(known),
         }
         atomic_write_text(out_dir / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
         for point, phase in given_up:
             folder.record({**base_row(point, ctx), "status": f"error: a rank died during {phase} in {MAX_ATTEMPTS} attempts"})
+    known.update({point.point_id: math.inf for point, _ in given_up})
     current: dict[str, Point] = {}
 
     def on_expire(label: str, phase: str) -> None:
@@ -127,12 +132,21 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
 
     watchdog = Watchdog(on_expire, grace_s=0.0 if where.rank == 0 else 10.0)
     console = Console(stderr=True)
+    point_groups = groups(points)
+    total = sum(len(g) if spec.exhaustive else search_size(g) for g in point_groups)
+    timed = 0
+    started = time.monotonic()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=where.rank != 0,
     ) as progress:
-        task = progress.add_task(f"sweep on {cluster.id}", total=len(todo))
-        for point in todo:
+        task = progress.add_task(f"sweep on {cluster.id}", total=total)
+
+        def cost(point: Point) -> float:
+            """The point's dispatch + combine kernel median (µs), timing it unless a row exists."""
+            nonlocal timed
+            if point.point_id in known:
+                return known[point.point_id]
             current["point"] = point
             w = point.workload
             progress.update(task, description=f"{point.backend} h{w.hidden} n{w.num_tokens}")
@@ -150,25 +164,45 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
             if where.rank == 0:
                 folder.record(row)
             progress.advance(task)
+            timed += 1
+            known[point.point_id] = _cost(row)
+            return known[point.point_id]
+
+        for group in point_groups:
+            if spec.exhaustive:
+                for point in group:
+                    cost(point)
+            else:
+                coordinate_search(group, get_backend(group[0].backend).defaults(), cost)
+        progress.update(task, completed=total)
     if where.rank == 0:
         folder.finish()
-        console.print(f"link peak {peak:.1f} GB/s; {len(todo)} points measured; results in {folder.results}")
+        strategy = "exhaustive" if spec.exhaustive else "coordinate search"
+        console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s; "
+                      f"link peak {peak:.1f} GB/s; results in {folder.results}")
         Console().print(summary_table(read_results(folder.results)))
 
 
+def _cost(row: dict) -> float:
+    if row.get("status") != "ok":
+        return math.inf
+    return float(row["dispatch_kernel_us_median"]) + float(row["combine_kernel_us_median"])
+
+
 def _plan(folder: RunFolder, points: list[Point]):
-    """Rank 0's plan: the points still to measure, their attempt numbers, and the points given up."""
-    done = folder.done()
+    """Rank 0's plan: the cost of each point with a row, attempt numbers, and the points given up."""
+    known = {}
+    if folder.results.exists() and folder.done():
+        known = {str(r["point_id"]): _cost(r) for r in read_results(folder.results).to_dict("records")}
     left = folder.in_flight()
     attempts, given_up = {}, []
-    if left is not None and left.point_id not in done:
+    if left is not None and left.point_id not in known:
         died = next((p for p in points if p.point_id == left.point_id), None)
         if died is not None and left.attempt >= MAX_ATTEMPTS:
             given_up.append((died, left.phase))
-            done = done | {died.point_id}
         else:
             attempts[left.point_id] = left.attempt + 1
-    return [p for p in points if p.point_id not in done], attempts, given_up
+    return known, attempts, given_up
 
 
 def _measure(point: Point, ctx: RunContext) -> dict:

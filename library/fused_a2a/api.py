@@ -45,6 +45,7 @@ def dispatch(
     backend: str = "torch",
     async_finish: bool = False,
     allocate_on_comm_stream: bool = False,
+    num_sms_budget: int | None = None,
     **knobs: Any,
 ):
     """Send each token to the ranks that hold its experts, with any backend.
@@ -59,6 +60,8 @@ def dispatch(
             anywhere), or ``"auto"``: the installed backend that this cluster's tuning table
             measured fastest for this shape (``"torch"`` without a table).
         async_finish, allocate_on_comm_stream: as in DeepEP (no-ops for the torch backend).
+        num_sms_budget: most SMs a tuned or default ``num_sms`` may be (default:
+            ``$FUSED_A2A_NUM_SMS_BUDGET``); the best measured config within it is used.
         **knobs: the backend's knobs (``fused_a2a.backends.BACKENDS[backend].knobs``). A knob not
             given comes from ``FUSED_A2A_<BACKEND>_<KNOB>``, else from this cluster's tuning table,
             else from the backend's default (``a2a-bench show`` prints the choice).
@@ -75,18 +78,20 @@ def dispatch(
     shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
     if backend == "auto":
         backend = best_backend(**shape, topk=topk_idx.size(1), num_experts=num_experts)
-    comm = _comm_for(backend, knobs, shape, topk_idx.size(1), num_experts)
+    comm = _comm_for(backend, knobs, shape, topk_idx.size(1), num_experts, num_sms_budget)
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
         x.contiguous(), topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )
     return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
 
 
-def _comm_for(backend: str, knobs: dict[str, Any], shape: dict[str, Any], topk: int, num_experts: int) -> Comm:
+def _comm_for(backend: str, knobs: dict[str, Any], shape: dict[str, Any], topk: int, num_experts: int,
+              num_sms_budget: int | None) -> Comm:
     """The backend with its knobs resolved; a table entry the backend rejects is dropped with a warning."""
     if backend not in BACKENDS or set(knobs) == {k.name for k in BACKENDS[backend].knobs}:
         return make_comm(backend, knobs)
-    resolution = resolve(backend, **shape, explicit=knobs, topk=topk, num_experts=num_experts)
+    context = dict(explicit=knobs, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget)
+    resolution = resolve(backend, **shape, **context)
     try:
         return make_comm(backend, resolution.dispatch, resolution.combine)
     except (ValueError, RuntimeError) as exc:
@@ -94,7 +99,7 @@ def _comm_for(backend: str, knobs: dict[str, Any], shape: dict[str, Any], topk: 
             raise
         warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
                       "using the defaults", TuningWarning, stacklevel=3)
-    resolution = resolve(backend, **shape, explicit=knobs, topk=topk, num_experts=num_experts, use_table=False)
+    resolution = resolve(backend, **shape, **context, use_table=False)
     return make_comm(backend, resolution.dispatch, resolution.combine)
 
 

@@ -20,11 +20,13 @@ from typing import Any
 import fused_a2a
 from fused_a2a.backends import BACKENDS, Knob, get_backend
 from fused_a2a.cluster import detect_cluster
-from fused_a2a.tuning.table import TuningEntry, TuningFileError, TuningTable, lookup, read_table
+from fused_a2a.tuning.table import TuningEntry, TuningFileError, TuningTable, best_within_budget, lookup, read_table
 
 TUNING_DIR_ENV = "FUSED_A2A_TUNING_DIR"
 STRICT_ENV = "FUSED_A2A_TUNING_STRICT"
 TABLE_NAME = "tuning.json"
+BUDGET_ENV = "FUSED_A2A_NUM_SMS_BUDGET"
+SMS_KNOB = "num_sms"
 
 logger = logging.getLogger("fused_a2a")
 _logged: set[tuple] = set()
@@ -133,6 +135,7 @@ def resolve(
     num_experts: int | None = None,
     cluster: str | None = None,
     use_table: bool = True,
+    num_sms_budget: int | None = None,
 ) -> Resolution:
     """The knobs of ``backend`` for a call of this shape, each from the first source that sets it.
 
@@ -144,6 +147,10 @@ def resolve(
         explicit: knobs the caller passed (used for both dispatch and combine).
         cluster: the cluster id (default: :func:`fused_a2a.cluster.detect_cluster` ``(world_size).id``).
         use_table: ``False`` skips the tuning table (after the backend rejected its entry).
+        num_sms_budget: most SMs the call may use (default: ``$FUSED_A2A_NUM_SMS_BUDGET``, else no
+            limit). For a backend with a ``num_sms`` knob not set by argument or environment: the
+            table's SM count if within the budget, else the best frontier point within it, else the
+            default if within it, else the budget itself (source ``"budget"``).
 
     Returns:
         a :class:`Resolution`; logged at INFO on the ``fused_a2a`` logger once per distinct choice.
@@ -174,9 +181,36 @@ def resolve(
         else:
             sources[knob.name] = "default"
             dispatch[knob.name] = combine[knob.name] = knob.default
+    budget = num_sms_budget if num_sms_budget is not None else _budget_from_env()
+    if budget is not None and SMS_KNOB in sources and sources[SMS_KNOB] in ("table", "default"):
+        sms, sources[SMS_KNOB] = _within_budget(dispatch[SMS_KNOB], sources[SMS_KNOB], entry, budget, spec.knob(SMS_KNOB).default)
+        dispatch[SMS_KNOB] = combine[SMS_KNOB] = sms
     resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry)
     _log_once(resolution, (world_size, dtype, hidden, topk, num_experts))
     return resolution
+
+
+def _budget_from_env() -> int | None:
+    text = os.environ.get(BUDGET_ENV)
+    if not text:
+        return None
+    try:
+        budget = int(text)
+    except ValueError:
+        raise ValueError(f"{BUDGET_ENV} must be a positive integer, got {text!r}") from None
+    if budget <= 0:
+        raise ValueError(f"{BUDGET_ENV} must be a positive integer, got {text!r}")
+    return budget
+
+
+def _within_budget(sms: int, source: str, entry: TuningEntry | None, budget: int, default: int) -> tuple[int, str]:
+    """The SM count to use under ``budget`` and its source (see :func:`resolve`)."""
+    if sms <= budget:
+        return sms, source
+    frontier = best_within_budget(entry, budget) if entry is not None else None
+    if frontier is not None:
+        return frontier, "table (SM budget)"
+    return (default, "default") if default <= budget else (budget, "budget")
 
 
 def best_backend(
