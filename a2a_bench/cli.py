@@ -104,6 +104,54 @@ def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
 
 
 @app.command()
+def speedup(
+    backends: Optional[str] = typer.Option(None, help="Backends, comma list."),
+    hidden: str = typer.Option("7168", help="Hidden sizes, comma list."),
+    tokens: str = typer.Option("4096", help="Tokens per rank, comma list."),
+    topk: str = typer.Option("8", help="Experts per token."),
+    experts: str = typer.Option("64", help="Number of experts."),
+    dtype: str = typer.Option("bf16", help="Token dtype."),
+    warmup: int = typer.Option(5, help="Untimed rounds."),
+    iters: int = typer.Option(20, help="Timed rounds (each: one tuned and one default round trip)."),
+    nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+) -> None:
+    """Benchmark: the library's tuned knobs vs. the backend's defaults, alternating, same inputs."""
+    from a2a_bench.speedup import run_speedups, speedup_table
+    from a2a_bench.sweep import launch_local, placement_from_env, process_group
+
+    spec = merge(SweepSpec(), {
+        "backends": _opt(backends, parse_words, "--backends"), "hidden": parse_ints(hidden, "--hidden"),
+        "tokens": parse_ints(tokens, "--tokens"), "topk": parse_ints(topk, "--topk"),
+        "experts": parse_ints(experts, "--experts"), "dtypes": parse_words(dtype, "--dtype"),
+        "warmup": warmup, "iters": iters,
+    })
+    if nproc is not None and "LOCAL_RANK" not in os.environ:
+        if nproc < 1:
+            raise SpecError(f"--nproc must be >= 1, got {nproc}")
+        validate(spec, nproc)
+        raise typer.Exit(launch_local(nproc, ["speedup", *_without(sys.argv[2:], "--nproc")]))
+    where = placement_from_env()
+    validate(spec, where.world_size)
+    with process_group(where):
+        rows = run_speedups(spec, where.device)
+    if where.rank == 0:
+        console.print(speedup_table(rows))
+
+
+def _without(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--opt v`` or ``--opt=v``)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == option:
+            skip = True
+        elif not word.startswith(option + "="):
+            out.append(word)
+    return out
+
+
+@app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
     out: Path = typer.Option(Path("tuning_results"), help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json."),
@@ -202,6 +250,63 @@ def env(
     for b in info["backends"]:
         out.add_row(b["backend"], "yes" if b["available"] else "no", b["detail"])
     console.print(out)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv)."),
+    out: Optional[Path] = typer.Option(None, help="Folder of the PNGs (default RUN_DIR/plots)."),
+) -> None:
+    """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link peak."""
+    from a2a_bench.plot import plot_run
+    from a2a_bench.results import RESULTS_FILE, read_results
+
+    for path in plot_run(read_results(run_dir / RESULTS_FILE), out or run_dir / "plots"):
+        print(path)
+
+
+@app.command()
+def compare(
+    run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv)."),
+    hidden: int = typer.Option(..., help="Hidden size of the shape."),
+    tokens: int = typer.Option(..., help="Tokens per rank of the shape."),
+    dtype: Optional[str] = typer.Option(None, help="Token dtype (needed when the results hold several)."),
+    topk: Optional[int] = typer.Option(None, help="Experts per token (needed when the results hold several)."),
+    experts: Optional[int] = typer.Option(None, help="Number of experts (needed when the results hold several)."),
+    routing: str = typer.Option("uniform", help="Routing: uniform, zipf:<skew>, hot:<fraction>."),
+) -> None:
+    """Backends side by side for one shape: best verified knobs, µs, GB/s, default's µs, speedup vs torch."""
+    from a2a_bench.compare import compare_table
+    from a2a_bench.results import RESULTS_FILE, read_results
+
+    console.print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
+
+
+@app.command()
+def export(
+    fmt: str = typer.Option(..., "--format", help="sglang: SGLang's --deepep-config JSON; env: export lines."),
+    backend: str = typer.Option(..., help="Backend name (sglang: deepep)."),
+    hidden: int = typer.Option(..., help="Hidden size of the call."),
+    tokens: int = typer.Option(..., help="Tokens per rank of the call."),
+    world_size: int = typer.Option(..., help="Ranks in the expert-parallel group."),
+    dtype: str = typer.Option("bf16", help="Token dtype."),
+    topk: Optional[int] = typer.Option(None, help="Experts per token (prefer entries with it)."),
+    experts: Optional[int] = typer.Option(None, help="Number of experts (prefer entries with it)."),
+    cluster_dir: Optional[Path] = typer.Option(None, help="A folder holding tuning.json (default: this machine's cluster)."),
+    out: Optional[Path] = typer.Option(None, help="Write to this file (atomically) instead of stdout."),
+) -> None:
+    """The tuning table's knobs for a call, as SGLang's --deepep-config JSON or environment variables."""
+    from a2a_bench.export import check_request, describe, find_entry, load_table, render
+    from fused_a2a.files import atomic_write_text
+
+    check_request(fmt, backend)
+    entry = find_entry(load_table(cluster_dir, world_size), backend, world_size, dtype, hidden, tokens, topk, experts)
+    text = render(fmt, entry)
+    if out is None:
+        print(text, end="")
+        return
+    atomic_write_text(out, text)
+    print(f"wrote {out} (entry: {describe(entry)})")
 
 
 USER_ERRORS = (SpecError, ResultsError, TuningFileError, ValueError)

@@ -42,25 +42,38 @@ def time_op(fn: Callable[[], object], warmup: int, iters: int, device: torch.dev
 
     Collective: every rank of ``group`` must call it with the same ``warmup`` and ``iters``.
     """
+    return time_alternating([fn], warmup, iters, device, group)[0]
+
+
+def time_alternating(fns: Sequence[Callable[[], object]], warmup: int, iters: int, device: torch.device,
+                     group=None) -> list[Stats]:
+    """Time several functions in turn (``fns[0]``, ``fns[1]``, ..., repeated ``iters`` times) on the
+    same footing: each run barrier-aligned, the slowest rank's time per run. Collective.
+    """
     for _ in range(warmup):
-        fn()
-    local = torch.empty(iters, dtype=torch.float64)
-    cuda = device.type == "cuda"
+        for fn in fns:
+            fn()
+    local = torch.empty(len(fns), iters, dtype=torch.float64)
     for i in range(iters):
-        dist.barrier(group=group)
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            local[i] = start.elapsed_time(end) * 1e3
-        else:
-            begin = time.perf_counter()
-            fn()
-            local[i] = (time.perf_counter() - begin) * 1e6
-    return summarize(slowest(local, device, group).tolist())
+        for j, fn in enumerate(fns):
+            local[j, i] = _time_once(fn, device, group)
+    return [summarize(row.tolist()) for row in slowest(local, device, group)]
+
+
+def _time_once(fn: Callable[[], object], device: torch.device, group) -> float:
+    """One barrier-aligned run of ``fn`` on this rank, in µs (CUDA events on GPU)."""
+    dist.barrier(group=group)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e6
 
 
 def slowest(values: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:

@@ -56,6 +56,8 @@ def skip_reason(point: Point) -> str | None:
     reason = backend.unavailable()
     if reason is not None:
         return f"backend not available: {reason}"
+    if point.workload.dtype not in backend.dtypes:
+        return f"{point.backend} moves {', '.join(backend.dtypes)} tokens only"
     return backend.invalid(point.knob_dict, point.world_size)
 
 
@@ -81,7 +83,7 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     row["verified"] = True
 
     ctx.on_phase("dispatch_kernel")
-    comm = make_comm(point.backend, point.knob_dict)
+    comm = make_comm(point.backend, point.knob_dict, num_ranks=point.world_size)
     buffer = comm.get_buffer(group, get_hidden_bytes(x))
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, w.num_experts)
     recv_x, _, _, _, handle, _ = buffer.dispatch(

@@ -39,6 +39,7 @@ def coordinate_search(points: Sequence[Point], defaults: dict[str, Any], cost: C
         return seen[key]
 
     current = {name: defaults.get(name) if defaults.get(name) in values else values[0] for name, values in grid.items()}
+    time(current)
     if len(grid.get(SMS_KNOB, ())) > 1:
         sms = grid[SMS_KNOB]
         coarse = sorted(set(range(0, len(sms), 2)) | {len(sms) - 1})
@@ -49,8 +50,7 @@ def coordinate_search(points: Sequence[Point], defaults: dict[str, Any], cost: C
     for name, values in grid.items():
         if name != SMS_KNOB and len(values) > 1:
             current[name] = min(values, key=lambda v: time({**current, name: v}))
-    best_key = min(seen, key=seen.get) if seen else tuple(current.items())
-    return by_knobs[best_key]
+    return by_knobs[min(seen, key=seen.get)]
 
 
 def search_size(points: Sequence[Point]) -> int:

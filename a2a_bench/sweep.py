@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -86,16 +87,24 @@ def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str]) -> 
     if results.exists() and not resume:
         raise SpecError(f"{results} already exists: pass --resume to continue it, or choose another --out")
     points = expand(spec, where.world_size)
+    with process_group(where):
+        _sweep(spec, points, out_dir, argv, where)
+    return results
+
+
+@contextmanager
+def process_group(where: Placement):
+    """Join the process group for the body; then free every buffer and destroy the group, also after
+    an exception, Ctrl-C or SIGTERM (DeepEP hangs if the group goes first)."""
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     init_group(where)
     try:
-        _sweep(spec, points, out_dir, argv, where)
+        yield
     finally:
         free_all_buffers()
         logger.info("buffers freed; destroying the process group")
         dist.destroy_process_group()
         logger.info("process group destroyed")
-    return results
 
 
 def _raise_on_sigterm(signum, frame) -> None:

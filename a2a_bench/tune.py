@@ -10,7 +10,6 @@ import pandas as pd
 
 from a2a_bench import __version__
 from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results
-from a2a_bench.spec import SMS_KNOB
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, update_table
 
 KEY = ["backend", "world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts"]

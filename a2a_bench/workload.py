@@ -85,7 +85,7 @@ class Inputs:
 def make_inputs(spec: WorkloadSpec, rank: int) -> Inputs:
     """Rank ``rank``'s inputs for ``spec``: the same on every call, different on every rank."""
     gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
-    n, e, k = spec.num_tokens, spec.num_experts, spec.topk
+    n, k = spec.num_tokens, spec.topk
     x = torch.randn(n, spec.hidden, generator=gen).to(spec.torch_dtype)
     scores = _routing_scores(spec, gen)
     topk_idx = scores.topk(k, dim=1).indices if n else torch.empty(0, k, dtype=torch.int64)

@@ -36,7 +36,7 @@ class FaultyBuffer(TorchBuffer):
         return super().dispatch(*args, **kwargs)
 
 
-def _comm(dispatch: dict, combine: dict) -> Comm:
+def _comm(dispatch: dict, combine: dict, num_ranks: int | None) -> Comm:
     fault = dispatch["fault"]
     if fault == "invalid":
         raise ValueError("faulty: the installed library rejects fault=invalid")

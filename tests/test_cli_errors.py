@@ -129,3 +129,17 @@ def test_table_rejects_bad_tuning_files(monkeypatch, capsys, tmp_path: Path, con
 def test_show_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
     code, err = run_cli(monkeypatch, capsys, "show", "--hidden", "1024", "--tokens", "128", "--world-size", "2", *args)
     assert_one_line_error(code, err, pattern)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--backends", "nccl"], "unknown backend 'nccl'"),
+        (["--hidden", "0"], "hidden: values must be positive"),
+        (["--experts", "7", "--nproc", "2"], "experts (7) is not divisible by the number of ranks (2)"),
+        (["--nproc", "0"], "--nproc must be >= 1"),
+    ],
+)
+def test_speedup_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
+    code, err = run_cli(monkeypatch, capsys, "speedup", *args)
+    assert_one_line_error(code, err, pattern)

@@ -120,3 +120,13 @@ def test_resume_adds_only_missing_points(run_dir: Path, tmp_path: Path) -> None:
     assert list(kept["point_id"]) == list(full["point_id"].iloc[:2])
     info = json.loads((partial / "run.json").read_text())
     assert info["resumed_with_done"] == 2
+
+
+def test_speedup_benchmark_prints_tuned_vs_default(run_dir: Path, tmp_path: Path) -> None:
+    tables = tmp_path / "tables"
+    assert a2a_bench("tune", str(run_dir), "--out", str(tables)).returncode == 0
+    proc = a2a_bench("speedup", "--nproc", "2", "--hidden", "512", "--tokens", "64", "--topk", "2", "--experts", "8",
+                     "--warmup", "1", "--iters", "3", env={"FUSED_A2A_TUNING_DIR": str(tables)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if "bf16 h512 n64 k2 e8" in line)
+    assert "torch" in row and "table" in row and row.rstrip(" │").endswith("x")

@@ -65,3 +65,10 @@ def test_groups_split_by_backend_and_workload() -> None:
     other = WorkloadSpec(num_tokens=512, hidden=7168, topk=8, num_experts=64)
     split = groups(grid() + grid(other))
     assert [len(g) for g in split] == [108, 108] and split[1][0].workload == other
+
+
+def test_a_grid_of_one_point_times_it() -> None:
+    points = [Point("torch", (("impl", "p2p"),), W, 2)]
+    timed = []
+    assert coordinate_search(points, {"impl": "all_to_all"}, lambda p: timed.append(p) or 1.0) == points[0]
+    assert timed == points

@@ -100,7 +100,7 @@ def changed(path: str, value) -> dict:
         (changed("entries.0.hidden", -7168), r"entries\[0\].hidden must be a positive int, got -7168"),
         (changed("entries.0.topk", True), r"entries\[0\].topk must be a positive int, got True"),
         (changed("entries.0.dtype", "int8"), r"entries\[0\].dtype must be one of bf16, fp16, fp32, fp8, got 'int8'"),
-        (changed("entries.0.backend", "nope"), r"entries\[0\].backend 'nope' is unknown \(backends: torch\)"),
+        (changed("entries.0.backend", "nope"), r"entries\[0\].backend 'nope' is unknown \(backends: torch, deepep, uccl\)"),
         (changed("entries.0.dispatch.num_sms", 24), r"entries\[0\].dispatch has unknown knob 'num_sms' for backend 'torch'"),
         (changed("entries.0.combine.impl", "ring"), r"entries\[0\].combine.impl must be one of all_to_all, p2p, got 'ring'"),
         (changed("entries.0.combine", {}), r"entries\[0\].dispatch and entries\[0\].combine must name the same knobs"),

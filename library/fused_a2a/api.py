@@ -88,19 +88,20 @@ def dispatch(
 def _comm_for(backend: str, knobs: dict[str, Any], shape: dict[str, Any], topk: int, num_experts: int,
               num_sms_budget: int | None) -> Comm:
     """The backend with its knobs resolved; a table entry the backend rejects is dropped with a warning."""
+    num_ranks = shape["world_size"]
     if backend not in BACKENDS or set(knobs) == {k.name for k in BACKENDS[backend].knobs}:
-        return make_comm(backend, knobs)
+        return make_comm(backend, knobs, num_ranks=num_ranks)
     context = dict(explicit=knobs, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget)
     resolution = resolve(backend, **shape, **context)
     try:
-        return make_comm(backend, resolution.dispatch, resolution.combine)
+        return make_comm(backend, resolution.dispatch, resolution.combine, num_ranks)
     except (ValueError, RuntimeError) as exc:
         if "table" not in resolution.sources.values():
             raise
         warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
                       "using the defaults", TuningWarning, stacklevel=3)
     resolution = resolve(backend, **shape, **context, use_table=False)
-    return make_comm(backend, resolution.dispatch, resolution.combine)
+    return make_comm(backend, resolution.dispatch, resolution.combine, num_ranks)
 
 
 def combine(

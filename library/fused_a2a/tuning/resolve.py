@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fused_a2a
 from fused_a2a.backends import BACKENDS, Knob, get_backend
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.tuning.table import TuningEntry, TuningFileError, TuningTable, best_within_budget, lookup, read_table
@@ -57,11 +56,13 @@ class Resolution:
     entry: TuningEntry | None
 
 
+PACKAGED_DIR = Path(__file__).resolve().parents[3] / "tuning_results"
+
+
 def tuning_dirs() -> list[Path]:
     """The folders searched for ``<cluster-id>/tuning.json``, first match wins."""
-    packaged = Path(fused_a2a.__file__).resolve().parents[2] / "tuning_results"
     override = os.environ.get(TUNING_DIR_ENV)
-    return [Path(override), packaged] if override else [packaged]
+    return [Path(override), PACKAGED_DIR] if override else [PACKAGED_DIR]
 
 
 def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[TuningTable | None, Path | None]:
@@ -183,7 +184,7 @@ def resolve(
             dispatch[knob.name] = combine[knob.name] = knob.default
     budget = num_sms_budget if num_sms_budget is not None else _budget_from_env()
     if budget is not None and SMS_KNOB in sources and sources[SMS_KNOB] in ("table", "default"):
-        sms, sources[SMS_KNOB] = _within_budget(dispatch[SMS_KNOB], sources[SMS_KNOB], entry, budget, spec.knob(SMS_KNOB).default)
+        sms, sources[SMS_KNOB] = _within_budget(dispatch[SMS_KNOB], sources[SMS_KNOB], entry, budget, spec.knob(SMS_KNOB))
         dispatch[SMS_KNOB] = combine[SMS_KNOB] = sms
     resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry)
     _log_once(resolution, (world_size, dtype, hidden, topk, num_experts))
@@ -203,14 +204,20 @@ def _budget_from_env() -> int | None:
     return budget
 
 
-def _within_budget(sms: int, source: str, entry: TuningEntry | None, budget: int, default: int) -> tuple[int, str]:
-    """The SM count to use under ``budget`` and its source (see :func:`resolve`)."""
+def _within_budget(sms: int, source: str, entry: TuningEntry | None, budget: int, knob: Knob) -> tuple[int, str]:
+    """The SM count to use under ``budget`` and its source (see :func:`resolve`); the budget itself
+    comes down to the largest count the knob accepts (DeepEP: even)."""
     if sms <= budget:
         return sms, source
     frontier = best_within_budget(entry, budget) if entry is not None else None
     if frontier is not None:
         return frontier, "table (SM budget)"
-    return (default, "default") if default <= budget else (budget, "budget")
+    if knob.default <= budget:
+        return knob.default, "default"
+    fitting = next((n for n in range(budget, 0, -1) if knob.check(n) is None), None)
+    if fitting is None:
+        raise ValueError(f"{BUDGET_ENV}: no {knob.name} value within a budget of {budget}")
+    return fitting, "budget"
 
 
 def best_backend(

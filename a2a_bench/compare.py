@@ -1,0 +1,162 @@
+"""Backends side by side for one shape of a sweep's results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+from rich.table import Table
+
+from a2a_bench.results import ResultsError
+from a2a_bench.spec import parse_routing
+
+SHAPE = ["world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew"]
+
+
+@dataclass(frozen=True)
+class BackendRow:
+    """One backend's best verified config for the shape (``None``: not measured).
+
+    Attributes:
+        backend, world_size: what ran.
+        status: ``"ok"``, or (cut to 60 characters) the status of its first row when none is verified and ``ok``.
+        knobs: the best config's knobs (least dispatch + combine kernel-mode median).
+        dispatch_us, combine_us: that config's kernel-mode medians, µs.
+        dispatch_api_us, combine_api_us: its api-mode medians, µs.
+        dispatch_algbw_gbps, combine_algbw_gbps: its algbw, GB/s.
+        default_dispatch_us, default_combine_us: the backend's default config, kernel-mode medians, µs.
+        speedup_vs_torch: torch's best ``dispatch_us + combine_us`` over this one's (> 1: faster).
+    """
+
+    backend: str
+    world_size: int
+    status: str
+    knobs: dict | None = None
+    dispatch_us: float | None = None
+    combine_us: float | None = None
+    dispatch_api_us: float | None = None
+    combine_api_us: float | None = None
+    dispatch_algbw_gbps: float | None = None
+    combine_algbw_gbps: float | None = None
+    default_dispatch_us: float | None = None
+    default_combine_us: float | None = None
+    speedup_vs_torch: float | None = None
+
+
+def shape_rows(
+    results: pd.DataFrame,
+    hidden: int,
+    num_tokens: int,
+    dtype: str | None = None,
+    topk: int | None = None,
+    num_experts: int | None = None,
+    routing: str = "uniform",
+) -> pd.DataFrame:
+    """The rows (any status) of one shape; ``None`` filters match anything but must leave one shape.
+
+    Raises:
+        SpecError: a malformed ``routing``.
+        ResultsError: no rows for the shape (the message lists the shapes there are), or several
+            dtypes/top-k/expert counts match (pick one).
+    """
+    name, skew = parse_routing(routing)
+    mask = (results["hidden"] == hidden) & (results["num_tokens"] == num_tokens) & (results["routing"] == name)
+    mask &= (results["skew"] - skew).abs() < 1e-9
+    for column, wanted in (("dtype", dtype), ("topk", topk), ("num_experts", num_experts)):
+        if wanted is not None:
+            mask &= results[column] == wanted
+    rows = results[mask]
+    if rows.empty:
+        wanted_text = f"hidden {hidden}, {num_tokens} tokens, {routing}" + "".join(
+            f", {label} {value}" for label, value in (("dtype", dtype), ("topk", topk), ("experts", num_experts)) if value is not None)
+        raise ResultsError(f"no rows for {wanted_text}; shapes in the results: {_shapes(results)}")
+    if len(rows.groupby(["dtype", "topk", "num_experts"])) > 1:
+        raise ResultsError(f"several shapes match: {_shapes(rows)}; pick one with --dtype, --topk, --experts")
+    return rows
+
+
+def compare_rows(rows: pd.DataFrame) -> list[BackendRow]:
+    """One :class:`BackendRow` per (backend, world size) of one shape's rows, sorted by backend.
+
+    The best config is the verified ``ok`` row with the least dispatch + combine kernel-mode median
+    (one config for both operations, as a caller passing one set of knobs runs).
+    """
+    ok = rows[(rows["status"] == "ok") & (rows["verified"].astype(str).str.lower() == "true")]
+    best: dict[tuple[str, int], pd.Series] = {}
+    for (backend, world_size), group in ok.groupby(["backend", "world_size"], sort=True):
+        total = group["dispatch_kernel_us_median"] + group["combine_kernel_us_median"]
+        best[(str(backend), int(world_size))] = group.loc[total.idxmin()]
+    out = []
+    for (backend, world_size), group in rows.groupby(["backend", "world_size"], sort=True):
+        key = (str(backend), int(world_size))
+        if key not in best:
+            out.append(BackendRow(key[0], key[1], str(group["status"].iloc[0])[:60]))
+            continue
+        r = best[key]
+        defaults = ok[(ok["backend"] == backend) & (ok["world_size"] == world_size)
+                      & (ok["is_default"].astype(str).str.lower() == "true")]
+        torch = best.get(("torch", key[1]))
+        total = r["dispatch_kernel_us_median"] + r["combine_kernel_us_median"]
+        out.append(BackendRow(
+            backend=key[0], world_size=key[1], status="ok", knobs=json.loads(r["knobs"]),
+            dispatch_us=float(r["dispatch_kernel_us_median"]), combine_us=float(r["combine_kernel_us_median"]),
+            dispatch_api_us=float(r["dispatch_api_us_median"]), combine_api_us=float(r["combine_api_us_median"]),
+            dispatch_algbw_gbps=float(r["dispatch_algbw_gbps"]), combine_algbw_gbps=float(r["combine_algbw_gbps"]),
+            default_dispatch_us=float(defaults["dispatch_kernel_us_median"].min()) if len(defaults) else None,
+            default_combine_us=float(defaults["combine_kernel_us_median"].min()) if len(defaults) else None,
+            speedup_vs_torch=None if torch is None else float(
+                (torch["dispatch_kernel_us_median"] + torch["combine_kernel_us_median"]) / total),
+        ))
+    return out
+
+
+COLUMNS = ["backend", "ranks", "best knobs", "kernel µs (d / c)", "api µs (d / c)", "algbw GB/s (d / c)",
+           "default µs (d / c)", "speedup vs torch"]
+
+
+def compare_table(
+    results: pd.DataFrame,
+    hidden: int,
+    num_tokens: int,
+    dtype: str | None = None,
+    topk: int | None = None,
+    num_experts: int | None = None,
+    routing: str = "uniform",
+) -> Table:
+    """Backends side by side for one shape (:func:`shape_rows`, :func:`compare_rows`).
+
+    Times are medians of the slowest rank in µs, bandwidths GB/s; "speedup vs torch" is torch's best
+    dispatch + combine kernel time over the backend's (``n/a`` where torch was not measured).
+
+    Raises:
+        ResultsError, SpecError: as :func:`shape_rows`.
+    """
+    rows = shape_rows(results, hidden, num_tokens, dtype, topk, num_experts, routing)
+    first = rows.iloc[0]
+    table = Table(title=f"hidden {hidden}, {num_tokens} tokens/rank, {first['dtype']}, top-{first['topk']}, "
+                        f"{first['num_experts']} experts, {routing} routing (medians of the slowest rank)")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("backend", "best knobs") else "right")
+    for b in compare_rows(rows):
+        knobs = b.status if b.knobs is None else (" ".join(f"{k}={v}" for k, v in sorted(b.knobs.items())) or "-")
+        table.add_row(
+            b.backend, str(b.world_size), knobs,
+            _pair(b.dispatch_us, b.combine_us), _pair(b.dispatch_api_us, b.combine_api_us),
+            _pair(b.dispatch_algbw_gbps, b.combine_algbw_gbps), _pair(b.default_dispatch_us, b.default_combine_us),
+            "n/a" if b.speedup_vs_torch is None else f"{b.speedup_vs_torch:.2f}x",
+        )
+    return table
+
+
+def _pair(d: float | None, c: float | None) -> str:
+    return "-" if d is None or c is None else f"{d:.1f} / {c:.1f}"
+
+
+def _shapes(rows: pd.DataFrame) -> str:
+    shapes = rows[SHAPE].drop_duplicates().sort_values(SHAPE)
+    return "; ".join(
+        f"hidden {s.hidden}, {s.num_tokens} tokens, {s.dtype}, top-{s.topk}, {s.num_experts} experts, "
+        f"{s.routing if s.routing == 'uniform' else f'{s.routing}:{s.skew:g}'}, {s.world_size} ranks"
+        for s in shapes.itertuples()
+    )

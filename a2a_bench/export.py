@@ -1,0 +1,157 @@
+"""Tuning-table entries for other tools: SGLang's ``--deepep-config`` JSON and environment variables."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from a2a_bench.results import ResultsError
+from a2a_bench.spec import SpecError
+from fused_a2a.backends import deepep, get_backend
+from fused_a2a.backends.hybridep import CHUNK_ENV_VARS
+from fused_a2a.cluster import detect_cluster
+from fused_a2a.tuning.resolve import env_var, load_cluster_table, tuning_dirs
+from fused_a2a.tuning.table import TuningEntry, TuningTable, lookup, read_table
+
+FORMATS = ("sglang", "env")
+
+# our deepep knob -> its keyword in deep_ep.Config(...), which SGLang splats each section into
+SGLANG_KWARGS: dict[str, str] = {
+    "num_sms": "num_sms",
+    "nvl_send": "num_max_nvl_chunked_send_tokens",
+    "nvl_recv": "num_max_nvl_chunked_recv_tokens",
+    "rdma_send": "num_max_rdma_chunked_send_tokens",
+    "rdma_recv": "num_max_rdma_chunked_recv_tokens",
+}
+
+# (backend, knob) -> the variable another tool reads it from: NeMo's SM counts, HybridEP's chunk sizes
+FOREIGN_ENV: dict[tuple[str, str], str] = {
+    ("deepep", "num_sms"): "DEEP_EP_SM_NUMS",
+    ("uccl", "num_sms"): "UCCL_EP_SM_NUMS",
+    **{("hybridep", knob): var for knob, var in CHUNK_ENV_VARS.items()},
+}
+
+
+def check_request(fmt: str, backend: str) -> None:
+    """Raise ``SpecError`` (one line) for an unknown format, or ``sglang`` for a backend other than deepep."""
+    if fmt not in FORMATS:
+        raise SpecError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "sglang" and backend != "deepep":
+        raise SpecError(f"--format sglang writes DeepEP's Config (SGLang's --deepep-config): use --backend deepep, not {backend!r}")
+
+
+def load_table(cluster_dir: Path | None, world_size: int) -> TuningTable:
+    """``cluster_dir/tuning.json``, or without a folder the first valid table of this machine's cluster
+    (:func:`fused_a2a.tuning.resolve.tuning_dirs`, cluster id for ``world_size`` ranks).
+
+    Raises:
+        TuningFileError: the file is missing or invalid.
+        ResultsError: this machine's cluster has no table.
+    """
+    if cluster_dir is not None:
+        return read_table(cluster_dir / "tuning.json")
+    cluster = detect_cluster(world_size).id
+    table, _ = load_cluster_table(cluster, strict=True)
+    if table is None:
+        dirs = ", ".join(str(d) for d in tuning_dirs())
+        raise ResultsError(f"no tuning table for cluster {cluster} in {dirs}; pass --cluster-dir")
+    return table
+
+
+def find_entry(
+    table: TuningTable,
+    backend: str,
+    world_size: int,
+    dtype: str,
+    hidden: int,
+    num_tokens: int,
+    topk: int | None = None,
+    num_experts: int | None = None,
+) -> TuningEntry:
+    """The entry ``fused_a2a`` would use for this call (:func:`fused_a2a.tuning.table.lookup`).
+
+    Raises:
+        ValueError: unknown backend.
+        ResultsError: no entry for this backend, world size and dtype (the message lists those there are).
+    """
+    get_backend(backend)
+    entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts)
+    if entry is None:
+        have = sorted({f"{e.backend} on {e.world_size} ranks in {e.dtype}" for e in table.entries})
+        raise ResultsError(
+            f"the tuning table of {table.cluster['id']} has no entry for {backend} on {world_size} ranks in {dtype}; "
+            f"it has: {', '.join(have) or 'no entries'}"
+        )
+    return entry
+
+
+def describe(entry: TuningEntry) -> str:
+    """One line naming the entry's key."""
+    return (f"{entry.backend}, {entry.world_size} ranks, {entry.dtype}, hidden {entry.hidden}, {entry.num_tokens} tokens, "
+            f"top-{entry.topk}, {entry.num_experts} experts")
+
+
+def sglang_config(entry: TuningEntry, num_ranks: int) -> dict[str, dict[str, int]]:
+    """SGLang's ``--deepep-config``: ``{"normal_dispatch": {Config kwargs}, "normal_combine": {...}}``.
+
+    A chunk knob of ``0`` (or a missing knob) becomes DeepEP's default for ``num_ranks`` and the
+    operation (:func:`fused_a2a.backends.deepep.configs_from_knobs`); both sections have the same
+    ``num_sms``, as SGLang asserts.
+
+    Args:
+        entry: a ``deepep`` entry.
+        num_ranks: ranks of the expert-parallel group SGLang runs with.
+
+    Returns:
+        the two sections, keyed by ``deep_ep.Config`` keyword names; chunk sizes in tokens.
+
+    Raises:
+        ValueError: another backend, or knobs DeepEP rejects on ``num_ranks`` ranks.
+    """
+    if entry.backend != "deepep":
+        raise ValueError(f"SGLang's --deepep-config holds DeepEP configs; this entry is for {entry.backend!r}")
+    defaults = {knob.name: knob.default for knob in deepep.KNOBS}
+    try:
+        dispatch, combine = deepep.configs_from_knobs({**defaults, **entry.dispatch}, {**defaults, **entry.combine}, num_ranks)
+    except ValueError as err:
+        raise ValueError(f"deepep entry ({describe(entry)}): {err}") from None
+    return {
+        "normal_dispatch": {kwarg: getattr(dispatch, knob) for knob, kwarg in SGLANG_KWARGS.items()},
+        "normal_combine": {kwarg: getattr(combine, knob) for knob, kwarg in SGLANG_KWARGS.items()},
+    }
+
+
+def env_lines(entry: TuningEntry) -> list[str]:
+    """``export NAME=value`` lines that set the entry's knobs.
+
+    Every knob gets our variable (``FUSED_A2A_<BACKEND>_<KNOB>``, read by ``fused_a2a``); the knobs
+    other tools read get theirs too (:data:`FOREIGN_ENV`: ``DEEP_EP_SM_NUMS``, ``UCCL_EP_SM_NUMS``,
+    HybridEP's ``NUM_OF_TOKENS_PER_CHUNK_*_API``; a ``0`` there, "the tool's default", is not exported).
+    One variable sets dispatch and combine alike: a knob named for one operation takes that
+    operation's value; a knob whose dispatch and combine values differ gets a ``#`` comment instead
+    (``fused_a2a`` takes it from the tuning table).
+    """
+    lines = []
+    for name in sorted(entry.dispatch):
+        d, c = entry.dispatch[name], entry.combine[name]
+        if "combine" in name:
+            value = c
+        elif "dispatch" in name or d == c:
+            value = d
+        else:
+            lines.append(f"# {name}: dispatch {d}, combine {c}; one variable sets both, so it is left to the tuning table")
+            continue
+        text = shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))
+        lines.append(f"export {env_var(entry.backend, name)}={text}")
+        foreign = FOREIGN_ENV.get((entry.backend, name))
+        if foreign is not None and value != 0:
+            lines.append(f"export {foreign}={text}")
+    return lines
+
+
+def render(fmt: str, entry: TuningEntry) -> str:
+    """The text of ``fmt`` for ``entry``: SGLang's JSON (for ``entry.world_size`` ranks) or shell lines."""
+    if fmt == "sglang":
+        return json.dumps(sglang_config(entry, entry.world_size), indent=2) + "\n"
+    return "\n".join([f"# a2a-bench tuning entry: {describe(entry)}", *env_lines(entry)]) + "\n"

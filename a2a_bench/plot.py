@@ -1,0 +1,135 @@
+"""PNG plots of a sweep's results: bandwidth against SM count (or tokens), with the link peak.
+
+Figures are drawn with :class:`matplotlib.figure.Figure` and saved through the Agg renderer, so no
+GUI backend is needed and pyplot's global state is never touched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from a2a_bench.results import ResultsError
+
+BANDWIDTHS = ["dispatch_algbw_gbps", "combine_algbw_gbps", "dispatch_xbw_gbps", "combine_xbw_gbps"]
+SMS_GROUP = ["backend", "world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew"]
+TOKENS_GROUP = ["backend", "world_size", "dtype", "topk", "num_experts", "routing", "skew"]
+_STYLE = {"dispatch": "C0", "combine": "C1"}
+
+
+def plot_run(results: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write one PNG per group of ``ok`` rows to ``out_dir`` (created); return their paths.
+
+    * Rows with a ``num_sms`` value: one plot per shape (:data:`SMS_GROUP`), GB/s against SMs
+      (:func:`sms_series`), algbw solid, xbw dashed, and the link peak as a dotted line.
+    * Rows without one (e.g. torch): one plot per backend and workload (:data:`TOKENS_GROUP`), two
+      panels (dispatch, combine) of GB/s against tokens per rank, one colour per hidden size
+      (:func:`tokens_series`), the best knob setting at each point.
+
+    Raises:
+        ResultsError: no ``ok`` rows (nothing is written).
+    """
+    ok = results[results["status"] == "ok"]
+    if ok.empty:
+        raise ResultsError("no 'ok' rows to plot")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    has_sms = ok["num_sms"].notna()
+    paths = []
+    for key, rows in ok[has_sms].groupby(SMS_GROUP, sort=True):
+        shape = dict(zip(SMS_GROUP, key))
+        paths.append(_save(_sms_figure(shape, rows), out_dir, _file_name(shape, SMS_GROUP)))
+    for key, rows in ok[~has_sms].groupby(TOKENS_GROUP, sort=True):
+        shape = dict(zip(TOKENS_GROUP, key))
+        paths.append(_save(_tokens_figure(shape, rows), out_dir, _file_name(shape, TOKENS_GROUP) + "_tokens"))
+    return paths
+
+
+def sms_series(rows: pd.DataFrame) -> pd.DataFrame:
+    """The best (highest) of each of :data:`BANDWIDTHS` (GB/s, kernel mode) at each SM count of one
+    shape's rows; index ``num_sms`` (int), ascending."""
+    best = rows.groupby(rows["num_sms"].astype(int))[BANDWIDTHS].max()
+    return best.sort_index()
+
+
+def tokens_series(rows: pd.DataFrame) -> pd.DataFrame:
+    """The best of each of :data:`BANDWIDTHS` (GB/s, kernel mode) over knob settings at each
+    ``(hidden, num_tokens)`` of one workload's rows; index ascending."""
+    return rows.groupby(["hidden", "num_tokens"])[BANDWIDTHS].max().sort_index()
+
+
+def _title(shape: dict) -> str:
+    parts = [f"{shape['backend']}:"]
+    if "hidden" in shape:
+        parts.append(f"hidden {shape['hidden']}, {shape['num_tokens']} tokens/rank,")
+    parts.append(f"top-{shape['topk']} of {shape['num_experts']} experts, {shape['world_size']} ranks, "
+                 f"{shape['dtype']}, {_routing(shape)}")
+    return " ".join(parts)
+
+
+def _routing(shape: dict) -> str:
+    return "uniform" if shape["routing"] == "uniform" else f"{shape['routing']}:{shape['skew']:g}"
+
+
+def _peak(ax, rows: pd.DataFrame) -> None:
+    peak = float(rows["link_peak_gbps"].max())
+    if peak > 0:
+        ax.axhline(peak, color="grey", linestyle=":", label=f"link peak {peak:.0f} GB/s")
+
+
+def _sms_figure(shape: dict, rows: pd.DataFrame) -> Figure:
+    series = sms_series(rows)
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for op, colour in _STYLE.items():
+        ax.plot(series.index, series[f"{op}_algbw_gbps"], color=colour, marker="o", label=f"{op} algbw")
+        ax.plot(series.index, series[f"{op}_xbw_gbps"], color=colour, marker=".", linestyle="--", label=f"{op} xbw")
+    _peak(ax, rows)
+    ax.set_xticks(series.index)
+    ax.set_xlabel("SMs (num_sms)")
+    ax.set_ylabel("GB/s (kernel mode, best config per SM count)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(_title(shape), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _tokens_figure(shape: dict, rows: pd.DataFrame) -> Figure:
+    series = tokens_series(rows)
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, op in zip(axes, _STYLE):
+        for i, (hidden, by_tokens) in enumerate(series.groupby(level="hidden")):
+            tokens = by_tokens.index.get_level_values("num_tokens")
+            colour = f"C{i % 10}"
+            ax.plot(tokens, by_tokens[f"{op}_algbw_gbps"], color=colour, marker="o", label=f"hidden {hidden} algbw")
+            ax.plot(tokens, by_tokens[f"{op}_xbw_gbps"], color=colour, marker=".", linestyle="--", label=f"hidden {hidden} xbw")
+        _peak(ax, rows)
+        ticks = sorted(series.index.get_level_values("num_tokens").unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("tokens per rank")
+        ax.set_title(op)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("GB/s (kernel mode, best knobs per point)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(_title(shape), fontsize=10)
+    return fig
+
+
+def _file_name(shape: dict, fields: list[str]) -> str:
+    prefix = {"world_size": "w", "hidden": "h", "num_tokens": "t", "topk": "k", "num_experts": "e"}
+    words = [f"{prefix.get(name, '')}{shape[name]}" for name in fields if name not in ("routing", "skew")]
+    words.append(_routing(shape).replace(":", ""))
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(word)) for word in words)
+
+
+def _save(fig: Figure, out_dir: Path, stem: str) -> Path:
+    path = out_dir / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    return path

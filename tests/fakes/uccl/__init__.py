@@ -1,0 +1,1 @@
+"""A CPU fake of the ``uccl`` package (its ``uccl.ep`` module only). Tests only: see :mod:`uccl.ep`."""
