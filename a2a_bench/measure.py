@@ -76,16 +76,21 @@ def _time_once(fn: Callable[[], object], device: torch.device, group) -> float:
     return (time.perf_counter() - begin) * 1e6
 
 
+def comm_device(device: torch.device, group=None) -> torch.device:
+    """Where small bookkeeping tensors of ``group`` live: ``device`` under NCCL, the CPU under gloo."""
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
 def slowest(values: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
     """Element-wise maximum of ``values`` over the ranks of ``group`` (returned on the CPU)."""
-    buf = values.to(device)
+    buf = values.to(comm_device(device, group))
     dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
     return buf.cpu()
 
 
 def mean_over_ranks(value: float, device: torch.device, group=None) -> float:
     """The mean of a per-rank number over the ranks of ``group``."""
-    buf = torch.tensor([value], dtype=torch.float64, device=device)
+    buf = torch.tensor([value], dtype=torch.float64, device=comm_device(device, group))
     dist.all_reduce(buf, group=group)
     return buf.item() / dist.get_world_size(group)
 
@@ -115,7 +120,7 @@ def link_peak_gbps(device: torch.device, group=None, num_bytes: int = 1 << 30) -
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     times = torch.zeros(10, dtype=torch.float64)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and dist.get_backend(group) == "nccl":
         if rank == 0:
             peer = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
             src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
@@ -132,7 +137,7 @@ def link_peak_gbps(device: torch.device, group=None, num_bytes: int = 1 << 30) -
             del src, dst
     elif world > 1:
         num_bytes = 64 << 20
-        payload = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        payload = torch.empty(num_bytes, dtype=torch.uint8, device=comm_device(device, group))
         for i in range(len(times)):
             dist.barrier(group=group)
             begin = time.perf_counter()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.measure import gbps, mean_over_ranks, received_bytes, time_op
+from a2a_bench.measure import comm_device, gbps, mean_over_ranks, received_bytes, time_op
 from a2a_bench.spec import SMS_KNOB, Point
 from a2a_bench.verify import verify
 from a2a_bench.workload import make_inputs
@@ -126,6 +126,7 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
 def _recv_counts(topk_idx: torch.Tensor, num_experts: int, group) -> list[int]:
     """Tokens this rank receives from each source rank in a dispatch of ``topk_idx``. Collective."""
     per_rank = get_torch_buffer(group).get_dispatch_layout(topk_idx, num_experts)[0].to(torch.int64)
+    per_rank = per_rank.to(comm_device(topk_idx.device, group))
     gathered = [torch.empty_like(per_rank) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, per_rank, group=group)
     rank = dist.get_rank(group)

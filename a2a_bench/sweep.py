@@ -48,12 +48,22 @@ class Placement:
 
 
 def placement_from_env() -> Placement:
-    """Read torchrun's variables (a lone process is rank 0 of 1); CUDA if present, else CPU."""
+    """Read torchrun's variables (a lone process is rank 0 of 1); CUDA if present, else CPU.
+
+    With fewer GPUs than local ranks, ranks share GPUs round-robin (for trying the code paths on a
+    small machine: shared GPUs time-slice, so the times are not the link's).
+    """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device("cuda", local % gpus) if gpus else torch.device("cpu")
     return Placement(rank, world, local, device)
+
+
+def shares_gpus() -> bool:
+    """This node runs more ranks than it has GPUs (NCCL refuses that: the group is gloo's)."""
+    return torch.cuda.is_available() and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def init_group(where: Placement) -> None:
@@ -70,6 +80,7 @@ def init_group(where: Placement) -> None:
     store = dist.PrefixStore(f"a2a-bench/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if where.device.type == "cuda":
         torch.cuda.set_device(where.device)
+    if where.device.type == "cuda" and not shares_gpus():
         dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=where.device, timeout=timeout)
     else:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)

@@ -157,3 +157,9 @@ def test_detection_is_cached(fresh) -> None:
     first = detect_cluster(3)
     fresh.setenv("LOCAL_WORLD_SIZE", "1")
     assert detect_cluster(3) is first
+
+
+def test_ranks_sharing_a_gpu_do_not_make_more_gpus(fresh) -> None:
+    fake_cuda(fresh, "NVIDIA H100 80GB HBM3", 1, None)
+    fresh.setenv("LOCAL_WORLD_SIZE", "2")
+    assert detect_cluster(2) == ClusterInfo("h100-x1", "NVIDIA H100 80GB HBM3", 1, 1, None, None)

@@ -6,36 +6,22 @@ Run on a machine with 2, 4 or 8 GPUs and DeepEP built for its torch and CUDA, on
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.workload import WorkloadSpec
 from fused_a2a.backends.deepep import DEEP_EP
-from ranks import under_torchrun
+from gpu import BACKEND_CASES as CASES
+from gpu import gpu_group, gpu_ready, real
 from reference import Case, check_case
-
-FAKES = Path(__file__).parent / "fakes"
-REAL_DEEP_EP = DEEP_EP.available and not Path(DEEP_EP.module.__file__).resolve().is_relative_to(FAKES.resolve())
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available() or not under_torchrun() or not REAL_DEEP_EP,
+        not gpu_ready() or not real(DEEP_EP),
         reason="needs CUDA GPUs under torchrun and DeepEP (deep_ep) installed",
     ),
 ]
-
-CASES = [
-    Case(WorkloadSpec(num_tokens=tokens, hidden=hidden, topk=topk, num_experts=64, dtype="bf16", seed=seed))
-    for seed, (hidden, tokens, topk) in enumerate(
-        (h, n, k) for h in (2048, 7168) for n in (128, 4096) for k in (2, 8)
-    )
-] + [Case(WorkloadSpec(num_tokens=4096, hidden=7168, topk=8, num_experts=64, dtype="bf16", drop=0.2, seed=20))]
 
 # how each call path dispatches; the combine is the one that goes with it
 CALLS = {
@@ -45,22 +31,14 @@ CALLS = {
 }
 
 
-@pytest.fixture(scope="module")
-def nccl_group():
-    local_rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    yield torch.device("cuda", local_rank)
-    fused_a2a.free_buffer()  # before destroy_process_group: DeepEP hangs otherwise
-    dist.barrier()
-    dist.destroy_process_group()
+group_device = pytest.fixture(scope="module")(gpu_group)
 
 
 @pytest.mark.parametrize("call", CALLS)
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"h{c.spec.hidden}-n{c.spec.num_tokens}-k{c.spec.topk}-drop{c.spec.drop}"
 )
-def test_deepep_matches_reference(nccl_group, case: Case, call: str) -> None:
+def test_deepep_matches_reference(group_device, case: Case, call: str) -> None:
     group = dist.group.WORLD
     knobs = CALLS[call]
     if knobs is None:
@@ -74,4 +52,4 @@ def test_deepep_matches_reference(nccl_group, case: Case, call: str) -> None:
             return fused_a2a.dispatch(x, idx, weights, num_experts, group, backend="deepep", **knobs)
 
         combine_fn = fused_a2a.combine
-    check_case(case, dist.get_rank(), dist.get_world_size(), nccl_group, dispatch_fn, combine_fn)
+    check_case(case, dist.get_rank(), dist.get_world_size(), group_device, dispatch_fn, combine_fn)

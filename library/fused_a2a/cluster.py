@@ -114,7 +114,9 @@ def detect_cluster(world_size: int | None = None) -> ClusterInfo:
 
     Returns:
         a :class:`ClusterInfo`. Ranks per node: ``$LOCAL_WORLD_SIZE``, else the visible GPUs (on CPU:
-        ``world_size``, else 1); nodes: ``world_size // gpus_per_node`` (at least 1); the link from
+        ``world_size``, else 1); GPUs per node: the ranks per node, at most the visible GPUs (ranks
+        that share a GPU do not make more GPUs); nodes: ``world_size // ranks per node`` (at least
+        1); the link from
         ``nvidia-smi topo -m``; ``internode`` is not detected (``None``). The id is
         ``$FUSED_A2A_CLUSTER_ID`` when set, else :func:`cluster_id` of those fields. Cached per
         ``world_size`` (``detect_cluster.cache_clear()`` forgets it).
@@ -122,8 +124,9 @@ def detect_cluster(world_size: int | None = None) -> ClusterInfo:
     world = world_size or _env_int("WORLD_SIZE")
     device = _cuda_device()
     gpu, visible = device if device else (None, None)
-    gpus_per_node = _env_int("LOCAL_WORLD_SIZE") or visible or world or 1
-    nodes = max(1, (world or gpus_per_node) // gpus_per_node)
+    ranks_per_node = _env_int("LOCAL_WORLD_SIZE") or visible or world or 1
+    gpus_per_node = min(ranks_per_node, visible) if visible else ranks_per_node
+    nodes = max(1, (world or ranks_per_node) // ranks_per_node)
     link = _nvidia_smi_link() if gpu else None
     ident = os.environ.get(CLUSTER_ID_ENV) or cluster_id(gpu, gpus_per_node, nodes, link)
     return ClusterInfo(ident, gpu, gpus_per_node, nodes, link, None)
