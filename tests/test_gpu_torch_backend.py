@@ -20,7 +20,11 @@ from test_torch_backend import CASES
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or not under_torchrun(), reason="needs CUDA GPUs under torchrun"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not under_torchrun()
+        or torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        reason="needs one CUDA GPU per process under torchrun (NCCL)",
+    ),
 ]
 
 GPU_CASES = CASES + [
