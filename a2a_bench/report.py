@@ -13,13 +13,13 @@ from fused_a2a.tuning.table import TuningEntry, TuningTable
 def summary_table(results: pd.DataFrame) -> Table:
     """One line per point: backend, knobs, shape, status, kernel-mode µs and GB/s."""
     table = Table(title="sweep results (kernel mode, median of the slowest rank)")
-    for column in ("backend", "knobs", "hidden", "tokens", "status", "disp µs", "comb µs",
+    for column in ("backend", "knobs", "dtype", "hidden", "tokens", "status", "disp µs", "comb µs",
                    "disp GB/s", "comb GB/s", "xbw/peak"):
         table.add_column(column, justify="right" if "µs" in column or "GB" in column else "left")
     for _, r in results.iterrows():
         ok = r["status"] == "ok"
         table.add_row(
-            str(r["backend"]), _knobs(json.loads(r["knobs"])), str(r["hidden"]), str(r["num_tokens"]), str(r["status"])[:60],
+            str(r["backend"]), _knobs(json.loads(r["knobs"])), str(r["dtype"]), str(r["hidden"]), str(r["num_tokens"]), str(r["status"])[:60],
             _num(r["dispatch_kernel_us_median"], ok), _num(r["combine_kernel_us_median"], ok),
             _num(r["dispatch_algbw_gbps"], ok), _num(r["combine_algbw_gbps"], ok),
             _num(r["dispatch_xbw_frac_peak"], ok, "{:.2f}"),

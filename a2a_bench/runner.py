@@ -15,8 +15,9 @@ import fused_a2a
 from a2a_bench.measure import comm_device, gbps, mean_over_ranks, received_bytes, time_op
 from a2a_bench.spec import SMS_KNOB, Point
 from a2a_bench.verify import verify
-from a2a_bench.workload import make_inputs
+from a2a_bench.workload import dispatch_input, make_inputs
 from fused_a2a.autograd import get_hidden_bytes
+from fused_a2a.fp8 import dequantize_fp8, is_fp8_pair
 from fused_a2a.backends import get_backend, make_comm
 from fused_a2a.backends.torch_a2a import get_torch_buffer
 
@@ -72,6 +73,7 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     ctx.on_phase("inputs")
     inputs = make_inputs(w, rank)
     x, topk_idx, weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    x = dispatch_input(w, x)
     digests: list[str | None] = [None] * point.world_size
     dist.all_gather_object(digests, inputs.digest(), group=group)
     row["inputs_hash"] = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
@@ -93,7 +95,8 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     timings = {"dispatch_kernel": time_op(lambda: buffer.dispatch(x, handle=handle, config=comm.dispatch_config),
                                           ctx.warmup, ctx.iters, device, group)}
     ctx.on_phase("combine_kernel")
-    timings["combine_kernel"] = time_op(lambda: buffer.combine(recv_x, handle, config=comm.combine_config),
+    recv_rows = _combinable(recv_x)
+    timings["combine_kernel"] = time_op(lambda: buffer.combine(recv_rows, handle, config=comm.combine_config),
                                         ctx.warmup, ctx.iters, device, group)
 
     api_handle = []
@@ -104,23 +107,34 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     with torch.no_grad():
         ctx.on_phase("dispatch_api")
         timings["dispatch_api"] = time_op(api_dispatch, ctx.warmup, ctx.iters, device, group)
-        api_recv_x, handle_api = api_handle[0][0], api_handle[0][4]
+        api_recv_x, handle_api = _combinable(api_handle[0][0]), api_handle[0][4]
         ctx.on_phase("combine_api")
         timings["combine_api"] = time_op(lambda: fused_a2a.combine(api_recv_x, handle_api), ctx.warmup, ctx.iters, device, group)
     for name, stats in timings.items():
         row.update(stats.as_columns(f"{name}_us"))
 
     recv_counts = _recv_counts(topk_idx, w.num_experts, group)
-    row_bytes = w.hidden * x.element_size()
-    total, crossed = received_bytes(recv_counts, rank, row_bytes)
-    total, crossed = mean_over_ranks(total, device, group), mean_over_ranks(crossed, device, group)
-    row["recv_tokens"] = round(total / row_bytes, 1)
-    for op in ("dispatch", "combine"):
+    for op, row_bytes in (("dispatch", _row_bytes(x)), ("combine", _row_bytes(recv_rows))):
+        total, crossed = received_bytes(recv_counts, rank, row_bytes)
+        total, crossed = mean_over_ranks(total, device, group), mean_over_ranks(crossed, device, group)
+        row["recv_tokens"] = round(total / row_bytes, 1)
         median = timings[f"{op}_kernel"].median
         row[f"{op}_algbw_gbps"] = round(gbps(total, median), 2)
         row[f"{op}_xbw_gbps"] = round(gbps(crossed, median), 2)
         row[f"{op}_xbw_frac_peak"] = round(gbps(crossed, median) / ctx.link_peak_gbps, 3) if ctx.link_peak_gbps else ""
     return {**row, "status": "ok"}
+
+
+def _row_bytes(x) -> int:
+    """Bytes one token row takes on the wire: FP8 values plus their float32 scales, else ``H * element size``."""
+    if is_fp8_pair(x):
+        return x[0].size(1) * x[0].element_size() + x[1].size(1) * x[1].element_size()
+    return x.size(1) * x.element_size()
+
+
+def _combinable(recv_x):
+    """Received rows as combine takes them: an FP8 pair dequantised to bf16 (what the experts return)."""
+    return dequantize_fp8(*recv_x).to(torch.bfloat16) if is_fp8_pair(recv_x) else recv_x
 
 
 def _recv_counts(topk_idx: torch.Tensor, num_experts: int, group) -> list[int]:

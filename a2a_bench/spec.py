@@ -193,6 +193,8 @@ def validate(spec: SweepSpec, world_size: int) -> None:
     for dtype in spec.dtypes:
         if dtype not in DTYPES:
             raise SpecError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if dtype == "fp8" and any(h % 128 for h in spec.hidden):
+            raise SpecError(f"fp8 dispatch needs hidden sizes divisible by 128, got {list(spec.hidden)}")
     for routing in spec.routings:
         parse_routing(routing)
     for experts in spec.experts:

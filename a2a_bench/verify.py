@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
+from fused_a2a.fp8 import dequantize_fp8, is_fp8_pair
 from fused_a2a.backends import get_backend
 
 # relative-norm tolerance of the combined output and the gradients, per token dtype
@@ -19,13 +20,13 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 class RoundTrip:
     """What one dispatch → expert → combine → backward produced on this rank."""
 
-    recv_x: torch.Tensor
+    recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     recv_topk_idx: torch.Tensor
     recv_topk_weights: torch.Tensor
     tokens_per_expert: torch.Tensor
     out: torch.Tensor
-    grad_x: torch.Tensor
-    grad_weights: torch.Tensor
+    grad_x: torch.Tensor | None
+    grad_weights: torch.Tensor | None
 
 
 def expert(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor) -> torch.Tensor:
@@ -35,25 +36,44 @@ def expert(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, recv_topk_weights:
 
 
 def round_trip(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_experts: int, grad_seed: int, group=None) -> RoundTrip:
-    """Dispatch, run :func:`expert`, combine and back-propagate ``sum(out * g)`` with a seeded ``g``."""
-    x = x.detach().clone().requires_grad_(True)
-    weights = topk_weights.detach().clone().requires_grad_(True)
+    """Dispatch, run :func:`expert`, combine and back-propagate ``sum(out * g)`` with a seeded ``g``.
+
+    An FP8 pair ``x`` is forward only: the experts see its dequantised bf16 rows, no gradients.
+    """
+    fp8 = is_fp8_pair(x)
+    if not fp8:
+        x = x.detach().clone().requires_grad_(True)
+    weights = topk_weights.detach().clone().requires_grad_(not fp8)
     recv_x, recv_idx, recv_w, counts, handle = fused_a2a.dispatch(
         x, topk_idx, weights, num_experts, group, backend=backend, **knobs
     )
-    out = fused_a2a.combine(expert(recv_x, recv_idx, recv_w), handle)
+    rows = dequantize_fp8(*recv_x).to(torch.bfloat16) if fp8 else recv_x
+    out = fused_a2a.combine(expert(rows, recv_idx, recv_w), handle)
+    if fp8:
+        return RoundTrip(recv_x, recv_idx, recv_w, counts, out, None, None)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device)
     (out.float() * g).sum().backward()
     return RoundTrip(recv_x.detach(), recv_idx, recv_w.detach(), counts, out.detach(), x.grad, weights.grad)
 
 
+def _same(a, b) -> bool:
+    """Exact equality of two tensors or FP8 pairs (compared bit for bit)."""
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(p, q) for p, q in zip(a, b))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8)) if a.dtype == torch.float8_e4m3fn \
+        else torch.equal(a.cpu(), b.cpu())
+
+
 def compare(got: RoundTrip, ref: RoundTrip, dtype: torch.dtype) -> str | None:
     """``None`` if ``got`` matches ``ref`` (dispatch exactly, the rest within tolerance), else what differs."""
     for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "tokens_per_expert"):
-        a, b = getattr(got, name), getattr(ref, name)
-        if a.shape != b.shape or not torch.equal(a.cpu(), b.cpu()):
+        if not _same(getattr(got, name), getattr(ref, name)):
             return f"{name} differs from the torch reference"
     for name in ("out", "grad_x", "grad_weights"):
+        if getattr(ref, name) is None:
+            continue
         a, b = getattr(got, name).double(), getattr(ref, name).double()
         if a.shape != b.shape:
             return f"{name} has shape {tuple(a.shape)}, reference {tuple(b.shape)}"
@@ -71,7 +91,7 @@ def verify(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_e
     grad_seed = seed * 7919 + dist.get_rank(group)
     ref = round_trip("torch", get_backend("torch").defaults(), x, topk_idx, topk_weights, num_experts, grad_seed, group)
     got = round_trip(backend, knobs, x, topk_idx, topk_weights, num_experts, grad_seed, group)
-    problem = compare(got, ref, x.dtype)
+    problem = compare(got, ref, torch.bfloat16 if is_fp8_pair(x) else x.dtype)
     problems: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(problems, problem, group=group)
     return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p is not None), None)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the token dtype before dispatch; "fp8" tokens are bf16 sent as (x_fp8, scales) pairs, combined in bf16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 ROUTINGS = ("uniform", "zipf", "hot")
 
 
@@ -20,7 +21,8 @@ class WorkloadSpec:
         hidden: hidden size ``H``.
         topk: experts per token ``K``.
         num_experts: experts in the whole group ``E``.
-        dtype: ``bf16``, ``fp16`` or ``fp32``.
+        dtype: ``bf16``, ``fp16``, ``fp32``, or ``fp8`` (bf16 tokens dispatched as FP8 pairs,
+            :func:`dispatch_input`; combined in bf16).
         routing: ``uniform`` (K distinct experts, uniformly), ``zipf`` (expert popularity
             ``1/(i+1)^skew`` over a seeded expert order) or ``hot`` (a fraction ``skew`` of the
             tokens include one hot expert; the others are uniform).
@@ -46,6 +48,8 @@ class WorkloadSpec:
             raise ValueError(f"topk ({self.topk}) is larger than the number of experts ({self.num_experts})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "fp8" and self.hidden % 128:
+            raise ValueError(f"fp8 dispatch needs a hidden size divisible by 128, got {self.hidden}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.routing == "hot" and not 0.0 <= self.skew <= 1.0:
@@ -80,6 +84,15 @@ class Inputs:
         for tensor in (self.x, self.topk_idx, self.topk_weights):
             sha.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
         return sha.hexdigest()[:16]
+
+
+def dispatch_input(spec: WorkloadSpec, x: torch.Tensor):
+    """What a dispatch sends for tokens ``x``: ``x`` itself, or for ``fp8`` its ``(x_fp8, scales)`` pair
+    (128-column blocks, :func:`fused_a2a.fp8.quantize_fp8`)."""
+    # imported here: test workers import this module before they choose which fused_a2a backends exist
+    from fused_a2a.fp8 import quantize_fp8
+
+    return quantize_fp8(x) if spec.dtype == "fp8" else x
 
 
 def make_inputs(spec: WorkloadSpec, rank: int) -> Inputs:

@@ -146,3 +146,34 @@ def check_case(case: Case, rank: int, world_size: int, device: torch.device, dis
     (ref_out * g).sum().backward()
     assert_close(x.grad, ref_x.grad, spec.torch_dtype, f"{case}: grad x on rank {rank}")
     assert_close(weights.grad, ref_w.grad, spec.torch_dtype, f"{case}: grad topk_weights on rank {rank}")
+
+
+def check_fp8_case(case: Case, rank: int, world_size: int, device: torch.device, dispatch_fn, combine_fn) -> None:
+    """FP8 dispatch (forward only): received pairs bit-exact, then bf16 combine of the dequantised rows.
+
+    ``dispatch_fn((x_fp8, scales), topk_idx, topk_weights, num_experts)`` returns the 5-tuple with
+    ``recv_x`` a pair; ``combine_fn(y, handle)`` returns ``[N, H]`` bf16.
+    """
+    from fused_a2a.fp8 import dequantize_fp8, quantize_fp8
+
+    spec = case.spec
+    all_inputs = [case.inputs(r, world_size) for r in range(world_size)]
+    pairs = [quantize_fp8(i.x) for i in all_inputs]
+    mine = all_inputs[rank]
+    x_fp8, scales = pairs[rank]
+    recv, recv_idx, recv_weights, _, handle = dispatch_fn(
+        (x_fp8.to(device), scales.to(device)), mine.topk_idx.to(device), mine.topk_weights.to(device), spec.num_experts
+    )
+    as_bytes = [Inputs(p[0].view(torch.uint8), i.topk_idx, i.topk_weights) for p, i in zip(pairs, all_inputs)]
+    as_scales = [Inputs(p[1], i.topk_idx, i.topk_weights) for p, i in zip(pairs, all_inputs)]
+    exp_bytes, exp_idx, exp_weights, _ = expected_dispatch(as_bytes, rank, spec.num_experts)
+    exp_scales = expected_dispatch(as_scales, rank, spec.num_experts)[0]
+    assert recv[0].dtype == torch.float8_e4m3fn and torch.equal(recv[0].cpu().view(torch.uint8), exp_bytes)
+    assert torch.equal(recv[1].cpu(), exp_scales)
+    assert torch.equal(recv_idx.cpu(), exp_idx) and torch.equal(recv_weights.cpu(), exp_weights)
+
+    rows = dequantize_fp8(*recv).to(torch.bfloat16)
+    out = combine_fn(expert_op(rows, recv_idx, recv_weights, rank), handle)
+    dense = dequantize_fp8(x_fp8, scales).double()
+    expected = dense_output(mine, world_size, spec.num_experts, dense, mine.topk_weights.double())
+    assert_close(out, expected, torch.bfloat16, f"{case}: fp8 combine on rank {rank}")

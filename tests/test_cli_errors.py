@@ -143,3 +143,8 @@ def test_show_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
 def test_speedup_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
     code, err = run_cli(monkeypatch, capsys, "speedup", *args)
     assert_one_line_error(code, err, pattern)
+
+
+def test_sweep_rejects_fp8_with_hidden_not_divisible_by_128(monkeypatch, capsys, tmp_path: Path) -> None:
+    code, err = run_cli(monkeypatch, capsys, "sweep", "--dtype", "fp8", "--hidden", "1000", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "fp8 dispatch needs hidden sizes divisible by 128")

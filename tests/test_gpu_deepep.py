@@ -10,10 +10,11 @@ import pytest
 import torch.distributed as dist
 
 import fused_a2a
+from a2a_bench.workload import WorkloadSpec
 from fused_a2a.backends.deepep import DEEP_EP
 from gpu import BACKEND_CASES as CASES
 from gpu import gpu_group, gpu_ready, real
-from reference import Case, check_case
+from reference import Case, check_case, check_fp8_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,3 +54,15 @@ def test_deepep_matches_reference(group_device, case: Case, call: str) -> None:
 
         combine_fn = fused_a2a.combine
     check_case(case, dist.get_rank(), dist.get_world_size(), group_device, dispatch_fn, combine_fn)
+
+
+FP8_CASES = [Case(WorkloadSpec(num_tokens=n, hidden=7168, topk=8, num_experts=64, dtype="fp8", drop=d, seed=30 + i))
+             for i, (n, d) in enumerate(((128, 0.0), (4096, 0.0), (4096, 0.2)))]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"fp8-n{c.spec.num_tokens}-drop{c.spec.drop}")
+def test_deepep_fp8_dispatch_matches_reference(group_device, case: Case) -> None:
+    def dispatch_fn(x, idx, weights, num_experts):
+        return fused_a2a.dispatch(x, idx, weights, num_experts, backend="deepep", num_sms=24)
+
+    check_fp8_case(case, dist.get_rank(), dist.get_world_size(), group_device, dispatch_fn, fused_a2a.combine)

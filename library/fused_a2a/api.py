@@ -12,6 +12,7 @@ import torch.distributed as dist
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
 from fused_a2a.backends import BACKENDS, make_comm
 from fused_a2a.checks import check_dispatch_inputs
+from fused_a2a.fp8 import is_fp8_pair
 from fused_a2a.tuning.resolve import TuningWarning, best_backend, resolve
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -51,7 +52,9 @@ def dispatch(
     """Send each token to the ranks that hold its experts, with any backend.
 
     Args:
-        x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank.
+        x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank, or an FP8 pair ``(x_fp8 [N, H]
+            float8_e4m3fn, scales [N, H/128] float32)`` (``fused_a2a.fp8.quantize_fp8``; forward
+            only: the pair is not differentiable, ``recv_x`` is a pair too).
         topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert".
         topk_weights: ``[N, K]`` float32 routing weights (differentiable).
         num_experts: total number of experts, divisible by the group size.
@@ -75,12 +78,17 @@ def dispatch(
     """
     world_size = dist.get_world_size(group)
     check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, world_size)
-    shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
+    if is_fp8_pair(x):
+        x = tuple(t.contiguous() for t in x)
+        shape = dict(world_size=world_size, dtype="fp8", hidden=x[0].size(1), num_tokens=x[0].size(0))
+    else:
+        x = x.contiguous()
+        shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
     if backend == "auto":
         backend = best_backend(**shape, topk=topk_idx.size(1), num_experts=num_experts)
     comm = _comm_for(backend, knobs, shape, topk_idx.size(1), num_experts, num_sms_budget)
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
-        x.contiguous(), topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
+        x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )
     return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
 

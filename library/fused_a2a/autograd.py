@@ -14,15 +14,18 @@ from typing import Any, Callable
 import torch
 
 
-def get_hidden_bytes(x: torch.Tensor) -> int:
+def get_hidden_bytes(x) -> int:
     """Bytes of one token row as the buffers size it: ``H * max(element_size, 2)``.
 
     Args:
-        x: ``[N, H]`` tensor.
+        x: ``[N, H]`` tensor, or an FP8 pair ``(x_fp8 [N, H], scales)`` (sized like bf16, as the
+            combine that follows moves bf16).
 
     Returns:
         int: the number of hidden bytes.
     """
+    if isinstance(x, tuple):
+        x = x[0]
     return x.size(1) * max(x.element_size(), 2)
 
 

@@ -23,15 +23,18 @@ def check_dispatch_inputs(
     """Raise ``ValueError`` unless the arguments of a dispatch are consistent.
 
     Args:
-        x: ``[N, H]`` tokens, bf16/fp16/fp32.
+        x: ``[N, H]`` tokens, bf16/fp16/fp32, or an FP8 pair ``(x_fp8 [N, H] float8_e4m3fn,
+            scales [N, H/128] float32)``.
         topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert".
         topk_weights: ``[N, K]`` float32 routing weights, or ``None``.
         num_experts: total number of experts across the group.
         group_size: number of ranks in the expert-parallel group.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+    if isinstance(x, tuple):
+        x = _check_fp8_pair(x)
+    elif not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [num_tokens, hidden], got shape {_shape(x)}")
-    if x.dtype not in HIDDEN_DTYPES:
+    elif x.dtype not in HIDDEN_DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
         raise ValueError(f"topk_idx must be a 2-D tensor [num_tokens, topk], got shape {_shape(topk_idx)}")
@@ -73,6 +76,19 @@ def check_combine_input(x: torch.Tensor, num_recv_tokens: int) -> None:
         raise ValueError(
             f"combine input has {x.size(0)} rows but its handle received {num_recv_tokens} tokens"
         )
+
+
+def _check_fp8_pair(x: tuple) -> torch.Tensor:
+    """The FP8 tensor of a valid ``(x_fp8, scales)`` pair; ``ValueError`` otherwise."""
+    if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
+        raise ValueError("an FP8 x must be a pair (x_fp8 [N, H] float8_e4m3fn, scales [N, H/128] float32)")
+    x_fp8, scales = x
+    if x_fp8.dim() != 2 or x_fp8.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"x_fp8 must be a 2-D float8_e4m3fn tensor, got {x_fp8.dtype} of shape {_shape(x_fp8)}")
+    n, h = x_fp8.shape
+    if h % 128 or scales.dtype != torch.float32 or tuple(scales.shape) != (n, h // 128):
+        raise ValueError(f"scales must be float32 [{n}, {h} / 128] for x_fp8 [{n}, {h}], got {scales.dtype} {_shape(scales)}")
+    return x_fp8
 
 
 def _shape(obj: object) -> object:

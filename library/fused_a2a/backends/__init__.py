@@ -30,6 +30,7 @@ TORCH = BackendSpec(
         ),
     ),
     make_comm=_torch_comm,
+    dtypes=("bf16", "fp16", "fp32", "fp8"),
 )
 
 DEEPEP = BackendSpec(
@@ -38,7 +39,7 @@ DEEPEP = BackendSpec(
     make_comm=deepep.make_deepep_comm,
     unavailable=deepep.unavailable,
     invalid=deepep.invalid_knobs,
-    dtypes=("bf16",),
+    dtypes=("bf16", "fp8"),
 )
 
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (TORCH, DEEPEP, uccl.uccl_backend_spec())}

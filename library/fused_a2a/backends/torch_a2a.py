@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs, check_topk_range
+from fused_a2a.fp8 import is_fp8_pair
 
 IMPLS = ("all_to_all", "p2p")
 
@@ -135,7 +136,8 @@ class TorchBuffer:
         """Send each token to the ranks that hold its experts.
 
         Args:
-            x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank.
+            x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank, or an FP8 pair
+                ``(x_fp8 [N, H] float8_e4m3fn, scales [N, H/128] float32)``.
             handle: a handle from an earlier dispatch: repeat that layout ("cached" dispatch).
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: the layout from
                 :meth:`get_dispatch_layout` (computed here when omitted).
@@ -147,7 +149,8 @@ class TorchBuffer:
             config: :class:`TorchConfig`; default ``TorchConfig()``.
 
         Returns:
-            recv_x: ``[R, H]`` received tokens, ordered by source rank then source token.
+            recv_x: ``[R, H]`` received tokens, ordered by source rank then source token (an FP8
+                pair in, an FP8 pair out).
             recv_topk_idx: ``[R, K]`` int64 local expert ids, ``-1`` for experts elsewhere
                 (``None`` for a cached dispatch).
             recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is elsewhere (``None`` if cached).
@@ -157,7 +160,7 @@ class TorchBuffer:
         """
         config = config or TorchConfig()
         if handle is not None:
-            recv_x = self._exchange(x[handle.send_token_idx], handle.send_counts, handle.recv_counts, config)
+            recv_x = self._exchange_tokens(x, handle.send_token_idx, handle.send_counts, handle.recv_counts, config)
             return recv_x, None, None, None, None, None
 
         if topk_idx is None or topk_weights is None:
@@ -181,7 +184,7 @@ class TorchBuffer:
         send_local_idx = torch.where(is_local, local_idx, -1)
         send_weights = torch.where(is_local, topk_weights[send_token_idx], 0.0)
 
-        recv_x = self._exchange(x[send_token_idx], send_list, recv_list, config)
+        recv_x = self._exchange_tokens(x, send_token_idx, send_list, recv_list, config)
         recv_topk_idx = self._exchange(send_local_idx, send_list, recv_list, config)
         recv_topk_weights = self._exchange(send_weights, send_list, recv_list, config)
 
@@ -192,7 +195,7 @@ class TorchBuffer:
             send_token_idx=send_token_idx,
             send_counts=send_list,
             recv_counts=recv_list,
-            num_tokens=x.size(0),
+            num_tokens=topk_idx.size(0),
             is_token_in_rank=is_token_in_rank,
         )
         return recv_x, recv_topk_idx, recv_topk_weights, counts.tolist(), handle, None
@@ -241,6 +244,14 @@ class TorchBuffer:
 
     def destroy(self) -> None:
         """Release nothing: the torch backend holds no buffers of its own."""
+
+    def _exchange_tokens(self, x, token_idx: torch.Tensor, send_counts, recv_counts, config: TorchConfig):
+        """Send the rows ``token_idx`` of ``x`` (a tensor or an FP8 pair) and return the received rows."""
+        if not is_fp8_pair(x):
+            return self._exchange(x[token_idx], send_counts, recv_counts, config)
+        x_fp8, scales = x
+        recv_bytes = self._exchange(x_fp8.view(torch.uint8)[token_idx], send_counts, recv_counts, config)
+        return recv_bytes.view(torch.float8_e4m3fn), self._exchange(scales[token_idx], send_counts, recv_counts, config)
 
     def _exchange(
         self,
