@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +12,7 @@ from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
 from fused_a2a.backends import BACKENDS, make_comm
 from fused_a2a.checks import check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
-from fused_a2a.tuning.resolve import TuningWarning, best_backend, resolve
+from fused_a2a.tuning.resolve import best_backend, tuned_comm
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -86,30 +85,15 @@ def dispatch(
         shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
     if backend == "auto":
         backend = best_backend(**shape, topk=topk_idx.size(1), num_experts=num_experts)
-    comm = _comm_for(backend, knobs, shape, topk_idx.size(1), num_experts, num_sms_budget)
+    if backend in BACKENDS and set(knobs) == {k.name for k in BACKENDS[backend].knobs}:
+        comm = make_comm(backend, knobs, num_ranks=world_size)
+    else:
+        comm = tuned_comm(backend, **shape, explicit=knobs, topk=topk_idx.size(1), num_experts=num_experts,
+                          num_sms_budget=num_sms_budget)
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
         x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )
     return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
-
-
-def _comm_for(backend: str, knobs: dict[str, Any], shape: dict[str, Any], topk: int, num_experts: int,
-              num_sms_budget: int | None) -> Comm:
-    """The backend with its knobs resolved; a table entry the backend rejects is dropped with a warning."""
-    num_ranks = shape["world_size"]
-    if backend not in BACKENDS or set(knobs) == {k.name for k in BACKENDS[backend].knobs}:
-        return make_comm(backend, knobs, num_ranks=num_ranks)
-    context = dict(explicit=knobs, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget)
-    resolution = resolve(backend, **shape, **context)
-    try:
-        return make_comm(backend, resolution.dispatch, resolution.combine, num_ranks)
-    except (ValueError, RuntimeError) as exc:
-        if "table" not in resolution.sources.values():
-            raise
-        warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
-                      "using the defaults", TuningWarning, stacklevel=3)
-    resolution = resolve(backend, **shape, **context, use_table=False)
-    return make_comm(backend, resolution.dispatch, resolution.combine, num_ranks)
 
 
 def combine(

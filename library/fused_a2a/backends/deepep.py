@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,22 +421,11 @@ def _tuned_comm(
     dropped with a :class:`~fused_a2a.tuning.resolve.TuningWarning`."""
     # both import fused_a2a.backends, which imports this module
     from fused_a2a.api import DTYPE_NAMES
-    from fused_a2a.tuning.resolve import TuningWarning, resolve
+    from fused_a2a.tuning.resolve import tuned_comm
 
-    size = _group_or_world(group).size()
     explicit = _explicit_knobs() if num_sms is None else {"num_sms": num_sms}
-    shape = dict(dtype=DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), hidden=hidden, num_tokens=num_tokens,
-                 explicit=explicit, topk=topk, num_experts=num_experts)
-    resolution = resolve("deepep", size, **shape)
-    try:
-        return make_deepep_comm(resolution.dispatch, resolution.combine, size)
-    except ValueError as exc:
-        if "table" not in resolution.sources.values():
-            raise
-        warnings.warn(f"fused_a2a: deepep rejected the knobs of tuning table {resolution.table_path} ({exc}); "
-                      "using the defaults", TuningWarning, stacklevel=4)
-    resolution = resolve("deepep", size, **shape, use_table=False)
-    return make_deepep_comm(resolution.dispatch, resolution.combine, size)
+    return tuned_comm("deepep", _group_or_world(group).size(), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
+                      hidden, num_tokens, explicit, topk=topk, num_experts=num_experts)
 
 
 def handle_layout(handle: tuple) -> tuple[int, int]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fused_a2a.backends import BACKENDS, Knob, get_backend
+from fused_a2a.autograd import Comm
+from fused_a2a.backends import BACKENDS, Knob, get_backend, make_comm
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.tuning.table import TuningEntry, TuningFileError, TuningTable, best_within_budget, lookup, read_table
 
@@ -189,6 +190,36 @@ def resolve(
     resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry)
     _log_once(resolution, (world_size, dtype, hidden, topk, num_experts))
     return resolution
+
+
+def tuned_comm(
+    backend: str,
+    world_size: int,
+    dtype: str,
+    hidden: int,
+    num_tokens: int,
+    explicit: dict[str, Any],
+    topk: int | None = None,
+    num_experts: int | None = None,
+    num_sms_budget: int | None = None,
+) -> Comm:
+    """The backend's :class:`~fused_a2a.autograd.Comm` with its knobs resolved (:func:`resolve`).
+
+    A table entry the installed backend rejects (its ``make_comm`` raises) is dropped with one
+    :class:`TuningWarning` and the knobs are resolved again without the table; a rejection of knobs
+    that did not come from the table is raised.
+    """
+    context = dict(explicit=explicit, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget)
+    resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context)
+    try:
+        return make_comm(backend, resolution.dispatch, resolution.combine, world_size)
+    except (ValueError, RuntimeError) as exc:
+        if "table" not in resolution.sources.values():
+            raise
+        warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
+                      "using the defaults", TuningWarning, stacklevel=3)
+    resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context, use_table=False)
+    return make_comm(backend, resolution.dispatch, resolution.combine, world_size)
 
 
 def _budget_from_env() -> int | None:
