@@ -15,23 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from a2a_bench.workload import WorkloadSpec
-from reference import Case, check_case
+from reference import BF16_CASES, check_case
 
 FAKES = (str(Path(__file__).parent / "fakes"),)
-
-# bf16 only (DeepEP's combine is bf16-only); every hidden size gives 16-byte rows
-BF16_CASES = [
-    Case(WorkloadSpec(num_tokens=48, hidden=32, topk=4, num_experts=16, dtype="bf16", seed=1)),
-    Case(WorkloadSpec(num_tokens=40, hidden=64, topk=2, num_experts=8, dtype="bf16", seed=2)),
-    Case(WorkloadSpec(num_tokens=32, hidden=16, topk=3, num_experts=8, dtype="bf16", drop=0.3, seed=3)),
-    Case(WorkloadSpec(num_tokens=36, hidden=24, topk=4, num_experts=16, dtype="bf16", routing="zipf", skew=1.5, seed=4)),
-    Case(WorkloadSpec(num_tokens=36, hidden=24, topk=2, num_experts=8, dtype="bf16", routing="hot", skew=0.9, seed=5)),
-    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="bf16", seed=6), edit="silent0"),
-    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="bf16", seed=7), edit="empty0"),
-    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="bf16", seed=8), edit="deaf_last"),
-]
-
 CPU = torch.device("cpu")
 
 
