@@ -44,13 +44,12 @@ def backend_versions() -> dict[str, str | None]:
 
 def backend_status() -> list[tuple[str, bool, str]]:
     """``(backend, available, version or reason)`` for every registered backend and HybridEP."""
+    versions = backend_versions()
+    library = {"torch": "torch", "deepep": "deep_ep", "uccl": "uccl"}
     rows = []
     for name, spec in BACKENDS.items():
         reason = spec.unavailable()
-        rows.append((name, reason is None, torch.__version__ if name == "torch" else (reason or "available")))
-    for name, module in (("deepep (deep_ep)", DEEP_EP), ("uccl (uccl.ep)", UCCL_EP)):
-        if name.split()[0] not in BACKENDS:
-            rows.append((name, module.available, _version(module.name) if module.available else str(module.reason)))
+        rows.append((name, reason is None, reason or versions.get(library.get(name, name)) or "available"))
     rows.append(("hybridep (deep_ep.HybridEPBuffer)", HAVE_HYBRIDEP,
                  "available" if HAVE_HYBRIDEP else (DEEP_EP.reason or "deep_ep built without HybridEP")))
     return rows

@@ -65,16 +65,6 @@ def read_results(path: Path) -> pd.DataFrame:
     return frame
 
 
-def done_point_ids(path: Path) -> set[str]:
-    """Point ids already recorded in ``path`` (empty if the file does not exist)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return set()
-    try:
-        return set(read_results(path)["point_id"].astype(str))
-    except ResultsError:
-        return set()
-
-
 def _drop_torn_tail(path: Path) -> None:
     if not path.exists():
         return

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from a2a_bench.results import RESULTS_FILE, append_row, done_point_ids
+from a2a_bench.results import RESULTS_FILE, ResultsError, append_row, read_results
 from fused_a2a.files import atomic_write_text
 
 IN_FLIGHT_FILE = "in_flight.json"
@@ -40,9 +40,12 @@ class RunFolder:
         self._current: InFlight | None = None
         self._recorded: set[str] = set()
 
-    def done(self) -> set[str]:
-        """Point ids with a row already."""
-        return done_point_ids(self.results)
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows already recorded (none when ``results.csv`` is missing or holds no row)."""
+        try:
+            return read_results(self.results).to_dict("records")
+        except ResultsError:
+            return []
 
     def in_flight(self) -> InFlight | None:
         """The point left in flight by a previous process, if any (unreadable marker: ``None``)."""

@@ -113,11 +113,11 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     for name, stats in timings.items():
         row.update(stats.as_columns(f"{name}_us"))
 
-    recv_counts = _recv_counts(topk_idx, w.num_experts, group)
+    rows_in, rows_crossed = received_bytes(_recv_counts(topk_idx, w.num_experts, group), rank, row_bytes=1)
+    rows_in, rows_crossed = mean_over_ranks(rows_in, device, group), mean_over_ranks(rows_crossed, device, group)
+    row["recv_tokens"] = round(rows_in, 1)
     for op, row_bytes in (("dispatch", _row_bytes(x)), ("combine", _row_bytes(recv_rows))):
-        total, crossed = received_bytes(recv_counts, rank, row_bytes)
-        total, crossed = mean_over_ranks(total, device, group), mean_over_ranks(crossed, device, group)
-        row["recv_tokens"] = round(total / row_bytes, 1)
+        total, crossed = rows_in * row_bytes, rows_crossed * row_bytes
         median = timings[f"{op}_kernel"].median
         row[f"{op}_algbw_gbps"] = round(gbps(total, median), 2)
         row[f"{op}_xbw_gbps"] = round(gbps(crossed, median), 2)

@@ -211,9 +211,7 @@ def _cost(row: dict) -> float:
 
 def _plan(folder: RunFolder, points: list[Point]):
     """Rank 0's plan: the cost of each point with a row, attempt numbers, and the points given up."""
-    known = {}
-    if folder.results.exists() and folder.done():
-        known = {str(r["point_id"]): _cost(r) for r in read_results(folder.results).to_dict("records")}
+    known = {str(r["point_id"]): _cost(r) for r in folder.rows()}
     left = folder.in_flight()
     attempts, given_up = {}, []
     if left is not None and left.point_id not in known:
