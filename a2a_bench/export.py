@@ -96,7 +96,7 @@ def sglang_config(entry: TuningEntry, num_ranks: int) -> dict[str, dict[str, int
     """SGLang's ``--deepep-config``: ``{"normal_dispatch": {Config kwargs}, "normal_combine": {...}}``.
 
     A chunk knob of ``0`` (or a missing knob) becomes DeepEP's default for ``num_ranks`` and the
-    operation (:func:`fused_a2a.backends.deepep.configs_from_knobs`); both sections have the same
+    operation (:func:`fused_a2a.backends.deepep.configs`); both sections have the same
     ``num_sms``, as SGLang asserts.
 
     Args:
@@ -113,7 +113,7 @@ def sglang_config(entry: TuningEntry, num_ranks: int) -> dict[str, dict[str, int
         raise ValueError(f"SGLang's --deepep-config holds DeepEP configs; this entry is for {entry.backend!r}")
     defaults = {knob.name: knob.default for knob in deepep.KNOBS}
     try:
-        dispatch, combine = deepep.configs_from_knobs({**defaults, **entry.dispatch}, {**defaults, **entry.combine}, num_ranks)
+        dispatch, combine = deepep.configs({**defaults, **entry.dispatch}, {**defaults, **entry.combine}, num_ranks)
     except ValueError as err:
         raise ValueError(f"deepep entry ({describe(entry)}): {err}") from None
     return {

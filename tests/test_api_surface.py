@@ -36,7 +36,16 @@ def test_every_seed_name_is_exported() -> None:
     ],
 )
 def test_seed_signatures(fn, params) -> None:
-    assert list(inspect.signature(fn).parameters) == params
+    """The seed's parameters, in its order; Megatron-LM's extra HybridEP arguments are keyword-only."""
+    parameters = inspect.signature(fn).parameters.values()
+    assert [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY] == params
+
+
+def test_megatron_hybridep_keywords_are_accepted() -> None:
+    extra = {p.name for p in inspect.signature(fused_a2a.hybrid_ep_dispatch).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert extra == {"num_blocks_permute", "num_blocks_unpermute", "fused", "num_sms_preprocessing_api"}
+    assert "fused" in inspect.signature(fused_a2a.hybrid_ep_combine).parameters
 
 
 def test_hidden_bytes_counts_at_least_two_bytes_per_element() -> None:

@@ -22,15 +22,8 @@ from a2a_bench.runner import skip_reason
 from a2a_bench.spec import Point
 from a2a_bench.workload import WorkloadSpec
 from fused_a2a.backends import BACKENDS
-from fused_a2a.backends.deepep import (
-    DEFAULT_COMBINE,
-    DEFAULT_DISPATCH,
-    DeepEPConfig,
-    default_configs,
-    invalid_knobs,
-    make_deepep_comm,
-    rank_problem,
-)
+from fused_a2a.backends.chunk_config import ChunkConfig, rank_problem
+from fused_a2a.backends.deepep import DEFAULT_COMBINE, DEFAULT_DISPATCH, configs, invalid_knobs, make_deepep_comm
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, write_table
 from ranks import spawn
 
@@ -40,20 +33,20 @@ FAKE_CLUSTER = "fake-deepep-x2"
 @pytest.mark.parametrize(
     "config, num_ranks, problem",
     [
-        (DeepEPConfig(num_sms=21), 2, "num_sms must be even"),
-        (DeepEPConfig(num_sms=0), 2, "num_sms must be positive, got 0"),
-        (DeepEPConfig(nvl_send=0), 2, "nvl_send must be positive, got 0"),
-        (DeepEPConfig(nvl_send=256, nvl_recv=256), 2, r"nvl_send \(256\) must be smaller than nvl_recv \(256\)"),
-        (DeepEPConfig(nvl_send=300), 8, r"nvl_send \(300\) must be smaller than nvl_recv \(256\)"),
-        (DeepEPConfig(rdma_send=128, rdma_recv=128), 2, r"rdma_send \(128\) must be at most half of rdma_recv rounded up .* \(128\)"),
-        (DeepEPConfig(rdma_send=200, rdma_recv=128), 16, r"rdma_send \(200\) must be at most half .* \(200\)"),
-        (DeepEPConfig(), 3, "DeepEP's intranode kernels run on 2, 4 or 8 ranks, not 3"),
-        (DeepEPConfig(), 1, "run on 2, 4 or 8 ranks, not 1"),
-        (DeepEPConfig(), 12, "12 ranks is not a multiple of 8"),
-        (DeepEPConfig(), 168, "at most 160 ranks"),
+        (ChunkConfig(num_sms=21), 2, "num_sms must be even"),
+        (ChunkConfig(num_sms=0), 2, "num_sms must be positive, got 0"),
+        (ChunkConfig(nvl_send=0), 2, "nvl_send must be positive, got 0"),
+        (ChunkConfig(nvl_send=256, nvl_recv=256), 2, r"nvl_send \(256\) must be smaller than nvl_recv \(256\)"),
+        (ChunkConfig(nvl_send=300), 8, r"nvl_send \(300\) must be smaller than nvl_recv \(256\)"),
+        (ChunkConfig(rdma_send=128, rdma_recv=128), 2, r"rdma_send \(128\) must be at most half of rdma_recv rounded up .* \(128\)"),
+        (ChunkConfig(rdma_send=200, rdma_recv=128), 16, r"rdma_send \(200\) must be at most half .* \(200\)"),
+        (ChunkConfig(), 3, "DeepEP's intranode kernels run on 2, 4 or 8 ranks, not 3"),
+        (ChunkConfig(), 1, "run on 2, 4 or 8 ranks, not 1"),
+        (ChunkConfig(), 12, "12 ranks is not a multiple of 8"),
+        (ChunkConfig(), 168, "at most 160 ranks"),
     ],
 )
-def test_config_problems_follow_deep_eps_asserts(config: DeepEPConfig, num_ranks: int, problem: str) -> None:
+def test_config_problems_follow_deep_eps_asserts(config: ChunkConfig, num_ranks: int, problem: str) -> None:
     found = config.problems(num_ranks)
     assert found is not None and re.search(problem, found), found
 
@@ -61,34 +54,38 @@ def test_config_problems_follow_deep_eps_asserts(config: DeepEPConfig, num_ranks
 @pytest.mark.parametrize(
     "config, num_ranks",
     [
-        (DeepEPConfig(), 2),
-        (DeepEPConfig(num_sms=64, nvl_send=32, nvl_recv=512), 8),
-        (DeepEPConfig(rdma_send=100, rdma_recv=128), 16),  # 128 rounds up to 200: 100 is half of it
-        (DeepEPConfig(num_sms=24, nvl_send=36, nvl_recv=288, rdma_send=20, rdma_recv=128), 16),
+        (ChunkConfig(), 2),
+        (ChunkConfig(num_sms=64, nvl_send=32, nvl_recv=512), 8),
+        (ChunkConfig(rdma_send=100, rdma_recv=128), 16),  # 128 rounds up to 200: 100 is half of it
+        (ChunkConfig(num_sms=24, nvl_send=36, nvl_recv=288, rdma_send=20, rdma_recv=128), 16),
     ],
 )
-def test_valid_configs_have_no_problem(config: DeepEPConfig, num_ranks: int) -> None:
+def test_valid_configs_have_no_problem(config: ChunkConfig, num_ranks: int) -> None:
     assert config.problems(num_ranks) is None
 
 
 def test_internode_combine_rules() -> None:
-    config = DeepEPConfig(nvl_send=40, nvl_recv=288)  # 16 ranks: 2 RDMA ranks, 288 / 2 = 144
+    config = ChunkConfig(nvl_send=40, nvl_recv=288)  # 16 ranks: 2 RDMA ranks, 288 / 2 = 144
     assert config.problems(16, combine=True) is None
     assert "nvl_recv (287) must be a multiple of the 2 RDMA ranks" in replace(config, nvl_recv=287).problems(16, combine=True)
     assert "nvl_send (150) must be at most nvl_recv / RDMA ranks (144)" in replace(config, nvl_send=150).problems(16, combine=True)
     assert replace(config, nvl_send=150).problems(16) is None  # dispatch has no such rule
 
 
+def defaults(num_sms: int = 20) -> dict:
+    return {**BACKENDS["deepep"].defaults(), "num_sms": num_sms}
+
+
 def test_default_configs_are_deep_eps_tables() -> None:
-    dispatch, combine = default_configs(2, 24)
-    assert dispatch == DeepEPConfig(24, 24, 256, 6, 128) and combine == DeepEPConfig(24, 10, 256, 6, 128)
-    assert default_configs(8)[1] == DeepEPConfig(20, 4, 256, 6, 128)
+    dispatch, combine = configs(defaults(24), defaults(24), 2)
+    assert dispatch == ChunkConfig(24, 24, 256, 6, 128) and combine == ChunkConfig(24, 10, 256, 6, 128)
+    assert configs(defaults(), defaults(), 8)[1] == ChunkConfig(20, 4, 256, 6, 128)
     assert set(DEFAULT_DISPATCH) == set(DEFAULT_COMBINE)
     for num_ranks in DEFAULT_DISPATCH:
-        dispatch, combine = default_configs(num_ranks)
+        dispatch, combine = configs(defaults(), defaults(), num_ranks)
         assert dispatch.problems(num_ranks) is None and combine.problems(num_ranks, combine=True) is None
-    with pytest.raises(ValueError, match="DeepEP has no default config for 40 ranks"):
-        default_configs(40)
+    with pytest.raises(ValueError, match="DeepEP has no default dispatch config for 40 ranks"):
+        configs(defaults(), defaults(), 40)
 
 
 def test_invalid_knobs_resolve_zero_per_operation() -> None:
@@ -101,7 +98,7 @@ def test_invalid_knobs_resolve_zero_per_operation() -> None:
     assert invalid_knobs({"nvl_recv": 16}, 2) == "dispatch config: nvl_send (24) must be smaller than nvl_recv (16)"
     assert invalid_knobs({"nvl_recv": 16}, 8) is None  # 8 ranks: defaults 6 and 4
     assert invalid_knobs({}, 3) == "DeepEP's intranode kernels run on 2, 4 or 8 ranks, not 3"
-    assert invalid_knobs({}, 40) == "DeepEP has no default config for 40 ranks (it has 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160); give nvl_send, nvl_recv, rdma_send, rdma_recv"
+    assert invalid_knobs({}, 40) == "DeepEP has no default dispatch config for 40 ranks (it has 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160); give nvl_send, nvl_recv, rdma_send, rdma_recv"
     assert invalid_knobs({"nvl_send": 8, "nvl_recv": 280, "rdma_send": 8, "rdma_recv": 128}, 40) is None  # 280 / 5 RDMA ranks
     assert "multiple of the 5 RDMA ranks" in invalid_knobs({"nvl_send": 8, "nvl_recv": 256, "rdma_send": 8, "rdma_recv": 128}, 40)
     assert invalid_knobs({"num_sms": 7}, 2).startswith("num_sms must be an even int >= 2")

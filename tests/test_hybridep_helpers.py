@@ -1,4 +1,4 @@
-"""HybridEP helpers: top-k → dense routing map, chunk variables, and when the buffer is re-created."""
+"""HybridEP backend helpers (pure, no GPU): routing maps, knobs, limits, ascending top-k, and buffer lives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fused_a2a.backends import hybridep
+from fused_a2a.backends.base import Shape
 from fused_a2a.backends.optional import OptionalModule
 
 CHUNK_VARS = tuple(hybridep.CHUNK_ENV_VARS.values())
@@ -63,17 +64,72 @@ def test_routing_map_rejects_bad_inputs(idx, weights, num_experts, problem) -> N
         hybridep.topk_to_routing_map(idx, weights, num_experts)
 
 
-def test_knobs_and_chunk_variables() -> None:
-    assert [k.name for k in hybridep.HYBRIDEP_KNOBS] == [
-        "num_sms_dispatch_api", "num_sms_combine_api", "tokens_per_chunk_dispatch", "tokens_per_chunk_combine",
+def test_knobs_defaults_and_checks() -> None:
+    spec = hybridep.SPEC
+    assert [k.name for k in spec.knobs] == [
+        "num_sms_dispatch_api", "num_sms_combine_api", "num_sms_preprocessing_api", "num_blocks_permute",
+        "num_blocks_unpermute", "tokens_per_chunk_dispatch", "tokens_per_chunk_combine", "fused",
     ]
-    for knob in hybridep.HYBRIDEP_KNOBS:
+    assert spec.defaults()["num_sms_dispatch_api"] == 24 and spec.defaults()["num_sms_preprocessing_api"] == 108
+    for knob in spec.knobs:
         assert knob.check(knob.default) is None and all(knob.check(v) is None for v in knob.choices)
-        assert knob.check(-1) is not None
-    assert hybridep.chunk_env({"tokens_per_chunk_dispatch": 128, "tokens_per_chunk_combine": 0}) == {
-        "NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API": "128"
-    }
-    assert hybridep.chunk_env({}) == {}
+    assert spec.knob("num_sms_dispatch_api").check(0) and spec.knob("num_blocks_permute").check(-1)
+    assert "multiple of 16" in spec.knob("tokens_per_chunk_dispatch").check(40)
+    assert spec.knob("fused").check(1) and spec.sms_knobs == ("num_sms_dispatch_api", "num_sms_combine_api")
+    assert spec.dtypes == ("bf16",) and not spec.keeps_topk_slots
+
+
+def test_settings_take_each_side_from_its_knobs() -> None:
+    dispatch = {**hybridep.SPEC.defaults(), "num_sms_dispatch_api": 16, "tokens_per_chunk_dispatch": 128,
+                "num_blocks_permute": 64}
+    combine = {**hybridep.SPEC.defaults(), "num_sms_combine_api": 32, "num_blocks_unpermute": 0}
+    settings = hybridep.Settings.from_knobs(dispatch, combine)
+    assert (settings.sms_dispatch, settings.sms_combine, settings.blocks_permute, settings.blocks_unpermute) == (16, 32, 64, None)
+    assert settings.environment() == {"NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API": "128"}
+    assert settings.constructor_kwargs() == dict(num_sms_dispatch_api=16, num_sms_combine_api=32,
+                                                 num_sms_preprocessing_api=108, num_blocks_permute=64)
+
+
+@pytest.mark.parametrize(
+    "shape, problem",
+    [
+        (Shape(2, (7, 7), 1024, 8, 16), r"tokens per rank x ranks per NVLink domain divisible by 4 .*: 7 x 2 = 14"),
+        (Shape(2, (513, 0), 1024, 8, 16), "at least 1 token on every rank"),
+        (Shape(2, (512, 256), 1024, 8, 16), "the same number of tokens on every rank .* got 512, 256"),
+        (Shape(1, (6,), 1024, 8, 16), r"6 x 1 = 6"),
+        (Shape(2, (8, 8), 1000, 8, 16), "hidden size divisible by 16"),
+        (Shape(2, (8, 8), 1024, 8, 6), r"local experts x ranks per NVLink domain divisible by 4: 3 x 2 = 6"),
+        (Shape(2, (8, 8), 1024, 8, 16, "fp16"), "bf16 tokens"),
+        (Shape(4, (8,), 1024, 8, 16, "bf16", 3), "whole NVLink domains"),
+    ],
+)
+def test_shape_problems_name_the_rule(shape: Shape, problem: str) -> None:
+    import re
+
+    found = hybridep.shape_problem(shape)
+    assert found is not None and re.search(problem, found), found
+
+
+@pytest.mark.parametrize("shape", [Shape(2, (8, 8), 7168, 8, 64), Shape(2, (4096, 4096), 2048, 2, 16),
+                                   Shape(8, (7,), 1024, 8, 64), Shape(1, (128,), 512, 2, 4)])
+def test_shapes_hybridep_takes(shape: Shape) -> None:
+    assert hybridep.shape_problem(shape) is None
+
+
+def test_fused_needs_equal_chunks() -> None:
+    assert hybridep.invalid_knobs({}, 2) is None
+    problem = hybridep.invalid_knobs({"fused": True, "tokens_per_chunk_dispatch": 128}, 2)
+    assert problem == "a fused permute needs equal chunk sizes, got dispatch 128 and combine 64"
+
+
+def test_ascending_topk_lists_local_experts_then_minus_one() -> None:
+    local_map = torch.tensor([[True, False, True, False], [False, False, False, False], [True, True, True, True]])
+    probs = torch.tensor([[0.1, 0.9, 0.3, 0.9], [0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    ids, weights = hybridep.ascending_topk(local_map, probs, 2)
+    assert ids.tolist() == [[0, 2], [-1, -1], [0, 1]]
+    assert torch.equal(weights, torch.tensor([[0.1, 0.3], [0.0, 0.0], [0.1, 0.2]]))
+    wide_ids, _ = hybridep.ascending_topk(local_map[:, :1], probs[:, :1], 3)
+    assert wide_ids.tolist() == [[0, -1, -1], [-1, -1, -1], [0, -1, -1]]
 
 
 class StandInBuffer:
@@ -88,10 +144,6 @@ class StandInBuffer:
         self.env = {var: os.environ.get(var) for var in CHUNK_VARS}
         StandInBuffer.created.append(self)
 
-    def dispatch_with_permute(self, *, hidden, routing_map=None, probs=None, num_of_experts_per_rank=None, handle=None, **_):
-        tokens = torch.tensor([hidden.size(0)] * num_of_experts_per_rank)
-        return hidden * 1, probs[routing_map], None, tokens, ("handle", self)
-
 
 @pytest.fixture
 def stand_in(monkeypatch):
@@ -99,67 +151,72 @@ def stand_in(monkeypatch):
     StandInBuffer.created = []
     module = types.SimpleNamespace(HybridEPBuffer=StandInBuffer)
     monkeypatch.setattr(hybridep, "HYBRID_EP", OptionalModule("deep_ep", "", module, None))
+    monkeypatch.setattr(hybridep, "HAVE_HYBRIDEP", True)
     for var in CHUNK_VARS:
         monkeypatch.delenv(var, raising=False)
-    hybridep.reset_hybrid_ep_buffer()
+    hybridep.free_buffers()
     yield StandInBuffer.created
-    hybridep.reset_hybrid_ep_buffer()
+    hybridep.free_buffers()
+
+
+SETTINGS = hybridep.Settings()
 
 
 def test_buffer_is_kept_while_nothing_changes(stand_in) -> None:
     group = object()
-    first = hybridep.ensure_hybrid_ep_buffer(group, 1024, 512, 4, {})
+    first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
     assert first.kwargs == dict(group=group, hidden_dim=1024, max_num_of_tokens_per_rank=512, num_local_experts=4,
-                                use_fp8=False, num_sms_dispatch_api=24, num_sms_combine_api=24)
-    assert hybridep.ensure_hybrid_ep_buffer(group, 1024, 4096, 4, {"num_sms_dispatch_api": 24}) is first
+                                use_fp8=False, num_sms_dispatch_api=24, num_sms_combine_api=24,
+                                num_sms_preprocessing_api=108)
+    assert hybridep.ensure_buffer(group, 1024, 4, 4096, SETTINGS) is first  # HybridEP grows its own capacity
     assert len(stand_in) == 1
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        dict(knobs={"num_sms_dispatch_api": 32}),
-        dict(knobs={"num_sms_combine_api": 16}),
-        dict(hidden_dim=2048),
+        dict(settings=hybridep.Settings(sms_dispatch=32)),
+        dict(settings=hybridep.Settings(sms_combine=16)),
+        dict(settings=hybridep.Settings(chunk_combine=128)),
+        dict(hidden=2048),
         dict(num_local_experts=8),
         dict(group=object()),
     ],
 )
 def test_buffer_is_recreated_when_what_shapes_it_changes(stand_in, change) -> None:
-    args = dict(group=object(), hidden_dim=1024, seq_len=512, num_local_experts=4, knobs={})
-    first = hybridep.ensure_hybrid_ep_buffer(**args)
-    second = hybridep.ensure_hybrid_ep_buffer(**{**args, **change})
+    args = dict(group=object(), hidden=1024, num_local_experts=4, num_tokens=512, settings=SETTINGS)
+    first = hybridep.ensure_buffer(**args)
+    second = hybridep.ensure_buffer(**{**args, **change})
     assert second is not first and len(stand_in) == 2
-    assert hybridep.ensure_hybrid_ep_buffer(**{**args, **change}) is second
+    assert hybridep.ensure_buffer(**{**args, **change}) is second
 
 
-def test_chunk_knobs_set_their_variables_before_the_buffer_is_built(stand_in, monkeypatch) -> None:
+def test_a_handle_keeps_the_buffer_that_made_it(stand_in) -> None:
+    import gc
+    import weakref
+
+    group = object()
+    first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
+    handle = (torch.zeros(1),)
+    hybridep.remember_buffer(handle, first)
+    alive = weakref.ref(first)
+    del first
+    stand_in.clear()  # the recording list would keep it alive too
+    second = hybridep.ensure_buffer(group, 1024, 4, 512, hybridep.Settings(sms_dispatch=8))
+    gc.collect()
+    assert alive() is not None and hybridep.buffer_of(handle) is alive() and alive() is not second
+    del handle
+    gc.collect()
+    assert alive() is None  # the old buffer goes with its last handle
+
+
+def test_chunk_settings_set_their_variables_before_the_buffer_is_built(stand_in) -> None:
     import os
 
     group = object()
-    first = hybridep.ensure_hybrid_ep_buffer(group, 1024, 512, 4, {})
+    first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
     assert first.env == {var: None for var in CHUNK_VARS}
-    second = hybridep.ensure_hybrid_ep_buffer(group, 1024, 512, 4, {"tokens_per_chunk_combine": 128})
-    assert second is not first
+    second = hybridep.ensure_buffer(group, 1024, 4, 512, hybridep.Settings(chunk_combine=128))
     assert second.env == {"NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API": None, "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API": "128"}
     assert os.environ["NUM_OF_TOKENS_PER_CHUNK_COMBINE_API"] == "128"
-    # 0 leaves the variable as it is: same buffer
-    assert hybridep.ensure_hybrid_ep_buffer(group, 1024, 512, 4, {"tokens_per_chunk_combine": 0}) is second
-    monkeypatch.setenv("NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API", "256")  # changed by hand
-    third = hybridep.ensure_hybrid_ep_buffer(group, 1024, 512, 4, {})
-    assert third is not second and third.env["NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API"] == "256"
-    with pytest.raises(ValueError, match="hybridep: tokens_per_chunk_dispatch must be an int >= 0"):
-        hybridep.ensure_hybrid_ep_buffer(group, 1024, 512, 4, {"tokens_per_chunk_dispatch": -64})
-
-
-def test_seed_dispatch_recreates_the_buffer_for_other_sms(stand_in) -> None:
-    group = object()
-    x = torch.randn(6, 16)
-    idx = torch.tensor([[0, 1]] * 6)
-    routing_map, probs = hybridep.topk_to_routing_map(idx, torch.full((6, 2), 0.5), 4)
-    hybridep.init_hybrid_ep_buffer(group, 16, 6, 2, 32, 32, False)
-    hybridep.hybrid_ep_dispatch(x, routing_map, probs, group, 2, 32, 32)
-    assert len(stand_in) == 1  # the buffer init_hybrid_ep_buffer made
-    out = hybridep.hybrid_ep_dispatch(x, routing_map, probs, group, 2)  # the seed's default 24 SMs
-    assert len(stand_in) == 2 and stand_in[-1].kwargs["num_sms_dispatch_api"] == 24
-    assert out[4] == ("handle", stand_in[-1]) and torch.equal(out[3], torch.tensor([6, 6]))
+    assert hybridep.chunk_sizes() == (64, 128)

@@ -70,8 +70,14 @@ def test_explicit_sms_beat_the_budget(table) -> None:
 
 
 @pytest.mark.parametrize("text", ["many", "0", "-8"])
-def test_bad_budget_environment_is_one_clear_error(table, monkeypatch, text) -> None:
+def test_bad_budget_environment_is_ignored_with_one_warning_or_refused_when_strict(table, monkeypatch, text) -> None:
+    from fused_a2a.tuning.resolve import TuningWarning
+
     monkeypatch.setenv("FUSED_A2A_NUM_SMS_BUDGET", text)
+    with pytest.warns(TuningWarning, match="ignoring environment variable FUSED_A2A_NUM_SMS_BUDGET must be a positive integer"):
+        res = call()
+    assert res.dispatch["num_sms"] == 64 and res.sources["num_sms"] == "table"  # no budget applied
+    monkeypatch.setenv("FUSED_A2A_TUNING_STRICT", "1")
     with pytest.raises(ValueError, match="FUSED_A2A_NUM_SMS_BUDGET must be a positive integer"):
         call()
 

@@ -180,6 +180,9 @@ def test_environment_value_takes_the_knob_type(tuning_dir, monkeypatch, fake_bac
     monkeypatch.setenv("FUSED_A2A_FAKE_NUM_SMS", "24")
     assert call(backend="fake").dispatch == {"num_sms": 24}
     monkeypatch.setenv("FUSED_A2A_FAKE_NUM_SMS", "many")
+    with pytest.warns(TuningWarning, match="ignoring environment variable FUSED_A2A_FAKE_NUM_SMS: knob num_sms takes int values"):
+        assert call(backend="fake").sources == {"num_sms": "default"}
+    monkeypatch.setenv("FUSED_A2A_TUNING_STRICT", "1")
     with pytest.raises(ValueError, match="environment variable FUSED_A2A_FAKE_NUM_SMS: knob num_sms takes int values"):
         call(backend="fake")
 

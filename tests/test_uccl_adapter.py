@@ -12,13 +12,13 @@ import logging
 import pytest
 
 import uccl_workers
-from fused_a2a.backends.deepep import DeepEPConfig
+from fused_a2a.backends.chunk_config import ChunkConfig
 from fused_a2a.backends.uccl import (
     KNOBS,
     invalid_knobs,
     make_uccl_comm,
     num_sms_from_env,
-    uccl_backend_spec,
+    SPEC,
     uccl_configs,
 )
 from fused_a2a.backends.uccl_buffer import DEFAULT_COMBINE, DEFAULT_DISPATCH, INTERNODE_ERROR, UCCL_EP
@@ -28,13 +28,13 @@ WORLD = 2
 
 
 def test_default_configs_are_uccls_tables() -> None:
-    knobs = uccl_backend_spec().defaults()
-    assert uccl_configs(knobs, knobs, 2) == (DeepEPConfig(20, 24, 256, 6, 128), DeepEPConfig(20, 10, 256, 6, 128))
-    assert uccl_configs(knobs, knobs, 8)[1] == DeepEPConfig(20, 4, 256, 6, 128)
+    knobs = SPEC.defaults()
+    assert uccl_configs(knobs, knobs, 2) == (ChunkConfig(20, 24, 256, 6, 128), ChunkConfig(20, 10, 256, 6, 128))
+    assert uccl_configs(knobs, knobs, 8)[1] == ChunkConfig(20, 4, 256, 6, 128)
     assert set(DEFAULT_DISPATCH) == set(DEFAULT_COMBINE) and 48 not in DEFAULT_DISPATCH  # UCCL's table, not DeepEP's
     assert DEFAULT_DISPATCH[64] == (20, 288, 28, 128)
     custom = {**knobs, "num_sms": 24, "nvl_send": 8, "rdma_recv": 256}
-    assert uccl_configs(custom, custom, 4) == (DeepEPConfig(24, 8, 256, 6, 256), DeepEPConfig(24, 8, 256, 6, 256))
+    assert uccl_configs(custom, custom, 4) == (ChunkConfig(24, 8, 256, 6, 256), ChunkConfig(24, 8, 256, 6, 256))
 
 
 def test_invalid_knobs_follow_deep_eps_config_rules_and_refuse_internode() -> None:
@@ -48,7 +48,7 @@ def test_invalid_knobs_follow_deep_eps_config_rules_and_refuse_internode() -> No
 
 
 def test_knobs_and_spec() -> None:
-    spec = uccl_backend_spec()
+    spec = SPEC
     assert spec.name == "uccl" and spec.knobs == KNOBS and spec.dtypes == ("bf16",)
     assert spec.defaults() == {"num_sms": 20, "nvl_send": 0, "nvl_recv": 0, "rdma_send": 0, "rdma_recv": 0}
     assert spec.knob("num_sms").check(3) and spec.knob("num_sms").check(24) is None
@@ -58,7 +58,7 @@ def test_knobs_and_spec() -> None:
 
 
 def test_make_comm_checks_knobs_before_needing_uccl() -> None:
-    knobs = uccl_backend_spec().defaults()
+    knobs = SPEC.defaults()
     with pytest.raises(ValueError, match=r"uccl: dispatch and combine must use the same num_sms .* got 20 and 24"):
         make_uccl_comm(knobs, {**knobs, "num_sms": 24}, 2)
     with pytest.raises(ValueError, match=f"uccl: 16 ranks span nodes: {INTERNODE_ERROR}"):
@@ -67,7 +67,7 @@ def test_make_comm_checks_knobs_before_needing_uccl() -> None:
 
 @pytest.mark.skipif(UCCL_EP.available, reason="uccl is installed here")
 def test_spec_says_uccl_is_not_installed() -> None:
-    spec = uccl_backend_spec()
+    spec = SPEC
     assert spec.unavailable().startswith("ModuleNotFoundError")
     with pytest.raises(RuntimeError, match="needs uccl.ep.*pip install uccl"):
         spec.make_comm(spec.defaults(), spec.defaults(), 2)

@@ -57,10 +57,10 @@ def reference_cases(rank: int, world_size: int) -> None:
     """The seed functions (plain and async) and the ``uccl`` backend spec match the dense reference."""
     fused_a2a = _fused_a2a()
     from fused_a2a.backends import BACKENDS
-    from fused_a2a.backends.uccl import free_uccl_buffer, uccl_backend_spec
+    from fused_a2a.backends.uccl import SPEC, free_uccl_buffer
 
     group = dist.group.WORLD
-    BACKENDS["uccl"] = uccl_backend_spec()  # registered in this rank only, as the lead engineer will
+    BACKENDS["uccl"] = SPEC  # registered in this rank only, as the lead engineer will
 
     def tuned_dispatch(x, idx, weights, num_experts):
         return fused_a2a.dispatch(x, idx, weights, num_experts, backend="uccl", num_sms=24, nvl_send=8, nvl_recv=128)
@@ -113,7 +113,7 @@ def buffer_lifecycle(rank: int, world_size: int) -> None:
     ]
 
     # the larger of the two configs' hints, whichever operation it belongs to
-    knobs = uccl.uccl_backend_spec().defaults()
+    knobs = uccl.SPEC.defaults()
     for dispatch_recv, combine_recv in ((512, 128), (128, 1024)):
         comm = uccl.make_uccl_comm({**knobs, "nvl_recv": dispatch_recv}, {**knobs, "nvl_recv": combine_recv}, world_size)
         uccl.free_uccl_buffer()
@@ -248,11 +248,11 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     from uccl import ep
 
     from fused_a2a.backends import BackendSpec
-    from fused_a2a.backends.uccl import free_uccl_buffer, make_uccl_comm, uccl_backend_spec
+    from fused_a2a.backends.uccl import SPEC, free_uccl_buffer, make_uccl_comm
     from fused_a2a.backends.uccl_buffer import EventOverlap, UCCLBuffer
 
     group = dist.group.WORLD
-    spec = uccl_backend_spec()
+    spec = SPEC
     assert isinstance(spec, BackendSpec) and spec.unavailable() is None
     knobs = spec.defaults()
     with pytest.raises(ValueError, match="uccl: dispatch and combine must use the same num_sms"):

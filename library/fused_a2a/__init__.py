@@ -1,14 +1,17 @@
 """fused_a2a: expert-parallel (MoE) dispatch/combine for training frameworks.
 
-The public API of NeMo Automodel's ``fused_a2a`` module (DeepEP, HybridEP and UCCL-EP variants),
-plus a ``torch.distributed`` backend that runs anywhere and a backend-neutral
-:func:`dispatch` / :func:`combine` entry. Optional backends are imported inside ``try``: a missing
+The public API of NeMo Automodel's ``fused_a2a`` module (DeepEP, HybridEP and UCCL-EP variants,
+:mod:`fused_a2a.seed`), plus a ``torch.distributed`` backend that runs anywhere and a backend-neutral
+:func:`dispatch` / :func:`combine` entry over every backend of :mod:`fused_a2a.backends`.
+``fused_a2a.teardown.free_all_buffers()`` releases every buffer before ``destroy_process_group``. Optional backends are imported inside ``try``: a missing
 one sets its ``HAVE_*`` flag to False and its functions raise ``RuntimeError`` naming what to install.
 """
 
+from fused_a2a import teardown
 from fused_a2a.api import DispatchHandle, combine, dispatch
 from fused_a2a.autograd import get_hidden_bytes
-from fused_a2a.backends.deepep import (
+from fused_a2a.backends.torch_a2a import TorchBuffer, TorchConfig, TorchHandle
+from fused_a2a.seed.deepep import (
     HAVE_DEEP_EP,
     FusedCombine,
     FusedDispatch,
@@ -19,7 +22,7 @@ from fused_a2a.backends.deepep import (
     is_nvshmem_available,
     set_deepep_num_sms,
 )
-from fused_a2a.backends.hybridep import (
+from fused_a2a.seed.hybridep import (
     HAVE_HYBRIDEP,
     HybridEPCombine,
     HybridEPDispatch,
@@ -28,8 +31,7 @@ from fused_a2a.backends.hybridep import (
     init_hybrid_ep_buffer,
     reset_hybrid_ep_buffer,
 )
-from fused_a2a.backends.torch_a2a import TorchBuffer, TorchConfig, TorchHandle
-from fused_a2a.backends.uccl import (
+from fused_a2a.seed.uccl import (
     HAVE_UCCL_EP,
     UCCLFusedCombine,
     UCCLFusedDispatch,
@@ -68,6 +70,7 @@ __all__ = [
     "reset_hybrid_ep_buffer",
     "set_deepep_num_sms",
     "set_uccl_num_sms",
+    "teardown",
     "uccl_fused_combine",
     "uccl_fused_dispatch",
 ]

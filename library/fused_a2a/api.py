@@ -9,10 +9,9 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
-from fused_a2a.backends import BACKENDS, make_comm
 from fused_a2a.checks import check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
-from fused_a2a.tuning.resolve import best_backend, tuned_comm
+from fused_a2a.tuning.agreement import agreed_comm
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -46,6 +45,7 @@ def dispatch(
     async_finish: bool = False,
     allocate_on_comm_stream: bool = False,
     num_sms_budget: int | None = None,
+    routing: str | None = None,
     **knobs: Any,
 ):
     """Send each token to the ranks that hold its experts, with any backend.
@@ -64,9 +64,14 @@ def dispatch(
         async_finish, allocate_on_comm_stream: as in DeepEP (no-ops for the torch backend).
         num_sms_budget: most SMs a tuned or default ``num_sms`` may be (default:
             ``$FUSED_A2A_NUM_SMS_BUDGET``); the best measured config within it is used.
+        routing: the routing the model's router produces, as the tuning table keys it
+            (``uniform``, ``zipf:<skew>``, ``hot:<fraction>``; default ``$FUSED_A2A_ROUTING``, else
+            ``uniform``): entries measured with it are preferred.
         **knobs: the backend's knobs (``fused_a2a.backends.BACKENDS[backend].knobs``). A knob not
             given comes from ``FUSED_A2A_<BACKEND>_<KNOB>``, else from this cluster's tuning table,
-            else from the backend's default (``a2a-bench show`` prints the choice).
+            else from the backend's default (``a2a-bench show`` prints the choice). The knobs are
+            agreed by every rank of ``group`` at the first call of a shape (one collective) and
+            cached (:mod:`fused_a2a.tuning.agreement`): every rank runs the same config.
 
     Returns:
         recv_x: ``[R, H]`` received tokens, ordered by source rank then source token.
@@ -74,22 +79,21 @@ def dispatch(
         recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is on another rank.
         tokens_per_expert: ``[E / W]`` int64 CPU tensor, received tokens per local expert.
         handle: a :class:`DispatchHandle` for :func:`combine`.
+
+    Raises:
+        ValueError: inputs of the wrong shape or dtype, a knob the backend rejects, a shape the
+            backend's kernels do not take, or knobs that differ between the ranks.
+        RuntimeError: the backend's library is not installed.
     """
-    world_size = dist.get_world_size(group)
-    check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, world_size)
+    check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, dist.get_world_size(group))
     if is_fp8_pair(x):
         x = tuple(t.contiguous() for t in x)
-        shape = dict(world_size=world_size, dtype="fp8", hidden=x[0].size(1), num_tokens=x[0].size(0))
+        dtype, hidden, num_tokens = "fp8", x[0].size(1), x[0].size(0)
     else:
         x = x.contiguous()
-        shape = dict(world_size=world_size, dtype=DTYPE_NAMES[x.dtype], hidden=x.size(1), num_tokens=x.size(0))
-    if backend == "auto":
-        backend = best_backend(**shape, topk=topk_idx.size(1), num_experts=num_experts)
-    if backend in BACKENDS and set(knobs) == {k.name for k in BACKENDS[backend].knobs}:
-        comm = make_comm(backend, knobs, num_ranks=world_size)
-    else:
-        comm = tuned_comm(backend, **shape, explicit=knobs, topk=topk_idx.size(1), num_experts=num_experts,
-                          num_sms_budget=num_sms_budget)
+        dtype, hidden, num_tokens = DTYPE_NAMES[x.dtype], x.size(1), x.size(0)
+    comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk_idx.size(1), num_experts, knobs,
+                       num_sms_budget, routing).comm
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
         x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )

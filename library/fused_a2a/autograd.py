@@ -59,28 +59,34 @@ def _wait(event, async_finish: bool) -> None:
 def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, group, async_finish, on_comm_stream):
     """Layout + dispatch; saves what the backward needs on ``ctx``.
 
+    A buffer whose ``needs_layout`` is ``False`` routes from top-k itself: it gets ``num_experts``
+    instead of the layout of ``get_dispatch_layout``.
+
     Returns:
         ``(recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle)`` where
         ``tokens_per_expert`` is a CPU int64 tensor with one count per local expert.
     """
     buffer = comm.get_buffer(group, get_hidden_bytes(x))
-    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = (
-        buffer.get_dispatch_layout(
-            topk_idx,
-            num_experts,
-            previous_event=comm.previous_event(async_finish),
-            async_finish=async_finish,
-            allocate_on_comm_stream=on_comm_stream,
+    event = comm.previous_event(async_finish)
+    if getattr(buffer, "needs_layout", True):
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = (
+            buffer.get_dispatch_layout(
+                topk_idx,
+                num_experts,
+                previous_event=event,
+                async_finish=async_finish,
+                allocate_on_comm_stream=on_comm_stream,
+            )
         )
-    )
+        layout = dict(num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                      is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert)
+    else:  # the buffer routes from top-k itself (HybridEP)
+        layout = dict(num_experts=num_experts)
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, after = buffer.dispatch(
         x,
         topk_idx=topk_idx,
         topk_weights=topk_weights,
-        num_tokens_per_rank=num_tokens_per_rank,
-        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
-        is_token_in_rank=is_token_in_rank,
-        num_tokens_per_expert=num_tokens_per_expert,
+        **layout,
         config=comm.dispatch_config,
         previous_event=event,
         async_finish=async_finish,

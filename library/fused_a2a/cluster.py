@@ -7,6 +7,7 @@ variable ``FUSED_A2A_CLUSTER_ID`` overrides it (the other fields are still detec
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,18 @@ import torch
 
 CLUSTER_ID_ENV = "FUSED_A2A_CLUSTER_ID"
 PCIE_PATHS = ("PIX", "PXB", "PHB", "NODE", "SYS")
+# a cluster id names a folder: letters, digits, '.', '_' and '-', never a path
+CLUSTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+logger = logging.getLogger("fused_a2a")
+
+
+def cluster_id_problem(ident: object) -> str | None:
+    """Why ``ident`` cannot be a cluster id (it names a folder, never a path), or ``None``."""
+    if not isinstance(ident, str) or not CLUSTER_ID_RE.match(ident):
+        return (f"cluster id {ident!r} is not a name: use letters, digits, '.', '_' and '-' "
+                "(starting with a letter or digit, at most 128 characters)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,8 @@ def detect_cluster(world_size: int | None = None) -> ClusterInfo:
         that share a GPU do not make more GPUs); nodes: ``world_size // ranks per node`` (at least
         1); the link from
         ``nvidia-smi topo -m``; ``internode`` is not detected (``None``). The id is
-        ``$FUSED_A2A_CLUSTER_ID`` when set, else :func:`cluster_id` of those fields. Cached per
+        ``$FUSED_A2A_CLUSTER_ID`` when set to a valid name (:func:`cluster_id_problem`; an invalid one
+        is ignored with a warning), else :func:`cluster_id` of those fields. Cached per
         ``world_size`` (``detect_cluster.cache_clear()`` forgets it).
     """
     world = world_size or _env_int("WORLD_SIZE")
@@ -128,5 +142,9 @@ def detect_cluster(world_size: int | None = None) -> ClusterInfo:
     gpus_per_node = min(ranks_per_node, visible) if visible else ranks_per_node
     nodes = max(1, (world or ranks_per_node) // ranks_per_node)
     link = _nvidia_smi_link() if gpu else None
-    ident = os.environ.get(CLUSTER_ID_ENV) or cluster_id(gpu, gpus_per_node, nodes, link)
+    ident = os.environ.get(CLUSTER_ID_ENV)
+    if ident and cluster_id_problem(ident):
+        logger.warning("fused_a2a: ignoring %s: %s", CLUSTER_ID_ENV, cluster_id_problem(ident))
+        ident = None
+    ident = ident or cluster_id(gpu, gpus_per_node, nodes, link)
     return ClusterInfo(ident, gpu, gpus_per_node, nodes, link, None)

@@ -1,13 +1,12 @@
-"""Release every backend's process-wide buffer: call before ``destroy_process_group``."""
+"""Release every backend's process-wide buffers: call before ``destroy_process_group``."""
 
 from __future__ import annotations
 
-from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
+from fused_a2a.backends import BACKENDS
 
 
 def free_all_buffers() -> None:
-    """Destroy the DeepEP and UCCL-EP buffers, drop the HybridEP buffer and the torch buffers."""
-    deepep.free_buffer()
-    uccl.free_uccl_buffer()
-    hybridep.reset_hybrid_ep_buffer()
-    torch_a2a.free_torch_buffers()
+    """Run every registered backend's teardown (DeepEP and UCCL-EP destroy their buffers, collectively;
+    HybridEP's is dropped; the torch backend forgets its per-group objects)."""
+    for spec in BACKENDS.values():
+        spec.teardown()

@@ -1,48 +1,21 @@
-"""The backends the backend-neutral entry can drive, and how each turns knobs into a :class:`Comm`."""
+"""The registry of backends: each backend module declares one :class:`BackendSpec` (``SPEC``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fused_a2a.autograd import Comm
-from fused_a2a.backends import deepep, torch_a2a, uccl
-from fused_a2a.backends.base import BackendSpec, Knob, one_of
+from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
+from fused_a2a.backends.base import BackendSpec, Knob, Shape, one_of
+
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (torch_a2a.SPEC, deepep.SPEC, hybridep.SPEC, uccl.SPEC)}
+
+__all__ = ["BACKENDS", "BackendSpec", "Knob", "Shape", "get_backend", "make_comm", "one_of", "register"]
 
 
-def _torch_comm(dispatch: dict[str, Any], combine: dict[str, Any], num_ranks: int | None = None) -> Comm:
-    return Comm(
-        name="torch",
-        get_buffer=torch_a2a.get_torch_buffer,
-        dispatch_config=torch_a2a.TorchConfig(**dispatch),
-        combine_config=torch_a2a.TorchConfig(**combine),
-    )
-
-
-TORCH = BackendSpec(
-    name="torch",
-    knobs=(
-        Knob(
-            "impl",
-            "all_to_all",
-            torch_a2a.IMPLS,
-            "all_to_all: one all_to_all_single per tensor; p2p: batched isend/irecv per peer",
-            check=one_of("impl", torch_a2a.IMPLS),
-        ),
-    ),
-    make_comm=_torch_comm,
-    dtypes=("bf16", "fp16", "fp32", "fp8"),
-)
-
-DEEPEP = BackendSpec(
-    name="deepep",
-    knobs=deepep.KNOBS,
-    make_comm=deepep.make_deepep_comm,
-    unavailable=deepep.unavailable,
-    invalid=deepep.invalid_knobs,
-    dtypes=("bf16", "fp8"),
-)
-
-BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (TORCH, DEEPEP, uccl.uccl_backend_spec())}
+def register(spec: BackendSpec) -> None:
+    """Add (or replace) a backend, e.g. from a plugin module (``$A2A_BENCH_BACKENDS``)."""
+    BACKENDS[spec.name] = spec
 
 
 def get_backend(name: str) -> BackendSpec:
@@ -50,6 +23,16 @@ def get_backend(name: str) -> BackendSpec:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return BACKENDS[name]
+
+
+def check_knobs(name: str, knobs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` (naming the backend) for an unknown knob or a value its check rejects."""
+    spec = get_backend(name)
+    for knob_name, value in knobs.items():
+        try:
+            spec.knob(knob_name).validate(value)
+        except ValueError as err:
+            raise ValueError(f"backend {name!r}: {err}") from None
 
 
 def make_comm(name: str, knobs: dict[str, Any], combine_knobs: dict[str, Any] | None = None,
@@ -64,10 +47,8 @@ def make_comm(name: str, knobs: dict[str, Any], combine_knobs: dict[str, Any] | 
     """
     spec = get_backend(name)
     combine_knobs = knobs if combine_knobs is None else combine_knobs
-    for knob_name, value in [*knobs.items(), *combine_knobs.items()]:
-        problem = spec.knob(knob_name).check(value)
-        if problem is not None:
-            raise ValueError(f"backend {name!r}: {problem}")
+    check_knobs(name, knobs)
+    check_knobs(name, combine_knobs)
     reason = spec.unavailable()
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")

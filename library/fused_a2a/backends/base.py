@@ -1,4 +1,10 @@
-"""What every backend declares: its knobs (with their checks) and how to build its :class:`Comm`."""
+"""What every backend declares: its knobs (with their checks), whether it is installed, how to open
+a session (a :class:`~fused_a2a.autograd.Comm`), its limits, its teardown and its library build.
+
+A backend module builds one :class:`BackendSpec` and imports nothing above this layer (not
+``fused_a2a.api``, ``fused_a2a.tuning``, the seed functions or another backend): the registry in
+:mod:`fused_a2a.backends` lists the specs, knob resolution and the public functions sit above.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +33,11 @@ class Knob:
     check: Callable[[Any], str | None] = field(default=lambda value: None)
 
     def parse(self, text: str) -> Any:
-        """Convert a command-line word to this knob's type (that of its default)."""
+        """Convert a command-line word to this knob's type (that of its default).
+
+        Raises:
+            ValueError: the word does not convert (the message names the knob).
+        """
         kind = type(self.default)
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
@@ -38,28 +48,85 @@ class Knob:
         except ValueError:
             raise ValueError(f"knob {self.name} takes {kind.__name__} values, got {text!r}") from None
 
+    def validate(self, value: Any) -> Any:
+        """``value`` if it is of this knob's type and passes :attr:`check`; ``ValueError`` otherwise."""
+        kind = type(self.default)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ValueError(f"knob {self.name} takes {kind.__name__} values, got {value!r}")
+        problem = self.check(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The shape of one dispatch as a backend's limits see it (every rank's token count included).
+
+    Attributes:
+        world_size: ranks of the expert-parallel group.
+        tokens: tokens of each rank, in rank order (one value: every rank holds that many).
+        hidden: hidden size ``H``.
+        topk: experts per token ``K``.
+        num_experts: experts of the whole group ``E``.
+        dtype: ``bf16``, ``fp16``, ``fp32`` or ``fp8``.
+        ranks_per_node: ranks of one NVLink domain (``None``: the whole group).
+    """
+
+    world_size: int
+    tokens: tuple[int, ...]
+    hidden: int
+    topk: int
+    num_experts: int
+    dtype: str = "bf16"
+    ranks_per_node: int | None = None
+
+
+def _no_problem(*args: Any) -> str | None:
+    return None
+
+
+def _nothing() -> None:
+    return None
+
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """What is specific to one backend: its knobs, whether it is installed, how to build its Comm.
+    """What is specific to one backend.
 
     Attributes:
         name: the name users pass as ``backend=``.
         knobs: its tunable settings.
-        make_comm: ``(dispatch knobs, combine knobs, group size or None) -> Comm``; ``ValueError``
-            for an invalid value.
-        dtypes: the token dtypes it moves (a sweep skips the others).
+        make_comm: ``(dispatch knobs, combine knobs, group size or None) -> Comm`` (a session);
+            ``ValueError`` for an invalid value, ``RuntimeError`` when the library is missing.
         unavailable: ``() -> None`` if installed, else the reason it is not.
         invalid: ``(knobs, world_size) -> None`` if the combination can run, else why not
-            (a sweep records the point as ``skipped: <reason>``).
+            (a sweep records the point as ``skipped: <reason>``). Pure: needs no library.
+        shape_problem: ``(Shape, knobs) -> None`` if the backend's kernels take a dispatch of this
+            shape, else the rule it breaks (a sweep skips the point; a library call raises
+            ``ValueError``). Pure.
+        teardown: ``() -> None``, frees the backend's process-wide buffers (collective where the
+            library's destroy is; call before ``destroy_process_group``).
+        version: ``() -> str | None``, the backend library's version and build (``None``: not installed).
+        dtypes: the token dtypes it moves (a sweep skips the others).
+        keeps_topk_slots: ``recv_topk_idx[r, j]`` comes from slot ``j`` of the source token's
+            ``topk_idx`` (DeepEP's layout). ``False``: the backend receives a dense per-expert map
+            and lists each row's local experts in ascending order, then ``-1`` (HybridEP).
+        sms_knobs: the knobs that count SMs (a sweep's ``--sms`` sets them all to one value; an SM
+            budget bounds them; the first is the SM count a tuning table's frontier is keyed by).
     """
 
     name: str
     knobs: tuple[Knob, ...]
     make_comm: Callable[[dict[str, Any], dict[str, Any], int | None], Comm]
-    unavailable: Callable[[], str | None] = field(default=lambda: None)
-    invalid: Callable[[dict[str, Any], int], str | None] = field(default=lambda knobs, world_size: None)
+    unavailable: Callable[[], str | None] = _nothing
+    invalid: Callable[[dict[str, Any], int], str | None] = _no_problem
+    shape_problem: Callable[[Shape, dict[str, Any]], str | None] = _no_problem
+    teardown: Callable[[], None] = _nothing
+    version: Callable[[], str | None] = _nothing
     dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
+    keeps_topk_slots: bool = True
+    sms_knobs: tuple[str, ...] = ()
 
     def knob(self, name: str) -> Knob:
         """The knob called ``name``; ``ValueError`` naming the backend's knobs otherwise."""
@@ -70,6 +137,10 @@ class BackendSpec:
 
     def defaults(self) -> dict[str, Any]:
         return {knob.name: knob.default for knob in self.knobs}
+
+    def num_sms(self, knobs: dict[str, Any]) -> int | None:
+        """The SM count of a knob set (its first SM knob, the default when not set), ``None`` without SM knobs."""
+        return knobs.get(self.sms_knobs[0], self.knob(self.sms_knobs[0]).default) if self.sms_knobs else None
 
 
 def one_of(name: str, values: tuple) -> Callable[[Any], str | None]:

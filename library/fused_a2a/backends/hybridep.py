@@ -1,23 +1,45 @@
-"""HybridEP (``deep_ep.HybridEPBuffer``): permute + dispatch and combine + unpermute, as in the seed.
+"""The ``hybridep`` backend: NVIDIA's HybridEP (``deep_ep.HybridEPBuffer``, DeepEP's ``hybrid-ep`` branch).
 
-Knobs (:data:`HYBRIDEP_KNOBS`): the SM counts of the dispatch and combine kernels (constructor
-arguments) and the tokens per chunk of each, which HybridEP reads from the environment variables of
-:data:`CHUNK_ENV_VARS` when a buffer is created. The process-wide buffer is re-created whenever a
-dispatch asks for other knobs (or the chunk variables changed) than it was built with. HybridEP
-routes with a dense map; :func:`topk_to_routing_map` builds it from top-k indices.
+**Which HybridEP API.** The backend-neutral path runs HybridEP's plain ``dispatch``/``combine``: it
+delivers each token once to every rank that holds one of its experts, in source-rank-then-token
+order (DeepEP's layout), with a dense ``[R, local experts]`` routing map and probabilities, and its
+combine sums the copies in float32. ``dispatch_with_permute`` instead returns expert-major rows, which
+we would have to un-permute (a gather of every row) to give the same contract: slower, no more
+faithful. The seed functions (:mod:`fused_a2a.seed.hybridep`) run the permute path, as Automodel and
+Megatron call it.
+
+**Top-k slots.** HybridEP moves a dense per-expert map, not the top-k slots: each received row lists
+its local experts in ascending order, then ``-1`` (:attr:`BackendSpec.keeps_topk_slots` is ``False``);
+an expert named twice in a token's top-k receives the sum of its weights.
+
+**Limits** (checked before any GPU work, :func:`shape_problem`): at least one token on every rank
+(0 tokens hang HybridEP's kernels); the same token count on every rank (HybridEP all-gathers the
+routing map; the group checks it at a shape's first call); tokens × ranks per NVLink domain divisible
+by 4 (its TMA loads move 16-byte multiples: 7 tokens on 2 ranks fail); hidden a multiple of 16; local
+experts × ranks per domain divisible by 4; bf16 tokens.
+
+**Buffers.** One process-wide ``HybridEPBuffer`` per set of construction knobs; changing a knob makes a
+new one, and a handle keeps the buffer that made it alive, so a combine or a backward never runs on
+another buffer. Chunk sizes are environment variables HybridEP reads at construction and at every call:
+the backend sets them before each call.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from fused_a2a.backends.base import Knob
-from fused_a2a.backends.deepep import DEEP_EP as HYBRID_EP
+from fused_a2a.autograd import Comm
+from fused_a2a.backends.base import BackendSpec, Knob, Shape
+from fused_a2a.backends.optional import distribution_version, try_import
 from fused_a2a.checks import check_topk_range
 
+HYBRID_EP = try_import("deep_ep", "build DeepEP's hybrid-ep branch from source (scripts/install_backends.sh)")
 HAVE_HYBRIDEP = HYBRID_EP.available and hasattr(HYBRID_EP.module, "HybridEPBuffer")
 
 # knob name -> the environment variable HybridEP reads it from
@@ -25,6 +47,8 @@ CHUNK_ENV_VARS: dict[str, str] = {
     "tokens_per_chunk_dispatch": "NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API",
     "tokens_per_chunk_combine": "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API",
 }
+DEFAULT_CHUNK = 64  # HybridEP's default for both variables
+SMS_KNOBS = ("num_sms_dispatch_api", "num_sms_combine_api")
 
 
 def _positive_int(name: str):
@@ -36,37 +60,290 @@ def _positive_int(name: str):
     return check
 
 
-def _chunk_tokens(name: str):
+def _blocks(name: str):
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"{name} must be an int >= 0 (0: leave {CHUNK_ENV_VARS[name]} as it is), got {value!r}"
+            return f"{name} must be an int >= 0 (0: HybridEP's default), got {value!r}"
         return None
 
     return check
 
 
-HYBRIDEP_KNOBS: tuple[Knob, ...] = (
-    Knob("num_sms_dispatch_api", 24, (8, 16, 24, 32, 48), "SMs (thread blocks) of the dispatch kernels",
+def _chunk(name: str):
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 16:
+            return (f"{name} must be 0 (${CHUNK_ENV_VARS[name]} as set, else {DEFAULT_CHUNK}) or a positive "
+                    f"multiple of 16 (HybridEP moves 16-byte rows of chunk metadata), got {value!r}")
+        return None
+
+    return check
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"fused must be true or false, got {value!r}"
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("num_sms_dispatch_api", 24, (8, 16, 24, 32, 48), "SMs of the dispatch kernels (HybridEP's default on one node: 24)",
          check=_positive_int("num_sms_dispatch_api")),
-    Knob("num_sms_combine_api", 24, (8, 16, 24, 32, 48), "SMs (thread blocks) of the combine kernels",
+    Knob("num_sms_combine_api", 24, (8, 16, 24, 32, 48), "SMs of the combine kernels (HybridEP's default on one node: 24)",
          check=_positive_int("num_sms_combine_api")),
-    Knob("tokens_per_chunk_dispatch", 0, (64, 128, 256),
-         "tokens per dispatch chunk, $NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API (0: HybridEP's default or the variable as set)",
-         check=_chunk_tokens("tokens_per_chunk_dispatch")),
-    Knob("tokens_per_chunk_combine", 0, (64, 128, 256),
-         "tokens per combine chunk, $NUM_OF_TOKENS_PER_CHUNK_COMBINE_API (0: HybridEP's default or the variable as set)",
-         check=_chunk_tokens("tokens_per_chunk_combine")),
+    Knob("num_sms_preprocessing_api", 108, (32, 64, 108), "SMs of the routing-metadata preprocessing kernel",
+         check=_positive_int("num_sms_preprocessing_api")),
+    Knob("num_blocks_permute", 0, (0, 32, 64, 108), "thread blocks of the permute kernel (0: HybridEP's default)",
+         check=_blocks("num_blocks_permute")),
+    Knob("num_blocks_unpermute", 0, (0, 32, 64, 108), "thread blocks of the unpermute kernel (0: HybridEP's default)",
+         check=_blocks("num_blocks_unpermute")),
+    Knob("tokens_per_chunk_dispatch", 0, (32, 64, 128),
+         "tokens per dispatch chunk, $NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API (0: the variable as set, else 64)",
+         check=_chunk("tokens_per_chunk_dispatch")),
+    Knob("tokens_per_chunk_combine", 0, (32, 64, 128),
+         "tokens per combine chunk, $NUM_OF_TOKENS_PER_CHUNK_COMBINE_API (0: the variable as set, else 64)",
+         check=_chunk("tokens_per_chunk_combine")),
+    Knob("fused", False, (False, True),
+         "fuse permute into dispatch and unpermute into combine (the seed's permute path; HybridEP builds that have it)",
+         check=_flag),
 )
 
-_hybrid_ep_buffer = None
-# what _hybrid_ep_buffer was built with (see _buffer_key); None without a buffer
-_hybrid_ep_key: tuple | None = None
+
+@dataclass(frozen=True)
+class Settings:
+    """What one HybridEP buffer is built and called with (from a dispatch and a combine knob set).
+
+    Attributes:
+        sms_dispatch, sms_combine, sms_preprocessing: SM counts of the three kernel families.
+        blocks_permute, blocks_unpermute: thread blocks of the (un)permute kernels, ``None``: HybridEP's.
+        chunk_dispatch, chunk_combine: tokens per chunk, ``None``: the environment as set.
+        fused: fuse (un)permute into dispatch/combine on the permute path.
+    """
+
+    sms_dispatch: int = 24
+    sms_combine: int = 24
+    sms_preprocessing: int = 108
+    blocks_permute: int | None = None
+    blocks_unpermute: int | None = None
+    chunk_dispatch: int | None = None
+    chunk_combine: int | None = None
+    fused: bool = False
+
+    @classmethod
+    def from_knobs(cls, dispatch: dict[str, Any], combine: dict[str, Any]) -> Settings:
+        """Dispatch-side knobs from ``dispatch``, combine-side ones from ``combine`` (full knob dicts)."""
+        return cls(
+            sms_dispatch=dispatch["num_sms_dispatch_api"],
+            sms_combine=combine["num_sms_combine_api"],
+            sms_preprocessing=dispatch["num_sms_preprocessing_api"],
+            blocks_permute=dispatch["num_blocks_permute"] or None,
+            blocks_unpermute=combine["num_blocks_unpermute"] or None,
+            chunk_dispatch=dispatch["tokens_per_chunk_dispatch"] or None,
+            chunk_combine=combine["tokens_per_chunk_combine"] or None,
+            fused=bool(dispatch["fused"]),
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The chunk variables to set (those this setting fixes)."""
+        values = {"tokens_per_chunk_dispatch": self.chunk_dispatch, "tokens_per_chunk_combine": self.chunk_combine}
+        return {CHUNK_ENV_VARS[name]: str(value) for name, value in values.items() if value}
+
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """The SM and block keywords of ``HybridEPBuffer(...)`` (``None`` values left out: HybridEP's defaults)."""
+        kwargs = dict(num_sms_dispatch_api=self.sms_dispatch, num_sms_combine_api=self.sms_combine,
+                      num_sms_preprocessing_api=self.sms_preprocessing, num_blocks_permute=self.blocks_permute,
+                      num_blocks_unpermute=self.blocks_unpermute)
+        return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def chunk_sizes(environ=os.environ) -> tuple[int, int]:
+    """``(dispatch, combine)`` tokens per chunk as HybridEP would read them from ``environ`` now."""
+    values = []
+    for var in CHUNK_ENV_VARS.values():
+        text = environ.get(var, "")
+        values.append(int(text) if text.strip().isdigit() else DEFAULT_CHUNK)
+    return values[0], values[1]
+
+
+def shape_problem(shape: Shape, knobs: dict[str, Any] | None = None) -> str | None:
+    """Why HybridEP's kernels cannot take a dispatch of ``shape``, or ``None`` (see the module doc).
+
+    Pure. ``shape.tokens`` holds every rank's count (or just this rank's, for a per-call check);
+    ``shape.ranks_per_node`` the ranks of one NVLink domain (``None``: the whole group).
+    """
+    ranks_per_node = shape.ranks_per_node or shape.world_size
+    if shape.world_size % ranks_per_node:
+        return f"HybridEP needs whole NVLink domains: {shape.world_size} ranks is not a multiple of {ranks_per_node}"
+    if shape.dtype != "bf16":
+        return f"HybridEP moves bf16 tokens (its combine reads bf16), not {shape.dtype}"
+    if shape.hidden % 16:
+        return f"HybridEP needs a hidden size divisible by 16 (16-byte rows), got {shape.hidden}"
+    if shape.num_experts % shape.world_size:
+        return f"num_experts ({shape.num_experts}) is not divisible by the group size ({shape.world_size})"
+    local = shape.num_experts // shape.world_size
+    if (local * ranks_per_node) % 4:
+        return (f"HybridEP needs local experts x ranks per NVLink domain divisible by 4: "
+                f"{local} x {ranks_per_node} = {local * ranks_per_node}")
+    if min(shape.tokens) < 1:
+        return "HybridEP needs at least 1 token on every rank (with 0 tokens its kernels hang)"
+    if len(set(shape.tokens)) > 1:
+        return (f"HybridEP needs the same number of tokens on every rank (it all-gathers the routing map), "
+                f"got {', '.join(map(str, shape.tokens))}")
+    tokens = shape.tokens[0]
+    if (tokens * ranks_per_node) % 4:
+        return (f"HybridEP needs tokens per rank x ranks per NVLink domain divisible by 4 (its TMA loads move "
+                f"16-byte multiples): {tokens} x {ranks_per_node} = {tokens * ranks_per_node}")
+    return None
+
+
+def has_fused_permute() -> bool:
+    """Whether the installed HybridEP takes ``fuse_permute_dispatch`` (the fused permute path)."""
+    if not HAVE_HYBRIDEP:
+        return False
+    return "fuse_permute_dispatch" in inspect.signature(HYBRID_EP.module.HybridEPBuffer.dispatch_with_permute).parameters
+
+
+def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
+    """Why ``knobs`` cannot run (a fused permute without equal chunk sizes, or on a build without it), or ``None``."""
+    full = {**{knob.name: knob.default for knob in KNOBS}, **knobs}
+    if full["fused"]:
+        dispatch, combine = (full[name] or DEFAULT_CHUNK for name in CHUNK_ENV_VARS)
+        if dispatch != combine:
+            return f"a fused permute needs equal chunk sizes, got dispatch {dispatch} and combine {combine}"
+        if HAVE_HYBRIDEP and not has_fused_permute():
+            return "the installed HybridEP has no fused permute (no fuse_permute_dispatch)"
+    return None
+
+
+def unavailable() -> str | None:
+    """``None`` if ``deep_ep.HybridEPBuffer`` imports, else why not."""
+    if not HYBRID_EP.available:
+        return HYBRID_EP.reason
+    return None if HAVE_HYBRIDEP else "the installed deep_ep has no HybridEPBuffer (build DeepEP's hybrid-ep branch)"
+
+
+def version() -> str | None:
+    """The installed DeepEP build that holds HybridEP (``1.2.1+<commit>``), else ``None``."""
+    return distribution_version(HYBRID_EP, ("deep_ep", "deep-ep")) if HAVE_HYBRIDEP else None
+
+
+def require(what: str):
+    reason = unavailable()
+    if reason is not None:
+        raise RuntimeError(f"{what} needs deep_ep.HybridEPBuffer, which is not available ({reason}); "
+                           f"{HYBRID_EP.install_hint}")
+    return HYBRID_EP.module
+
+
+# ---------------------------------------------------------------------------------------------------
+# the process-wide buffer
+
+
+@dataclass
+class _Current:
+    """The process-wide buffer and what it was built with (``key``: group, hidden, local experts,
+    fp8, :class:`Settings`)."""
+
+    buffer: Any = None
+    key: tuple | None = None
+
+
+_current = _Current()
+# the attribute of a raw handle's first tensor that holds the buffer that made it
+_BUFFER_ATTRIBUTE = "_fused_a2a_hybridep_buffer"
+
+
+def current_buffer():
+    """The process-wide ``HybridEPBuffer`` (``None`` without one)."""
+    return _current.buffer
+
+
+def set_current_buffer(buffer, key: tuple | None = None) -> None:
+    """Make ``buffer`` the process-wide one (``None``: drop it; HybridEP frees it when no handle holds it)."""
+    _current.buffer, _current.key = buffer, key
+
+
+def apply_environment(settings: Settings) -> None:
+    """Set the chunk variables ``settings`` fixes (HybridEP reads them at every call)."""
+    for var, value in settings.environment().items():
+        if os.environ.get(var) != value:
+            os.environ[var] = value
+
+
+def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, settings: Settings, fp8: bool = False):
+    """The process-wide buffer for these settings, created (collectively) when there is none or the
+    current one was built for another group, hidden size, expert count, fp8 flag or settings.
+
+    Args:
+        group: the expert-parallel process group.
+        hidden: hidden size ``H``.
+        num_local_experts: experts per rank.
+        num_tokens: tokens per rank of the call (a new buffer's initial capacity; HybridEP grows it).
+        settings: the knobs.
+        fp8: a buffer for FP8 dispatch.
+    """
+    deep_ep = require("the hybridep backend")
+    key = (group, hidden, num_local_experts, fp8, settings)
+    apply_environment(settings)
+    if _current.buffer is None or _current.key != key:
+        _current.buffer = None  # the old buffer lives on only while a handle holds it
+        buffer = deep_ep.HybridEPBuffer(group=group, hidden_dim=hidden, max_num_of_tokens_per_rank=max(num_tokens, 1),
+                                        num_local_experts=num_local_experts, use_fp8=fp8, **settings.constructor_kwargs())
+        set_current_buffer(buffer, key)
+    return _current.buffer
+
+
+def ranks_per_node(buffer) -> int:
+    """Ranks of one NVLink domain as ``buffer`` sees them."""
+    return int(getattr(buffer, "num_of_hybrid_ep_ranks_per_nvlink_domain", buffer.group_size))
+
+
+def remember_buffer(handle: tuple, buffer) -> None:
+    """Note that ``buffer`` made the raw HybridEP ``handle``: the handle's first tensor holds it, so the
+    buffer lives at least as long as the handle."""
+    setattr(handle[0], _BUFFER_ATTRIBUTE, buffer)
+
+
+def buffer_of(handle: tuple):
+    """The buffer that made a raw ``handle`` (the process-wide one for a handle made elsewhere)."""
+    return getattr(handle[0], _BUFFER_ATTRIBUTE, None) or _current.buffer
+
+
+def free_buffers() -> None:
+    """Drop the process-wide buffer (HybridEP frees its memory once no handle holds it)."""
+    set_current_buffer(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the backend-neutral path
+
+
+def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, num_experts: int):
+    """Top-k routing as HybridEP's dense map and probabilities.
+
+    Args:
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
+        topk_weights: ``[N, K]`` routing weights, any floating dtype, or ``None``.
+        num_experts: total number of experts ``E``.
+
+    Returns:
+        ``(routing_map [N, E] bool, probs [N, E] float32 or None)`` on ``topk_idx``'s device; an
+        expert named twice for one token gets the sum of its weights.
+    """
+    chosen = topk_idx >= 0
+    columns = torch.where(chosen, topk_idx, num_experts)  # "no expert" goes to a spare column, dropped below
+    routing_map = torch.zeros(topk_idx.size(0), num_experts + 1, dtype=torch.bool, device=topk_idx.device)
+    routing_map.scatter_(1, columns, True)
+    probs = None
+    if topk_weights is not None:
+        probs = torch.zeros(topk_idx.size(0), num_experts + 1, dtype=torch.float32, device=topk_idx.device)
+        probs.scatter_add_(1, columns, topk_weights.float())
+        probs = probs[:, :num_experts].contiguous()
+    return routing_map[:, :num_experts].contiguous(), probs
 
 
 def topk_to_routing_map(
     topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn top-k routing into HybridEP's dense routing map and probabilities.
+    """Turn top-k routing into HybridEP's dense routing map and probabilities (for the seed API's
+    :func:`fused_a2a.hybrid_ep_dispatch`, which takes a map).
 
     Args:
         topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
@@ -92,222 +369,148 @@ def topk_to_routing_map(
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     check_topk_range(topk_idx, num_experts)
-    chosen = topk_idx >= 0
-    rows = torch.arange(topk_idx.size(0), device=topk_idx.device).unsqueeze(1).expand_as(topk_idx)[chosen]
-    cols = topk_idx[chosen]
-    routing_map = torch.zeros(topk_idx.size(0), num_experts, dtype=torch.bool, device=topk_idx.device)
-    routing_map[rows, cols] = True
-    probs = torch.zeros(topk_idx.size(0), num_experts, dtype=torch.float32, device=topk_idx.device)
-    probs = probs.index_put((rows, cols), topk_weights[chosen].float(), accumulate=True)
-    return routing_map, probs
+    return dense_routing(topk_idx, topk_weights, num_experts)
 
 
-def chunk_env(knobs: dict[str, Any]) -> dict[str, str]:
-    """The environment variables to set for the chunk knobs in ``knobs`` (a ``0`` or missing one: none)."""
-    return {var: str(knobs[name]) for name, var in CHUNK_ENV_VARS.items() if knobs.get(name)}
+def ascending_topk(local_map: torch.Tensor, local_probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, K]`` local expert ids (ascending, then ``-1``) and their weights (``0`` where ``-1``) of a
+    dense ``[R, L]`` map and ``[R, L]`` probabilities (a row naming more than K experts keeps the first K)."""
+    rows, local = local_map.shape
+    order = torch.argsort((~local_map).to(torch.int8), dim=1, stable=True)[:, :topk]
+    valid = local_map.gather(1, order)
+    ids = torch.where(valid, order, -1)
+    weights = torch.where(valid, local_probs.gather(1, order), 0.0)
+    if local < topk:
+        ids = torch.cat([ids, ids.new_full((rows, topk - local), -1)], dim=1)
+        weights = torch.cat([weights, weights.new_zeros(rows, topk - local)], dim=1)
+    return ids, weights
 
 
-def _buffer_key(group, hidden_dim: int, num_local_experts: int, num_sms_dispatch_api: int, num_sms_combine_api: int) -> tuple:
-    """What a HybridEP buffer is built with: the constructor's arguments that shape it (not the token
-    count: HybridEP grows its buffer itself) and the chunk variables as set now."""
-    chunks = tuple(os.environ.get(var) for var in CHUNK_ENV_VARS.values())
-    return (group, hidden_dim, num_local_experts, num_sms_dispatch_api, num_sms_combine_api, chunks)
+@dataclass(frozen=True)
+class HybridEPHandle:
+    """What a neutral-path dispatch leaves for its combine and its backward.
 
-
-def ensure_hybrid_ep_buffer(group, hidden_dim: int, seq_len: int, num_local_experts: int, knobs: dict[str, Any]):
-    """The process-wide HybridEP buffer for these knobs, re-created when they (or the group, hidden
-    size, expert count or chunk variables) differ from the current buffer's.
-
-    Args:
-        group: process group of the HybridEP all-to-all.
-        hidden_dim: hidden size ``H`` of the tokens.
-        seq_len: most tokens a rank dispatches in one call (a new buffer's initial capacity).
-        num_local_experts: experts per rank.
-        knobs: values of :data:`HYBRIDEP_KNOBS` (missing ones: their defaults). Nonzero chunk knobs
-            are written to their environment variables first.
-
-    Returns:
-        deep_ep.HybridEPBuffer: the buffer.
-
-    Raises:
-        ValueError: a knob value that is not acceptable.
-        RuntimeError: deep_ep without HybridEP.
+    Attributes:
+        buffer: the ``HybridEPBuffer`` that made it (kept alive by the handle).
+        raw: HybridEP's own 7-tuple handle.
+        settings: the knobs it ran with.
+        num_tokens: ``N`` on this rank; num_recv: ``R``; num_experts: ``E``.
+        topk_idx: ``[N, K]`` the dispatch's global expert ids (to place weight gradients).
+        recv_topk_idx: ``[R, K]`` the local ids returned (to place weights for combine).
     """
-    _require("ensure_hybrid_ep_buffer")
-    knobs = {**{knob.name: knob.default for knob in HYBRIDEP_KNOBS}, **knobs}
-    for knob in HYBRIDEP_KNOBS:
-        problem = knob.check(knobs[knob.name])
+
+    buffer: Any
+    raw: tuple
+    settings: Settings
+    num_tokens: int
+    num_recv: int
+    num_experts: int
+    topk_idx: torch.Tensor = field(repr=False)
+    recv_topk_idx: torch.Tensor = field(repr=False)
+
+    @property
+    def num_recv_tokens(self) -> int:
+        return self.num_recv
+
+
+class HybridEPAdapter:
+    """The ``deep_ep.Buffer``-shaped face of HybridEP's plain dispatch/combine that
+    :mod:`fused_a2a.autograd` drives. It routes from top-k itself: it needs no layout call."""
+
+    needs_layout = False
+
+    def __init__(self, group, settings: Settings) -> None:
+        self.group = group
+        self.settings = settings
+
+    def dispatch(self, x, handle: HybridEPHandle | None = None, topk_idx=None, topk_weights=None, num_experts=None,
+                 config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False, **unused):
+        """Dispatch ``x [N, H]`` bf16 (see :func:`fused_a2a.dispatch` for the returns); with ``handle``,
+        a cached dispatch (no preprocessing, no host sync) returning ``(recv_x, None, None, None, None, None)``.
+
+        Raises:
+            ValueError: a shape HybridEP cannot take on this rank (:func:`shape_problem`).
+        """
+        if handle is not None:
+            apply_environment(handle.settings)
+            recv_x = handle.buffer.dispatch(hidden=x.contiguous(), handle=handle.raw, num_of_experts=handle.num_experts,
+                                            num_dispatched_tokens=handle.num_recv)[0]
+            return recv_x, None, None, None, None, None
+        world = dist.get_world_size(self.group)
+        num_tokens, hidden = x.shape
+        check_topk_range(topk_idx, num_experts)
+        buffer = ensure_buffer(self.group, hidden, num_experts // world, num_tokens, self.settings)
+        per_node = ranks_per_node(buffer)
+        dtype = "bf16" if x.dtype == torch.bfloat16 else str(x.dtype).removeprefix("torch.")
+        problem = shape_problem(Shape(world, (num_tokens,), hidden, topk_idx.size(1), num_experts, dtype, per_node))
         if problem is not None:
             raise ValueError(f"hybridep: {problem}")
-    os.environ.update(chunk_env(knobs))
-    sms = knobs["num_sms_dispatch_api"], knobs["num_sms_combine_api"]
-    if _hybrid_ep_buffer is None or _hybrid_ep_key != _buffer_key(group, hidden_dim, num_local_experts, *sms):
-        init_hybrid_ep_buffer(group, hidden_dim, seq_len, num_local_experts, *sms, False)
-    return _hybrid_ep_buffer
+        routing_map, probs = dense_routing(topk_idx, topk_weights, num_experts)
+        recv_x, recv_probs, _, raw = buffer.dispatch(hidden=x, routing_map=routing_map, probs=probs, num_of_experts=num_experts)
+        num_recv, local = recv_x.size(0), num_experts // world
+        first = (dist.get_rank(self.group) % per_node) * local
+        local_map = raw[4][:num_recv]
+        recv_idx, recv_weights = ascending_topk(local_map, recv_probs[:, first:first + local], topk_idx.size(1))
+        counts = local_map.sum(dim=0).tolist()
+        made = HybridEPHandle(buffer, raw, self.settings, num_tokens, num_recv, num_experts, topk_idx, recv_idx)
+        return recv_x, recv_idx, recv_weights, counts, made, None
+
+    def combine(self, x, handle: HybridEPHandle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Combine ``x [R, H]`` bf16 back to ``[N, H]``; ``topk_weights [R, K]`` (in the dispatch's
+        slots) are summed back to ``[N, K]`` too. Returns ``(combined, combined_weights or None, None)``."""
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"hybridep combines bf16 rows only, got {x.dtype}")
+        apply_environment(handle.settings)
+        probs = None
+        if topk_weights is not None:
+            buffer = handle.buffer
+            per_node, local = ranks_per_node(buffer), handle.num_experts // dist.get_world_size(self.group)
+            first = (dist.get_rank(self.group) % per_node) * local
+            probs = torch.zeros(handle.num_recv, local * per_node, dtype=torch.float32, device=x.device)
+            ids = handle.recv_topk_idx
+            probs.scatter_add_(1, torch.where(ids >= 0, ids + first, 0), torch.where(ids >= 0, topk_weights.float(), 0.0))
+        combined, combined_probs = handle.buffer.combine(hidden=x.contiguous(), probs=probs, handle=handle.raw)
+        combined_weights = None
+        if combined_probs is not None:
+            chosen = handle.topk_idx >= 0
+            combined_weights = torch.where(chosen, combined_probs.gather(1, handle.topk_idx.clamp_min(0)), 0.0)
+        return combined, combined_weights, None
+
+    def destroy(self) -> None:
+        """Drop the process-wide buffer."""
+        free_buffers()
 
 
-def _require(what: str):
-    deep_ep = HYBRID_EP.require(what)
-    if not hasattr(deep_ep, "HybridEPBuffer"):
-        raise RuntimeError(f"{what} needs deep_ep.HybridEPBuffer; the installed deep_ep was built without HybridEP")
-    return deep_ep
+def make_hybridep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int | None = None) -> Comm:
+    """The :class:`Comm` of the ``hybridep`` backend for two full knob dicts.
 
-
-def init_hybrid_ep_buffer(
-    group: torch.distributed.ProcessGroup,
-    hidden_dim: int,
-    seq_len: int,
-    num_local_experts: int,
-    num_sms_dispatch_api: int,
-    num_sms_combine_api: int,
-    fp8_dispatch: bool,
-) -> None:
-    """Create the process-wide HybridEP buffer (replacing any earlier one).
-
-    A later dispatch or combine that needs more room than this buffer reallocates it at run time,
-    at extra cost.
-
-    Args:
-        group: process group of the HybridEP all-to-all.
-        hidden_dim: hidden size ``H`` of the tokens.
-        seq_len: most tokens a rank dispatches in one call.
-        num_local_experts: experts per rank.
-        num_sms_dispatch_api: SMs used by the dispatch kernels.
-        num_sms_combine_api: SMs used by the combine kernels.
-        fp8_dispatch: send tokens as FP8 during dispatch.
+    Raises:
+        RuntimeError: deep_ep without HybridEP.
     """
-    global _hybrid_ep_buffer, _hybrid_ep_key
-    deep_ep = _require("init_hybrid_ep_buffer")
-    _hybrid_ep_buffer = None  # HybridEP frees a buffer when it is dropped: free the old one before allocating
-    _hybrid_ep_buffer = deep_ep.HybridEPBuffer(
-        group=group,
-        hidden_dim=hidden_dim,
-        max_num_of_tokens_per_rank=seq_len,
-        num_local_experts=num_local_experts,
-        use_fp8=fp8_dispatch,
-        num_sms_dispatch_api=num_sms_dispatch_api,
-        num_sms_combine_api=num_sms_combine_api,
-    )
-    _hybrid_ep_key = _buffer_key(group, hidden_dim, num_local_experts, num_sms_dispatch_api, num_sms_combine_api)
+    require("the hybridep backend")
+    settings = Settings.from_knobs(dispatch_knobs, combine_knobs)
+    adapters: dict = {}
+
+    def get_buffer_for(group, hidden_bytes: int) -> HybridEPAdapter:
+        group = dist.group.WORLD if group is None else group
+        if group not in adapters:
+            adapters[group] = HybridEPAdapter(group, settings)
+        return adapters[group]
+
+    return Comm(name="hybridep", get_buffer=get_buffer_for, dispatch_config=settings, combine_config=settings)
 
 
-def reset_hybrid_ep_buffer() -> None:
-    """Drop the process-wide HybridEP buffer; the next dispatch creates a new one."""
-    global _hybrid_ep_buffer, _hybrid_ep_key
-    _hybrid_ep_buffer = None
-    _hybrid_ep_key = None
-
-
-class HybridEPDispatch(torch.autograd.Function):
-    """Fused dispatch operation for permute + dispatch a2a + permute using the HybridEP backend."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        x,
-        routing_map,
-        probs,
-        group,
-        num_local_experts,
-        num_sms_dispatch_api=24,
-        num_sms_combine_api=24,
-        num_permuted_tokens=None,
-        pad_multiple=None,
-    ):
-        """Forward pass of fused dispatch of the HybridEP backend (see :func:`hybrid_ep_dispatch`)."""
-        seq_len, hidden_dim = x.shape[-2:]
-        sms = {"num_sms_dispatch_api": num_sms_dispatch_api, "num_sms_combine_api": num_sms_combine_api}
-        ensure_hybrid_ep_buffer(group, hidden_dim, seq_len, num_local_experts, sms)
-        hidden, out_probs, scaling_factor, tokens_per_expert, handle = _hybrid_ep_buffer.dispatch_with_permute(
-            hidden=x,
-            routing_map=routing_map,
-            probs=probs,
-            scaling_factor=None,
-            num_of_experts_per_rank=num_local_experts,
-            pad_multiple=pad_multiple,
-            num_permuted_tokens=num_permuted_tokens,
-            non_blocking=num_permuted_tokens is not None,
-        )
-        ctx.handle = handle
-        ctx.pad_multiple = pad_multiple
-        return hidden, out_probs, scaling_factor, tokens_per_expert, handle
-
-    @staticmethod
-    def backward(ctx, grad_x, grad_probs, grad_scaling_factor, grad_tokens_per_expert, grad_handle):
-        """Backward pass of fused dispatch of the HybridEP backend: combine + unpermute of the gradients."""
-        grad_hidden, grad_in_probs = _hybrid_ep_buffer.combine_with_unpermute(
-            hidden=grad_x, probs=grad_probs, handle=ctx.handle, pad_multiple=ctx.pad_multiple
-        )
-        return grad_hidden, None, grad_in_probs, None, None, None, None, None, None
-
-
-class HybridEPCombine(torch.autograd.Function):
-    """Fused combine operation for permute + combine a2a + permute using the HybridEP backend."""
-
-    @staticmethod
-    def forward(ctx, x, handle, num_permuted_tokens=None, pad_multiple=None):
-        """Forward pass of fused combine of the HybridEP backend (see :func:`hybrid_ep_combine`)."""
-        combined, _ = _hybrid_ep_buffer.combine_with_unpermute(hidden=x, handle=handle, pad_multiple=pad_multiple)
-        ctx.handle = handle
-        ctx.pad_multiple = pad_multiple
-        ctx.num_permuted_tokens = num_permuted_tokens
-        return combined
-
-    @staticmethod
-    def backward(ctx, grad_x):
-        """Backward pass of fused combine of the HybridEP backend: a cached permute + dispatch."""
-        hidden, _, _, _, _ = _hybrid_ep_buffer.dispatch_with_permute(
-            hidden=grad_x,
-            scaling_factor=None,
-            handle=ctx.handle,
-            pad_multiple=ctx.pad_multiple,
-            num_permuted_tokens=ctx.num_permuted_tokens,
-        )
-        return hidden, None, None, None
-
-
-def hybrid_ep_dispatch(
-    x,
-    routing_map,
-    probs,
-    group,
-    num_local_experts,
-    num_sms_dispatch_api=24,
-    num_sms_combine_api=24,
-    num_permuted_tokens=None,
-    pad_multiple=None,
-):
-    """Permute + dispatch with HybridEP.
-
-    Args:
-        x: ``[num_tokens, hidden]`` bf16 tokens of this rank.
-        routing_map: ``[num_tokens, num_experts]`` bool, which experts each token goes to.
-        probs: ``[num_tokens, num_experts]`` float32 routing probabilities.
-        group: the expert-parallel process group.
-        num_local_experts: experts per rank.
-        num_sms_dispatch_api, num_sms_combine_api: SMs for a buffer created by this call.
-        num_permuted_tokens: size of the permuted output if known (makes the call non-blocking).
-        pad_multiple: pad each expert's rows to a multiple of this.
-
-    Returns:
-        ``(hidden [P, hidden] expert-major, probs [P] float32, scaling_factor or None,
-        tokens_per_expert [num_local_experts], handle)``.
-    """
-    _require("hybrid_ep_dispatch")
-    return HybridEPDispatch.apply(
-        x,
-        routing_map,
-        probs,
-        group,
-        num_local_experts,
-        num_sms_dispatch_api,
-        num_sms_combine_api,
-        num_permuted_tokens,
-        pad_multiple,
-    )
-
-
-def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None):
-    """Combine + unpermute with HybridEP: ``[P, hidden]`` expert-major rows back to ``[num_tokens, hidden]``."""
-    _require("hybrid_ep_combine")
-    return HybridEPCombine.apply(x, handle, num_permuted_tokens, pad_multiple)
+SPEC = BackendSpec(
+    name="hybridep",
+    knobs=KNOBS,
+    make_comm=make_hybridep_comm,
+    unavailable=unavailable,
+    invalid=invalid_knobs,
+    shape_problem=shape_problem,
+    teardown=free_buffers,
+    version=version,
+    dtypes=("bf16",),
+    keeps_topk_slots=False,
+    sms_knobs=SMS_KNOBS,
+)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 
 
@@ -41,3 +44,34 @@ def try_import(name: str, install_hint: str) -> OptionalModule:
     except Exception as exc:  # a broken wheel raises OSError or RuntimeError, not only ImportError
         return OptionalModule(name, install_hint, None, f"{type(exc).__name__}: {exc}".splitlines()[0])
     return OptionalModule(name, install_hint, module, None)
+
+
+def distribution_version(optional: OptionalModule, distributions: tuple[str, ...]) -> str | None:
+    """The installed library's version and build, as precisely as the install records it.
+
+    In order: the package metadata of the first of ``distributions`` installed (DeepEP's setup
+    writes its git commit there: ``1.2.1+94a9f8f``); the module's ``__version__``; for a build used
+    in place (a source folder on ``PYTHONPATH``), ``git:<commit>`` of that folder. ``None`` when the
+    module is not importable, ``"unknown"`` when nothing records a version.
+    """
+    if optional.module is None:
+        return None
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    declared = getattr(optional.module, "__version__", None)
+    if declared:
+        return str(declared)
+    commit = _git_commit(Path(getattr(optional.module, "__file__", "") or ".").resolve().parent)
+    return f"git:{commit}" if commit else "unknown"
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -17,10 +17,13 @@ Semantics (identical to DeepEP's intranode normal mode):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fused_a2a.autograd import Comm
+from fused_a2a.backends.base import BackendSpec, Knob, one_of
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs, check_topk_range
 from fused_a2a.fp8 import is_fp8_pair
 
@@ -306,3 +309,28 @@ def get_torch_buffer(group: dist.ProcessGroup | None, hidden_bytes: int = 0) -> 
 def free_torch_buffers() -> None:
     """Forget every torch buffer (they hold no device memory of their own)."""
     _buffers.clear()
+
+
+def make_torch_comm(dispatch: dict[str, Any], combine: dict[str, Any], num_ranks: int | None = None) -> Comm:
+    """The :class:`Comm` of the torch backend for two full knob dicts (``num_ranks`` is not needed)."""
+    return Comm(name="torch", get_buffer=get_torch_buffer, dispatch_config=TorchConfig(**dispatch),
+                combine_config=TorchConfig(**combine))
+
+
+def version() -> str:
+    """torch's version, with NCCL's when torch has CUDA."""
+    nccl = torch.cuda.nccl.version() if torch.cuda.is_available() else None
+    return torch.__version__ + (f" nccl {'.'.join(map(str, nccl))}" if isinstance(nccl, tuple) else "")
+
+
+SPEC = BackendSpec(
+    name="torch",
+    knobs=(
+        Knob("impl", "all_to_all", IMPLS, "all_to_all: one all_to_all_single per tensor; p2p: batched isend/irecv per peer",
+             check=one_of("impl", IMPLS)),
+    ),
+    make_comm=make_torch_comm,
+    teardown=free_torch_buffers,
+    version=version,
+    dtypes=("bf16", "fp16", "fp32", "fp8"),
+)

@@ -1,34 +1,33 @@
-"""UCCL-EP (``uccl.ep``): the seed's UCCL buffer management and autograd Functions, and the ``uccl``
-backend spec of the backend-neutral entry (:func:`uccl_backend_spec`).
+"""The ``uccl`` backend: UCCL-EP (``uccl.ep``) through :class:`~fused_a2a.backends.uccl_buffer.UCCLBuffer`,
+our own layer over its pointer-level API with DeepEP v1's ``Buffer`` interface.
 
-The buffer is :class:`~fused_a2a.backends.uccl_buffer.UCCLBuffer`, our own Python layer over UCCL-EP's
-pointer-level C++ API, with DeepEP v1's ``Buffer`` interface. **Intranode only**: a group whose ranks
-span hosts raises ``RuntimeError`` (UCCL-EP's internode path needs RDMA NICs; it is not supported by
-this adapter yet, and could not be run here).
+**Intranode only**: a group whose ranks span hosts is refused (UCCL-EP's internode path needs RDMA NICs;
+this adapter does not drive it, and it could not be run here).
 
-SM count of the seed functions: :func:`set_uccl_num_sms`, else ``$UCCL_EP_SM_NUMS``, else
-``$DEEP_EP_SM_NUMS``, else 20 (NeMo's order). The knobs of the ``uccl`` backend are DeepEP's
-(``num_sms`` and the four chunk sizes of ``uccl.ep.Config``, validated with DeepEP's ``Config`` rules
-by :class:`~fused_a2a.backends.deepep.DeepEPConfig`); a chunk size of ``0`` takes UCCL-EP's default for
-the group size and the operation.
+Knobs: DeepEP's (``num_sms`` and the four chunk sizes of ``uccl.ep.Config``, checked with DeepEP's
+``Config`` rules, :mod:`fused_a2a.backends.chunk_config`); a chunk size of ``0`` takes UCCL-EP's
+default for the group size and the operation. The process-wide buffer lives here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from typing import Any, Mapping
 
-import torch
 import torch.distributed as dist
 
-from fused_a2a.autograd import Comm, combine_backward, combine_forward, dispatch_backward, dispatch_forward
-
-# fused_a2a.backends may import this module to register the spec: BackendSpec and deepep exist by then
-from fused_a2a.backends import deepep
-from fused_a2a.backends.base import BackendSpec
-from fused_a2a.backends.deepep import CHUNK_KNOBS, NVL_PEERS, DeepEPConfig, configs_from_knobs, rank_problem
+from fused_a2a.autograd import Comm
+from fused_a2a.backends.base import BackendSpec, Knob, Shape
+from fused_a2a.backends.chunk_config import (
+    NVL_PEERS,
+    ChunkConfig,
+    check_chunk,
+    check_num_sms,
+    configs_from_knobs,
+    rank_problem,
+)
+from fused_a2a.backends.optional import distribution_version
 from fused_a2a.backends.uccl_buffer import (
     DEFAULT_COMBINE,
     DEFAULT_DISPATCH,
@@ -63,32 +62,43 @@ def num_sms_from_env(environ: Mapping[str, str]) -> int:
 
 UCCLBuffer.num_sms = num_sms_from_env(os.environ)
 
-
-def get_uccl_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int):
-    """Get or create the process-wide UCCL-EP buffer for ``group``.
-
-    Its NVLink size is the larger of the size hints of UCCL-EP's default dispatch and combine configs
-    at the current SM count (:func:`set_uccl_num_sms`). A new buffer is created only when there is
-    none, the group changed, or a larger one is needed; the old one is destroyed first (collective).
-
-    Args:
-        group: the expert-parallel process group, all on one host.
-        hidden_bytes: bytes of one token row (:func:`~fused_a2a.get_hidden_bytes`).
-
-    Returns:
-        UCCLBuffer: the communication buffer.
-    """
-    UCCL_EP.require("get_uccl_buffer")
-    group = _group_or_world(group)
-    size = group.size()
-    configs = (UCCLBuffer.get_dispatch_config(size), UCCLBuffer.get_combine_config(size))
-    return _ensure_buffer(group, hidden_bytes, configs)
+KNOBS: tuple[Knob, ...] = (
+    Knob("num_sms", DEFAULT_NUM_SMS, (8, 16, 20, 24, 32, 48, 64),
+         "SMs of the normal-mode kernels (even: one channel per 2 SMs); dispatch and combine share it",
+         check=check_num_sms),
+    Knob("nvl_send", 0, (4, 8, 12, 16, 24, 32),
+         "tokens a channel sends over NVLink at once (0: UCCL-EP's default)", check=check_chunk("nvl_send", "UCCL-EP")),
+    Knob("nvl_recv", 0, (128, 256, 512),
+         "NVLink receive buffer per channel, tokens (0: UCCL-EP's default)", check=check_chunk("nvl_recv", "UCCL-EP")),
+    Knob("rdma_send", 0, (4, 8, 12, 16, 20, 32),
+         "tokens a channel sends over RDMA at once, internode only (0: UCCL-EP's default)",
+         check=check_chunk("rdma_send", "UCCL-EP")),
+    Knob("rdma_recv", 0, (128, 256, 512),
+         "RDMA receive buffer per channel, tokens, internode only (0: UCCL-EP's default)",
+         check=check_chunk("rdma_recv", "UCCL-EP")),
+)
 
 
-def _ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs: tuple) -> UCCLBuffer:
-    """The process-wide buffer, (re)created for ``group`` when it lacks room for ``configs``."""
+def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return dist.group.WORLD if group is None else group
+
+
+def current_buffer() -> UCCLBuffer | None:
+    """The process-wide UCCL-EP buffer, or ``None``."""
+    return _uccl_buffer
+
+
+def set_current_buffer(buffer: UCCLBuffer | None) -> None:
+    """Replace the process-wide buffer reference without destroying the old one."""
     global _uccl_buffer
-    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, group.size()) for config in configs)
+    _uccl_buffer = buffer
+
+
+def ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: tuple) -> UCCLBuffer:
+    """The process-wide buffer, (re)created for ``group`` when it lacks room for ``configs_in_use``
+    (``uccl.ep.Config`` objects). Collective when it (re)creates."""
+    global _uccl_buffer
+    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, group.size()) for config in configs_in_use)
     if _uccl_buffer is not None and _uccl_buffer.group is group:
         if _uccl_buffer.num_nvl_bytes >= num_nvl_bytes:
             return _uccl_buffer
@@ -107,104 +117,13 @@ def free_uccl_buffer() -> None:
         buffer.destroy()
 
 
-def set_uccl_num_sms(num_sms: int) -> None:
-    """Set the number of SMs UCCL-EP's kernels use (``UCCLBuffer.num_sms``; even, ``ValueError`` otherwise)."""
-    UCCL_EP.require("set_uccl_num_sms")
-    UCCLBuffer.set_num_sms(num_sms)
-
-
-def _group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return dist.group.WORLD if group is None else group
-
-
-def _comm() -> Comm:
-    return Comm(name="uccl", get_buffer=get_uccl_buffer, new_event=EventOverlap.capture)
-
-
-class UCCLFusedDispatch(torch.autograd.Function):
-    """Fused dispatch using UCCL-EP instead of DeepEP."""
-
-    @staticmethod
-    def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
-        """Forward pass: layout + dispatch (see :func:`uccl_fused_dispatch`)."""
-        return dispatch_forward(
-            ctx, _comm(), x, token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
-        )
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
-        """Backward pass: a combine of the gradients."""
-        grad_x, grad_probs = dispatch_backward(ctx, grad_output, grad_token_probs)
-        return grad_x, None, grad_probs, None, None, None, None
-
-
-class UCCLFusedCombine(torch.autograd.Function):
-    """Fused combine using UCCL-EP instead of DeepEP."""
-
-    @staticmethod
-    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
-        """Forward pass (see :func:`uccl_fused_combine`)."""
-        return combine_forward(ctx, _comm(), x, group, handle, async_finish, allocate_on_comm_stream), None
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_event=None):
-        """Backward pass: a cached dispatch of the gradient."""
-        return combine_backward(ctx, grad_output), None, None, None, None
-
-
-def uccl_fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
-    """Dispatch tokens to the ranks holding their experts, with UCCL-EP (intranode).
-
-    Args:
-        x: ``[num_tokens, hidden]`` bf16 tokens of this rank (``num_tokens > 0``).
-        token_indices: ``[num_tokens, topk]`` int64 global expert ids, ``-1`` for none.
-        token_probs: ``[num_tokens, topk]`` float32 routing probabilities.
-        num_experts: total number of experts (divisible by the group size).
-        group: the expert-parallel process group, all on one host.
-        async_finish: run on UCCL-EP's communication stream and make the current stream wait.
-        allocate_on_comm_stream: allocate the outputs on the communication stream.
-
-    Returns:
-        ``(recv_x [R, hidden], recv_token_indices [R, topk] int64 local ids or -1,
-        recv_token_probs [R, topk] float32, tokens_per_expert [num_local_experts] int64 (CPU), handle)``.
-    """
-    UCCL_EP.require("uccl_fused_dispatch")
-    return UCCLFusedDispatch.apply(
-        x.contiguous(), token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
-    )
-
-
-def uccl_fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
-    """Return each token's expert outputs to its source rank and sum them, with UCCL-EP.
-
-    Args:
-        x: ``[R, hidden]`` bf16 rows in the order :func:`uccl_fused_dispatch` received them.
-        group: the expert-parallel process group.
-        handle: the handle returned by that dispatch (the combine runs with its SM count).
-        async_finish, allocate_on_comm_stream: as in :func:`uccl_fused_dispatch`.
-
-    Returns:
-        ``(combined_x [num_tokens, hidden], None)``.
-    """
-    UCCL_EP.require("uccl_fused_combine")
-    return UCCLFusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
-
-
-# the uccl backend of fused_a2a.dispatch: DeepEP's knobs (UCCL-EP runs DeepEP's kernels and Config rules)
-KNOBS = tuple(
-    replace(knob, default=DEFAULT_NUM_SMS if knob.name == "num_sms" else knob.default,
-            help=knob.help.replace("DeepEP", "UCCL-EP"))
-    for knob in deepep.KNOBS
-)
-
-
 def uccl_configs(
     dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int
-) -> tuple[DeepEPConfig, DeepEPConfig]:
+) -> tuple[ChunkConfig, ChunkConfig]:
     """The checked ``(dispatch, combine)`` configs of two full knob dicts on ``num_ranks`` ranks.
 
     A chunk knob of ``0`` takes UCCL-EP's default for ``num_ranks`` and that operation; the rest are
-    DeepEP's rules (:func:`~fused_a2a.backends.deepep.configs_from_knobs`).
+    DeepEP's rules (:func:`~fused_a2a.backends.chunk_config.configs_from_knobs`).
 
     Raises:
         ValueError: a group this adapter cannot run on (more than one node's ranks, or a size the
@@ -215,11 +134,7 @@ def uccl_configs(
         raise ValueError(problem)
     if num_ranks > NVL_PEERS:
         raise ValueError(f"{num_ranks} ranks span nodes: {INTERNODE_ERROR}")
-    filled = []
-    for knobs, table in ((dispatch_knobs, DEFAULT_DISPATCH), (combine_knobs, DEFAULT_COMBINE)):
-        defaults = dict(zip(CHUNK_KNOBS, table[num_ranks]))
-        filled.append({**knobs, **{name: knobs[name] or defaults[name] for name in CHUNK_KNOBS}})
-    return configs_from_knobs(filled[0], filled[1], num_ranks)
+    return configs_from_knobs(dispatch_knobs, combine_knobs, num_ranks, DEFAULT_DISPATCH, DEFAULT_COMBINE, "UCCL-EP")
 
 
 def unavailable() -> str | None:
@@ -227,13 +142,29 @@ def unavailable() -> str | None:
     return None if HAVE_UCCL_EP else UCCL_EP.reason
 
 
+def version() -> str | None:
+    """The installed ``uccl`` package's version, else ``None``."""
+    return distribution_version(UCCL_EP, ("uccl",)) if HAVE_UCCL_EP else None
+
+
 def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
     """Why ``knobs`` (for dispatch and combine alike) cannot run on ``world_size`` ranks, or ``None``. Pure."""
     full = {**{knob.name: knob.default for knob in KNOBS}, **knobs}
+    for knob in KNOBS:
+        problem = knob.check(full[knob.name])
+        if problem is not None:
+            return problem
     try:
         uccl_configs(full, full, world_size)
     except ValueError as err:
         return str(err)
+    return None
+
+
+def shape_problem(shape: Shape, knobs: dict[str, Any] | None = None) -> str | None:
+    """Why UCCL-EP cannot take a dispatch of ``shape``: uccl 0.1.1 asserts that every rank sends at least one token."""
+    if min(shape.tokens) < 1:
+        return "UCCL-EP needs at least 1 token on every rank (uccl 0.1.1 asserts num_tokens > 0)"
     return None
 
 
@@ -262,24 +193,27 @@ def make_uccl_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any]
     except ValueError as err:
         raise ValueError(f"uccl: {err}") from None
     ep = UCCL_EP.require("the uccl backend")
-    configs = tuple(ep.Config(c.num_sms, c.nvl_send, c.nvl_recv, c.rdma_send, c.rdma_recv) for c in (dispatch, combine))
+    configs = (ep.Config(*dispatch.args()), ep.Config(*combine.args()))
 
     def get_buffer_for(group: dist.ProcessGroup | None, hidden_bytes: int) -> UCCLBuffer:
-        group = _group_or_world(group)
+        group = group_or_world(group)
         if group.size() != num_ranks:
             raise ValueError(f"uccl: these configs were resolved for {num_ranks} ranks, but the group has {group.size()}")
-        return _ensure_buffer(group, hidden_bytes, configs)
+        return ensure_buffer(group, hidden_bytes, configs)
 
-    return Comm(
-        name="uccl", get_buffer=get_buffer_for, dispatch_config=configs[0], combine_config=configs[1],
-        new_event=EventOverlap.capture,
-    )
+    return Comm(name="uccl", get_buffer=get_buffer_for, dispatch_config=configs[0], combine_config=configs[1],
+                new_event=EventOverlap.capture)
 
 
-def uccl_backend_spec() -> BackendSpec:
-    """The ``uccl`` :class:`~fused_a2a.backends.BackendSpec` (for ``fused_a2a.backends.BACKENDS``); bf16
-    only (UCCL-EP's combine kernel exists for bf16 alone)."""
-    return BackendSpec(
-        name="uccl", knobs=KNOBS, make_comm=make_uccl_comm, unavailable=unavailable, invalid=invalid_knobs,
-        dtypes=("bf16",),
-    )
+SPEC = BackendSpec(
+    name="uccl",
+    knobs=KNOBS,
+    make_comm=make_uccl_comm,
+    unavailable=unavailable,
+    invalid=invalid_knobs,
+    shape_problem=shape_problem,
+    teardown=free_uccl_buffer,
+    version=version,
+    dtypes=("bf16",),  # UCCL-EP's combine kernel exists for bf16 alone
+    sms_knobs=("num_sms",),
+)

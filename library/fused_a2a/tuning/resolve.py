@@ -1,9 +1,10 @@
 """Where a backend's knobs come from: explicit argument > environment > tuning table > backend default.
 
-Tables are looked for in ``$FUSED_A2A_TUNING_DIR/<cluster-id>/tuning.json``, then in the repository's
-``tuning_results/<cluster-id>/tuning.json``. A table that cannot be used is ignored with one warning (a
-training job never stops because of a tuning file) unless strict mode is on
-(``FUSED_A2A_TUNING_STRICT=1``), where it raises :class:`~fused_a2a.tuning.table.TuningFileError`.
+Tables are looked for in ``$FUSED_A2A_TUNING_DIR/<cluster-id>/tuning.json``, then in the tables that ship
+with the package (``tuning_results/<cluster-id>/tuning.json``). A table that cannot be used, an entry
+measured with another build of the backend library, or an environment override that does not convert
+is ignored (or used, for another build) with one warning: a training job never stops because of a
+tuning file or an environment variable. Strict mode (``FUSED_A2A_TUNING_STRICT=1``) raises instead.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ from typing import Any
 from fused_a2a.autograd import Comm
 from fused_a2a.backends import BACKENDS, Knob, get_backend, make_comm
 from fused_a2a.cluster import detect_cluster
-from fused_a2a.tuning.table import TuningEntry, TuningFileError, TuningTable, best_within_budget, lookup, read_table
+from fused_a2a.tuning.table import (
+    ROUTING_RE,
+    TuningEntry,
+    TuningFileError,
+    TuningTable,
+    best_within_budget,
+    lookup,
+    read_table,
+)
 
 TUNING_DIR_ENV = "FUSED_A2A_TUNING_DIR"
 STRICT_ENV = "FUSED_A2A_TUNING_STRICT"
 TABLE_NAME = "tuning.json"
 BUDGET_ENV = "FUSED_A2A_NUM_SMS_BUDGET"
+ROUTING_ENV = "FUSED_A2A_ROUTING"
 SMS_KNOB = "num_sms"
 
 logger = logging.getLogger("fused_a2a")
@@ -44,9 +54,13 @@ class Resolution:
         backend: the backend name.
         dispatch: every knob of the backend for dispatch (name -> value).
         combine: every knob of the backend for combine.
-        sources: knob name -> ``"argument"``, ``"environment"``, ``"table"`` or ``"default"``.
+        sources: knob name -> ``"argument"``, ``"environment"``, ``"table"``, ``"table (uniform
+            routing)"`` (the call's routing has no entry), ``"table (SM budget)"``, ``"budget"`` or
+            ``"default"``.
         table_path: the tuning file that was consulted, ``None`` if none was found.
         entry: the table entry that applied, ``None`` if none did.
+        routing: the routing the call declared.
+        build: the installed backend library's version and build (``None``: unknown).
     """
 
     backend: str
@@ -55,15 +69,57 @@ class Resolution:
     sources: dict[str, str]
     table_path: str | None
     entry: TuningEntry | None
+    routing: str = "uniform"
+    build: str | None = None
 
 
-PACKAGED_DIR = Path(__file__).resolve().parents[3] / "tuning_results"
+def packaged_dir() -> Path:
+    """The tables that ship with fused_a2a: inside the installed package (a wheel), else the source
+    checkout's top-level ``tuning_results/`` (an editable install)."""
+    inside = Path(__file__).resolve().parents[1] / "tuning_results"
+    return inside if inside.is_dir() else Path(__file__).resolve().parents[3] / "tuning_results"
 
 
 def tuning_dirs() -> list[Path]:
-    """The folders searched for ``<cluster-id>/tuning.json``, first match wins."""
+    """The folders searched for ``<cluster-id>/tuning.json``, first match wins:
+    ``$FUSED_A2A_TUNING_DIR`` (a cluster's own tables), then :func:`packaged_dir`."""
     override = os.environ.get(TUNING_DIR_ENV)
-    return [Path(override), PACKAGED_DIR] if override else [PACKAGED_DIR]
+    return [Path(override), packaged_dir()] if override else [packaged_dir()]
+
+
+def strict_mode() -> bool:
+    """``$FUSED_A2A_TUNING_STRICT == "1"``: unusable tables and overrides raise instead of warning."""
+    return os.environ.get(STRICT_ENV) == "1"
+
+
+def declared_routing(routing: str | None = None) -> str:
+    """The routing a call declares: ``routing``, else ``$FUSED_A2A_ROUTING``, else ``uniform``.
+
+    Raises:
+        ValueError: a ``routing`` argument that is not ``uniform``, ``zipf:<skew>`` or ``hot:<fraction>``.
+    An invalid ``$FUSED_A2A_ROUTING`` is ignored with a :class:`TuningWarning` (strict mode: ``ValueError``).
+    """
+    if routing is not None:
+        if not ROUTING_RE.match(routing):
+            raise ValueError(f"routing must be uniform, zipf:<skew> or hot:<fraction>, got {routing!r}")
+        return routing
+    text = os.environ.get(ROUTING_ENV)
+    if text is None:
+        return "uniform"
+    if ROUTING_RE.match(text):
+        return text
+    _bad_environment(f"{ROUTING_ENV} must be uniform, zipf:<skew> or hot:<fraction>, got {text!r}")
+    return "uniform"
+
+
+def _bad_environment(problem: str) -> None:
+    """An environment override that cannot be used: ``ValueError`` in strict mode, else one warning."""
+    if strict_mode():
+        raise ValueError(f"environment variable {problem}")
+    key = ("environment", problem)
+    if key not in _logged:
+        _logged.add(key)
+        warnings.warn(f"fused_a2a: ignoring environment variable {problem}", TuningWarning, stacklevel=4)
 
 
 def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[TuningTable | None, Path | None]:
@@ -83,7 +139,7 @@ def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[Tuning
         TuningFileError: in strict mode, for a file that would be skipped.
     """
     if strict is None:
-        strict = os.environ.get(STRICT_ENV) == "1"
+        strict = strict_mode()
     return _load(cluster, tuple(tuning_dirs()), strict)
 
 
@@ -107,10 +163,14 @@ def _load(cluster: str, dirs: tuple[Path, ...], strict: bool) -> tuple[TuningTab
 
 
 def clear_cache() -> None:
-    """Forget the loaded tables, the detected cluster and which resolutions were logged."""
+    """Forget the loaded tables, the detected cluster, which resolutions were logged and the agreed
+    resolutions of :mod:`fused_a2a.tuning.agreement` (call it on every rank of a group, or on none)."""
+    from fused_a2a.tuning import agreement  # agreement builds on this module
+
     _load.cache_clear()
     detect_cluster.cache_clear()
     _logged.clear()
+    agreement.clear()
 
 
 def env_var(backend: str, knob: str) -> str:
@@ -119,11 +179,17 @@ def env_var(backend: str, knob: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", f"FUSED_A2A_{backend}_{knob}".upper())
 
 
+_MISSING = object()
+
+
 def _parse_env(knob: Knob, name: str) -> Any:
+    """The knob's value from ``$name``, or ``_MISSING`` when it does not convert or is rejected
+    (one warning; ``ValueError`` in strict mode)."""
     try:
-        return knob.parse(os.environ[name])
+        return knob.validate(knob.parse(os.environ[name]))
     except ValueError as err:
-        raise ValueError(f"environment variable {name}: {err}") from None
+        _bad_environment(f"{name}: {err}")
+        return _MISSING
 
 
 def resolve(
@@ -138,6 +204,7 @@ def resolve(
     cluster: str | None = None,
     use_table: bool = True,
     num_sms_budget: int | None = None,
+    routing: str | None = None,
 ) -> Resolution:
     """The knobs of ``backend`` for a call of this shape, each from the first source that sets it.
 
@@ -145,7 +212,8 @@ def resolve(
         backend: a backend name.
         world_size: ranks in the expert-parallel group.
         dtype: token dtype (``"bf16"``, ``"fp16"``, ``"fp32"``, ``"fp8"``).
-        hidden: hidden size; num_tokens: tokens of this rank; topk, num_experts: as the table's keys.
+        hidden: hidden size; num_tokens: the tokens to look the table up with (the group's
+            largest, :mod:`fused_a2a.tuning.agreement`); topk, num_experts: as the table's keys.
         explicit: knobs the caller passed (used for both dispatch and combine).
         cluster: the cluster id (default: :func:`fused_a2a.cluster.detect_cluster` ``(world_size).id``).
         use_table: ``False`` skips the tuning table (after the backend rejected its entry).
@@ -153,43 +221,70 @@ def resolve(
             limit). For a backend with a ``num_sms`` knob not set by argument or environment: the
             table's SM count if within the budget, else the best frontier point within it, else the
             default if within it, else the budget itself (source ``"budget"``).
+        routing: the routing the call declares (default: ``$FUSED_A2A_ROUTING``, else ``uniform``);
+            entries of that routing are preferred, else ``uniform`` ones.
 
     Returns:
         a :class:`Resolution`; logged at INFO on the ``fused_a2a`` logger once per distinct choice.
+        An entry measured with another build of the backend library than the installed one is used
+        with one :class:`TuningWarning`.
 
     Raises:
-        ValueError: unknown backend or knob name, or an environment override that does not convert
-            (:meth:`~fused_a2a.backends.Knob.parse`).
-        TuningFileError: in strict mode, an unusable tuning file.
+        ValueError: unknown backend or knob name, an explicit value the knob rejects, or (strict
+            mode only) an environment override that does not convert.
+        TuningFileError: in strict mode, an unusable tuning file or an entry of another build.
     """
     spec = get_backend(backend)
-    for name in explicit:
-        spec.knob(name)
+    for name, value in explicit.items():
+        try:
+            spec.knob(name).validate(value)
+        except ValueError as err:
+            raise ValueError(f"backend {backend!r}: {err}") from None
+    routing = declared_routing(routing)
     cluster = cluster or detect_cluster(world_size).id
+    build = spec.version()
     table, path = load_cluster_table(cluster) if use_table else (None, None)
-    entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts) if table else None
+    entry = None
+    if table is not None:
+        entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, build)
+    if entry is not None and entry.build is not None and build is not None and entry.build != build:
+        _other_build(path, entry, build)
+    table_source = "table" if entry is None or entry.routing == routing else f"table ({entry.routing} routing)"
     dispatch, combine, sources = {}, {}, {}
     for knob in spec.knobs:
         name = env_var(backend, knob.name)
+        from_env = _parse_env(knob, name) if name in os.environ and knob.name not in explicit else _MISSING
         if knob.name in explicit:
             sources[knob.name] = "argument"
             dispatch[knob.name] = combine[knob.name] = explicit[knob.name]
-        elif name in os.environ:
+        elif from_env is not _MISSING:
             sources[knob.name] = "environment"
-            dispatch[knob.name] = combine[knob.name] = _parse_env(knob, name)
+            dispatch[knob.name] = combine[knob.name] = from_env
         elif entry is not None and knob.name in entry.dispatch:
-            sources[knob.name] = "table"
+            sources[knob.name] = table_source
             dispatch[knob.name], combine[knob.name] = entry.dispatch[knob.name], entry.combine[knob.name]
         else:
             sources[knob.name] = "default"
             dispatch[knob.name] = combine[knob.name] = knob.default
     budget = num_sms_budget if num_sms_budget is not None else _budget_from_env()
-    if budget is not None and SMS_KNOB in sources and sources[SMS_KNOB] in ("table", "default"):
+    if budget is not None and SMS_KNOB in sources and sources[SMS_KNOB] not in ("argument", "environment"):
         sms, sources[SMS_KNOB] = _within_budget(dispatch[SMS_KNOB], sources[SMS_KNOB], entry, budget, spec.knob(SMS_KNOB))
         dispatch[SMS_KNOB] = combine[SMS_KNOB] = sms
-    resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry)
+    resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry, routing, build)
     _log_once(resolution, (world_size, dtype, hidden, topk, num_experts))
     return resolution
+
+
+def _other_build(path: Path | None, entry: TuningEntry, build: str) -> None:
+    """An entry measured with another build: one warning per (file, entry), ``TuningFileError`` in strict mode."""
+    problem = (f"entry ({entry.backend}, hidden {entry.hidden}, {entry.num_tokens} tokens) was measured with "
+               f"{entry.backend} {entry.build}, the installed build is {build}")
+    if strict_mode():
+        raise TuningFileError(str(path), problem)
+    key = ("build", str(path), entry.key)
+    if key not in _logged:
+        _logged.add(key)
+        warnings.warn(f"tuning file {path}: {problem}; using it", TuningWarning, stacklevel=4)
 
 
 def tuned_comm(
@@ -202,6 +297,8 @@ def tuned_comm(
     topk: int | None = None,
     num_experts: int | None = None,
     num_sms_budget: int | None = None,
+    routing: str | None = None,
+    use_table: bool = True,
 ) -> Comm:
     """The backend's :class:`~fused_a2a.autograd.Comm` with its knobs resolved (:func:`resolve`).
 
@@ -209,8 +306,8 @@ def tuned_comm(
     :class:`TuningWarning` and the knobs are resolved again without the table; a rejection of knobs
     that did not come from the table is raised.
     """
-    context = dict(explicit=explicit, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget)
-    resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context)
+    context = dict(explicit=explicit, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget, routing=routing)
+    resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context, use_table=use_table)
     try:
         return make_comm(backend, resolution.dispatch, resolution.combine, world_size)
     except (ValueError, RuntimeError) as exc:
@@ -223,16 +320,15 @@ def tuned_comm(
 
 
 def _budget_from_env() -> int | None:
+    """``$FUSED_A2A_NUM_SMS_BUDGET`` as a positive int; ``None`` when unset or unusable (one warning,
+    ``ValueError`` in strict mode)."""
     text = os.environ.get(BUDGET_ENV)
     if not text:
         return None
-    try:
-        budget = int(text)
-    except ValueError:
-        raise ValueError(f"{BUDGET_ENV} must be a positive integer, got {text!r}") from None
-    if budget <= 0:
-        raise ValueError(f"{BUDGET_ENV} must be a positive integer, got {text!r}")
-    return budget
+    if not text.strip().isdigit() or int(text) <= 0:
+        _bad_environment(f"{BUDGET_ENV} must be a positive integer, got {text!r}")
+        return None
+    return int(text)
 
 
 def _within_budget(sms: int, source: str, entry: TuningEntry | None, budget: int, knob: Knob) -> tuple[int, str]:
@@ -259,6 +355,7 @@ def best_backend(
     topk: int | None = None,
     num_experts: int | None = None,
     cluster: str | None = None,
+    routing: str | None = None,
 ) -> str:
     """The installed backend that this cluster's tuning table measured fastest for a call.
 
@@ -268,9 +365,12 @@ def best_backend(
     backend has a timed entry, or there is no usable table. Arguments as in :func:`resolve`.
     """
     table, _ = load_cluster_table(cluster or detect_cluster(world_size).id)
+    routing = declared_routing(routing)
     timed = []
     for name, spec in BACKENDS.items():
-        entry = lookup(table, name, world_size, dtype, hidden, num_tokens, topk, num_experts) if table else None
+        entry = None
+        if table is not None and spec.unavailable() is None:
+            entry = lookup(table, name, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, spec.version())
         if entry is not None and {"dispatch_us", "combine_us"} <= entry.measured.keys() and spec.unavailable() is None:
             timed.append((entry.measured["dispatch_us"] + entry.measured["combine_us"], name))
     return min(timed)[1] if timed else "torch"

@@ -1,7 +1,8 @@
 """The tuning table file ``tuning.json`` (schema ``a2a-bench/tuning/v1``): its only reader and writer.
 
-A table holds, for one cluster, the best measured knobs of each (backend, world size, dtype, hidden,
-tokens, top-k, experts) key, and for each key the best time at each SM count (the ``frontier``).
+A table holds, for one cluster, the best measured knobs of each (backend, world size, dtype, routing,
+backend build, hidden, tokens, top-k, experts) key, and for each key the best time at each SM count
+(the ``frontier``). ``routing`` and ``build`` are optional in a file (``uniform`` and unknown).
 Every file is validated on read and before it is written; a problem raises :class:`TuningFileError`
 with one line naming the file and the problem.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -17,11 +19,13 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from fused_a2a.backends import BACKENDS
+from fused_a2a.cluster import cluster_id_problem
 from fused_a2a.files import atomic_write_text
 
 SCHEMA = "a2a-bench/tuning/v1"
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
-KEY_FIELDS = ("backend", "world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts")
+KEY_FIELDS = ("backend", "world_size", "dtype", "routing", "build", "hidden", "num_tokens", "topk", "num_experts")
+ROUTING_RE = re.compile(r"^(uniform|zipf:\d+(\.\d+)?|hot:(0(\.\d+)?|1(\.0+)?))$")
 
 
 class TuningFileError(ValueError):
@@ -35,12 +39,14 @@ class TuningFileError(ValueError):
 
 @dataclass(frozen=True)
 class TuningEntry:
-    """The best knobs measured for one key (the fields up to ``num_experts``).
+    """The best knobs measured for one key (:data:`KEY_FIELDS`).
 
     Attributes:
         backend: a name in :data:`fused_a2a.backends.BACKENDS`.
         world_size: ranks in the expert-parallel group.
         dtype: token dtype, one of :data:`DTYPES`.
+        routing: the routing it was measured with: ``uniform``, ``zipf:<skew>`` or ``hot:<fraction>``.
+        build: the backend library's version and build it was measured with (``None``: not recorded).
         hidden: hidden size (elements per token).
         num_tokens: tokens per rank before dispatch.
         topk: experts per token.
@@ -62,15 +68,17 @@ class TuningEntry:
     combine: dict[str, Any]
     measured: dict[str, float]
     frontier: tuple[tuple[int, float, float], ...]
+    routing: str = "uniform"
+    build: str | None = None
 
     @property
     def key(self) -> tuple:
-        """``(backend, world_size, dtype, hidden, num_tokens, topk, num_experts)``."""
-        return tuple(getattr(self, name) for name in KEY_FIELDS)
+        """The values of :data:`KEY_FIELDS` (``build`` as ``""`` when unknown, so keys sort)."""
+        return tuple(("" if value is None else value) for value in (getattr(self, name) for name in KEY_FIELDS))
 
     def to_json(self) -> dict:
         return {
-            **{name: getattr(self, name) for name in KEY_FIELDS},
+            **{name: getattr(self, name) for name in KEY_FIELDS if getattr(self, name) is not None},
             "dispatch": dict(sorted(self.dispatch.items())),
             "combine": dict(sorted(self.combine.items())),
             "measured": dict(sorted(self.measured.items())),
@@ -173,6 +181,12 @@ def _entry(obj: Any, i: int, source: str) -> TuningEntry:
         key: _field(obj, key, where, _is_positive_int, "a positive int", source)
         for key in ("world_size", "hidden", "num_tokens", "topk", "num_experts")
     }
+    routing = obj.get("routing", "uniform")
+    if not isinstance(routing, str) or not ROUTING_RE.match(routing):
+        raise TuningFileError(source, f"{where}routing must be uniform, zipf:<skew> or hot:<fraction>, got {_short(routing)}")
+    build = obj.get("build")
+    if build is not None and (not isinstance(build, str) or not build):
+        raise TuningFileError(source, f"{where}build must be a non-empty string, got {_short(build)}")
     dispatch = _knobs(obj, "dispatch", where, backend, source)
     combine = _knobs(obj, "combine", where, backend, source)
     if set(dispatch) != set(combine):
@@ -184,6 +198,8 @@ def _entry(obj: Any, i: int, source: str) -> TuningEntry:
     return TuningEntry(
         backend=backend,
         dtype=dtype,
+        routing=routing,
+        build=build,
         **sizes,
         dispatch=dispatch,
         combine=combine,
@@ -207,7 +223,8 @@ def parse_table(data: Any, source: str) -> TuningTable:
         raise TuningFileError(source, f"must hold a JSON object, got {type(data).__name__}")
     _field(data, "schema", "", lambda v: v == SCHEMA, repr(SCHEMA), source)
     cluster = _field(data, "cluster", "", _of(dict), "an object", source)
-    _field(cluster, "id", "cluster.", lambda v: isinstance(v, str) and v != "", "a non-empty string", source)
+    _field(cluster, "id", "cluster.", lambda v: cluster_id_problem(v) is None,
+           "a name (letters, digits, '.', '_', '-')", source)
     created = _field(data, "created", "", _of(str), "a string", source)
     tool_version = _field(data, "tool_version", "", _of(str), "a string", source)
     raw_entries = _field(data, "entries", "", _of(list), "a list", source)
@@ -286,14 +303,21 @@ def lookup(
     num_tokens: int,
     topk: int | None = None,
     num_experts: int | None = None,
+    routing: str = "uniform",
+    build: str | None = None,
 ) -> TuningEntry | None:
     """The entry of ``table`` that applies to a call, or ``None``.
 
-    Backend, world size and dtype match exactly. Among those, entries with the call's ``topk`` (then
-    ``num_experts``) are preferred when there are any. Hidden: the exact size, else the nearest (a tie
-    goes to the larger). Tokens: the smallest entry with ``num_tokens >=`` the call's, else the largest.
+    Backend, world size and dtype match exactly. Routing: the entries of the call's routing, else
+    (none measured with it) those of ``uniform``. Build: the entries measured with the installed
+    ``build`` when there are any, else those of any build (the caller warns). Among those, entries
+    with the call's ``topk`` (then ``num_experts``) are preferred when there are any. Hidden: the exact
+    size, else the nearest (a tie goes to the larger). Tokens: the smallest entry with
+    ``num_tokens >=`` the call's, else the largest.
     """
     candidates = [e for e in table.entries if (e.backend, e.world_size, e.dtype) == (backend, world_size, dtype)]
+    candidates = [e for e in candidates if e.routing == routing] or [e for e in candidates if e.routing == "uniform"]
+    candidates = [e for e in candidates if build is not None and e.build == build] or candidates
     for name, wanted in (("topk", topk), ("num_experts", num_experts)):
         exact = [e for e in candidates if wanted is not None and getattr(e, name) == wanted]
         candidates = exact or candidates

@@ -27,9 +27,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .hybrid_ep_buffer import HybridEPBuffer
 from .utils import EventHandle, EventOverlap
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EVENTS"]
+__all__ = ["Buffer", "Config", "EventOverlap", "EVENTS", "HybridEPBuffer"]
 
 EVENTS: list[tuple[str, int]] = []
 EVENTS_FILE_ENV = "FAKE_DEEP_EP_EVENTS"
