@@ -66,8 +66,23 @@ def _same(a, b) -> bool:
         else torch.equal(a.cpu(), b.cpu())
 
 
-def compare(got: RoundTrip, ref: RoundTrip, dtype: torch.dtype) -> str | None:
-    """``None`` if ``got`` matches ``ref`` (dispatch exactly, the rest within tolerance), else what differs."""
+def ascending_slots(topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``[R, K]`` local expert ids in ascending order, then ``-1``, with their weights moved
+    along: the layout of a backend that does not keep top-k slots (HybridEP)."""
+    key = torch.where(topk_idx >= 0, topk_idx, torch.iinfo(topk_idx.dtype).max)
+    order = torch.argsort(key, dim=1, stable=True)
+    return topk_idx.gather(1, order), topk_weights.gather(1, order)
+
+
+def compare(got: RoundTrip, ref: RoundTrip, dtype: torch.dtype, keeps_topk_slots: bool = True) -> str | None:
+    """``None`` if ``got`` matches ``ref`` (dispatch exactly, the rest within tolerance), else what differs.
+
+    ``keeps_topk_slots=False``: the reference's received ids and weights are compared in ascending
+    order (:func:`ascending_slots`), as such a backend returns them.
+    """
+    if not keeps_topk_slots:
+        idx, weights = ascending_slots(ref.recv_topk_idx, ref.recv_topk_weights)
+        ref = RoundTrip(ref.recv_x, idx, weights, ref.tokens_per_expert, ref.out, ref.grad_x, ref.grad_weights)
     for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "tokens_per_expert"):
         if not _same(getattr(got, name), getattr(ref, name)):
             return f"{name} differs from the torch reference"
@@ -91,7 +106,7 @@ def verify(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_e
     grad_seed = seed * 7919 + dist.get_rank(group)
     ref = round_trip("torch", get_backend("torch").defaults(), x, topk_idx, topk_weights, num_experts, grad_seed, group)
     got = round_trip(backend, knobs, x, topk_idx, topk_weights, num_experts, grad_seed, group)
-    problem = compare(got, ref, torch.bfloat16 if is_fp8_pair(x) else x.dtype)
+    problem = compare(got, ref, torch.bfloat16 if is_fp8_pair(x) else x.dtype, get_backend(backend).keeps_topk_slots)
     problems: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(problems, problem, group=group)
     return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p is not None), None)

@@ -125,11 +125,13 @@ DispatchFn = Callable[..., tuple]
 CombineFn = Callable[..., torch.Tensor]
 
 
-def check_case(case: Case, rank: int, world_size: int, device: torch.device, dispatch_fn, combine_fn) -> None:
+def check_case(case: Case, rank: int, world_size: int, device: torch.device, dispatch_fn, combine_fn,
+               keeps_topk_slots: bool = True) -> None:
     """Run dispatch -> expert_op -> combine -> backward on this rank and compare with the reference.
 
     ``dispatch_fn(x, topk_idx, topk_weights, num_experts)`` returns the 5-tuple of ``fused_dispatch``;
-    ``combine_fn(y, handle)`` returns ``[N, H]``.
+    ``combine_fn(y, handle)`` returns ``[N, H]``. ``keeps_topk_slots=False``: the received ids and
+    weights are expected in ascending order per row (HybridEP's layout).
     """
     spec = case.spec
     all_inputs = [case.inputs(r, world_size) for r in range(world_size)]
@@ -141,6 +143,10 @@ def check_case(case: Case, rank: int, world_size: int, device: torch.device, dis
     )
 
     exp_x, exp_idx, exp_weights, exp_counts = expected_dispatch(all_inputs, rank, spec.num_experts)
+    if not keeps_topk_slots:
+        from a2a_bench.verify import ascending_slots  # imports fused_a2a: only once the rank chose its fakes
+
+        exp_idx, exp_weights = ascending_slots(exp_idx, exp_weights)
     assert torch.equal(recv_x.detach().cpu(), exp_x), f"{case}: recv_x differs on rank {rank}"
     assert torch.equal(recv_idx.cpu(), exp_idx), f"{case}: recv_topk_idx differs on rank {rank}"
     assert torch.equal(recv_weights.detach().cpu(), exp_weights), f"{case}: recv_topk_weights differ on rank {rank}"

@@ -272,7 +272,7 @@ def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, s
     current one was built for another group, hidden size, expert count, fp8 flag or settings.
 
     Args:
-        group: the expert-parallel process group.
+        group: the expert-parallel process group (``None``: the default group).
         hidden: hidden size ``H``.
         num_local_experts: experts per rank.
         num_tokens: tokens per rank of the call (a new buffer's initial capacity; HybridEP grows it).
@@ -280,6 +280,7 @@ def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, s
         fp8: a buffer for FP8 dispatch.
     """
     deep_ep = require("the hybridep backend")
+    group = dist.group.WORLD if group is None else group
     key = (group, hidden, num_local_experts, fp8, settings)
     apply_environment(settings)
     if _current.buffer is None or _current.key != key:

@@ -646,7 +646,10 @@ class HybridEPBuffer:
         return s2d.view(nodes, num_tokens, rpn).permute(1, 0, 2).reshape(num_tokens, nodes * rpn)
 
     def _exchange(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        flat = tensor.reshape(tensor.size(0), -1)
+        width = 1
+        for size in tensor.shape[1:]:
+            width *= size
+        flat = tensor.reshape(tensor.size(0), width)
         # gloo handles these types; any other (bf16, fp16, fp8) travels as its raw bytes, bit-exactly
         wire = flat if flat.dtype in (torch.float32, torch.int64, torch.int32, torch.uint8) else flat.view(torch.uint8)
         out = torch.empty(sum(recv_counts), wire.size(1), dtype=wire.dtype)
