@@ -155,13 +155,15 @@ def _without(argv: list[str], option: str) -> list[str]:
 def tune(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
     out: Path = typer.Option(Path("tuning_results"), help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json."),
-    routing: str = typer.Option("uniform", help="Tune from the rows of this routing."),
+    routing: Optional[str] = typer.Option(None, help="Only the rows of this routing (uniform, zipf:<skew>, hot:<fraction>); default: one entry per routing measured."),
+    by: str = typer.Option("kernel", help="Select by this timing mode: kernel, api (what a training step pays), seed (HybridEP's permute path), graph."),
 ) -> None:
-    """Select the fastest verified config per shape and merge it into the cluster's tuning.json."""
+    """Select the fastest verified config per shape, routing and backend build; merge it into the cluster's tuning.json."""
     from a2a_bench.report import tuning_rich
     from a2a_bench.tune import tune as run_tune
+    from fused_a2a.tuning.resolve import declared_routing
 
-    path, table = run_tune(run_dir, out, routing)
+    path, table = run_tune(run_dir, out, None if routing is None else declared_routing(routing), by)
     console.print(tuning_rich(table))
     console.print(f"wrote {path}")
 
@@ -200,8 +202,10 @@ def show(
     experts: Optional[int] = typer.Option(None, help="Number of experts (prefer entries with it)."),
     cluster: Optional[str] = typer.Option(None, help="Cluster id (default: this machine's)."),
     knob: Optional[List[str]] = typer.Option(None, help="An explicit knob as a caller would pass it: name=value."),
+    routing: Optional[str] = typer.Option(None, help="The routing the job declares (default: $FUSED_A2A_ROUTING, else uniform)."),
 ) -> None:
-    """What fused_a2a would use for this call on this machine, and where each knob comes from."""
+    """What fused_a2a would use for this call on this machine, where each knob comes from, and which
+    framework module fused_a2a stands in for in this process."""
     from fused_a2a.backends import get_backend
     from fused_a2a.tuning.resolve import resolve
 
@@ -212,8 +216,9 @@ def show(
         if not sep:
             raise SpecError(f"--knob takes name=value, got {text!r}")
         explicit[name] = spec.knob(name).parse(value)
-    res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster)
-    out = Table(title=f"{backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}")
+    res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster,
+                  routing=routing)
+    out = Table(title=f"{backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}, {res.routing} routing")
     for column in ("knob", "dispatch", "combine", "source"):
         out.add_column(column)
     for name in res.dispatch:
@@ -221,8 +226,10 @@ def show(
     console.print(out)
     if res.entry is not None:
         e = res.entry
-        console.print(f"table entry: {res.table_path} ({e.backend}, {e.world_size} ranks, {e.dtype}, hidden {e.hidden}, "
-                      f"{e.num_tokens} tokens, top-{e.topk}, {e.num_experts} experts)", markup=False)
+        console.print(f"table entry: {res.table_path} ({e.backend}, {e.world_size} ranks, {e.dtype}, {e.routing} routing, "
+                      f"hidden {e.hidden}, {e.num_tokens} tokens, top-{e.topk}, {e.num_experts} experts, "
+                      f"measured with {e.build or 'an unrecorded build'}; installed: {res.build or 'not installed'})",
+                      markup=False)
     else:
         console.print(f"no table entry ({res.table_path or 'no tuning table for this cluster'})", markup=False)
 
@@ -294,13 +301,17 @@ def export(
     experts: Optional[int] = typer.Option(None, help="Number of experts (prefer entries with it)."),
     cluster_dir: Optional[Path] = typer.Option(None, help="A folder holding tuning.json (default: this machine's cluster)."),
     out: Optional[Path] = typer.Option(None, help="Write to this file (atomically) instead of stdout."),
+    routing: str = typer.Option("uniform", help="The routing the job declares: uniform, zipf:<skew>, hot:<fraction>."),
 ) -> None:
-    """The tuning table's knobs for a call, as SGLang's --deepep-config JSON or environment variables."""
+    """The tuning table's knobs for a call, as SGLang's --deepep-config JSON or environment variables
+    (with the Megatron-LM and NeMo Automodel settings that give them)."""
     from a2a_bench.export import check_request, describe, find_entry, load_table, render
     from fused_a2a.files import atomic_write_text
+    from fused_a2a.tuning.resolve import declared_routing
 
     check_request(fmt, backend)
-    entry = find_entry(load_table(cluster_dir, world_size), backend, world_size, dtype, hidden, tokens, topk, experts)
+    entry = find_entry(load_table(cluster_dir, world_size), backend, world_size, dtype, hidden, tokens, topk, experts,
+                       declared_routing(routing))
     text = render(fmt, entry)
     if out is None:
         print(text, end="")

@@ -24,6 +24,7 @@ class BackendRow:
         knobs: the best config's knobs (least dispatch + combine kernel-mode median).
         dispatch_us, combine_us: that config's kernel-mode medians, µs.
         dispatch_api_us, combine_api_us: its api-mode medians, µs.
+        dispatch_graph_us, combine_graph_us: its graph-mode medians, µs (``None``: not captured).
         dispatch_algbw_gbps, combine_algbw_gbps: its algbw, GB/s.
         default_dispatch_us, default_combine_us: the backend's default config, kernel-mode medians, µs.
         speedup_vs_torch: torch's best ``dispatch_us + combine_us`` over this one's (> 1: faster).
@@ -37,6 +38,8 @@ class BackendRow:
     combine_us: float | None = None
     dispatch_api_us: float | None = None
     combine_api_us: float | None = None
+    dispatch_graph_us: float | None = None
+    combine_graph_us: float | None = None
     dispatch_algbw_gbps: float | None = None
     combine_algbw_gbps: float | None = None
     default_dispatch_us: float | None = None
@@ -102,6 +105,7 @@ def compare_rows(rows: pd.DataFrame) -> list[BackendRow]:
             backend=key[0], world_size=key[1], status="ok", knobs=json.loads(r["knobs"]),
             dispatch_us=float(r["dispatch_kernel_us_median"]), combine_us=float(r["combine_kernel_us_median"]),
             dispatch_api_us=float(r["dispatch_api_us_median"]), combine_api_us=float(r["combine_api_us_median"]),
+            dispatch_graph_us=_maybe(r["dispatch_graph_us_median"]), combine_graph_us=_maybe(r["combine_graph_us_median"]),
             dispatch_algbw_gbps=float(r["dispatch_algbw_gbps"]), combine_algbw_gbps=float(r["combine_algbw_gbps"]),
             default_dispatch_us=float(defaults["dispatch_kernel_us_median"].min()) if len(defaults) else None,
             default_combine_us=float(defaults["combine_kernel_us_median"].min()) if len(defaults) else None,
@@ -111,8 +115,30 @@ def compare_rows(rows: pd.DataFrame) -> list[BackendRow]:
     return out
 
 
-COLUMNS = ["backend", "ranks", "best knobs", "kernel µs (d / c)", "api µs (d / c)", "algbw GB/s (d / c)",
-           "default µs (d / c)", "speedup vs torch"]
+COLUMNS = ["backend", "ranks", "best knobs", "kernel µs (d / c)", "api µs (d / c)", "graph µs (d / c)",
+           "algbw GB/s (d / c)", "default µs (d / c)", "speedup vs torch"]
+SHIFT_COLUMNS = ["best knobs with uniform routing", "time vs uniform"]
+
+
+def routing_shift(results: pd.DataFrame, rows: pd.DataFrame, best: list[BackendRow]) -> dict[str, tuple[str, str]]:
+    """For a skewed routing's best configs: each backend's best config of the same shape under uniform
+    routing and the ratio of the skewed best's dispatch + combine kernel time to the uniform best's
+    (``"-"`` where uniform was not measured)."""
+    first = rows.iloc[0]
+    uniform = results[(results["hidden"] == first["hidden"]) & (results["num_tokens"] == first["num_tokens"])
+                      & (results["dtype"] == first["dtype"]) & (results["topk"] == first["topk"])
+                      & (results["num_experts"] == first["num_experts"]) & (results["routing"] == "uniform")]
+    by_backend = {(b.backend, b.world_size): b for b in compare_rows(uniform)} if len(uniform) else {}
+    shift = {}
+    for b in best:
+        base = by_backend.get((b.backend, b.world_size))
+        if b.knobs is None or base is None or base.knobs is None:
+            shift[b.backend] = ("-", "-")
+            continue
+        same = "same" if base.knobs == b.knobs else " ".join(f"{k}={v}" for k, v in sorted(base.knobs.items())) or "-"
+        ratio = (b.dispatch_us + b.combine_us) / (base.dispatch_us + base.combine_us)
+        shift[b.backend] = (same, f"{ratio:.2f}x")
+    return shift
 
 
 def compare_table(
@@ -127,7 +153,9 @@ def compare_table(
     """Backends side by side for one shape (:func:`shape_rows`, :func:`compare_rows`).
 
     Times are medians of the slowest rank in µs, bandwidths GB/s; "speedup vs torch" is torch's best
-    dispatch + combine kernel time over the backend's (``n/a`` where torch was not measured).
+    dispatch + combine kernel time over the backend's (``n/a`` where torch was not measured). For a
+    skewed ``routing``, two more columns show each backend's best config under uniform routing and the
+    skewed time over the uniform one (:func:`routing_shift`).
 
     Raises:
         ResultsError, SpecError: as :func:`shape_rows`.
@@ -136,17 +164,25 @@ def compare_table(
     first = rows.iloc[0]
     table = Table(title=f"hidden {hidden}, {num_tokens} tokens/rank, {first['dtype']}, top-{first['topk']}, "
                         f"{first['num_experts']} experts, {routing} routing (medians of the slowest rank)")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("backend", "best knobs") else "right")
-    for b in compare_rows(rows):
+    best = compare_rows(rows)
+    shift = routing_shift(results, rows, best) if first["routing"] != "uniform" else None
+    for column in COLUMNS + (SHIFT_COLUMNS if shift is not None else []):
+        table.add_column(column, justify="left" if "knobs" in column or column == "backend" else "right")
+    for b in best:
         knobs = b.status if b.knobs is None else (" ".join(f"{k}={v}" for k, v in sorted(b.knobs.items())) or "-")
         table.add_row(
             b.backend, str(b.world_size), knobs,
             _pair(b.dispatch_us, b.combine_us), _pair(b.dispatch_api_us, b.combine_api_us),
+            _pair(b.dispatch_graph_us, b.combine_graph_us),
             _pair(b.dispatch_algbw_gbps, b.combine_algbw_gbps), _pair(b.default_dispatch_us, b.default_combine_us),
             "n/a" if b.speedup_vs_torch is None else f"{b.speedup_vs_torch:.2f}x",
+            *(shift[b.backend] if shift is not None else ()),
         )
     return table
+
+
+def _maybe(value) -> float | None:
+    return None if pd.isna(value) or value == "" else float(value)
 
 
 def _pair(d: float | None, c: float | None) -> str:

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 import torch
 
 from fused_a2a.backends import BACKENDS
-from fused_a2a.backends.deepep import DEEP_EP
-from fused_a2a.backends.hybridep import HAVE_HYBRIDEP
-from fused_a2a.backends.uccl import UCCL_EP
 from fused_a2a.cluster import detect_cluster
 
-_DISTRIBUTIONS = {"deep_ep": ("deep_ep", "deep-ep"), "uccl.ep": ("uccl",)}
-
-
-def _version(import_name: str) -> str:
-    for dist_name in _DISTRIBUTIONS.get(import_name, (import_name,)):
-        try:
-            return metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            continue
-    return "installed (version unknown)"
+# what to do when a backend is missing (scripts/install_backends.sh does all of it)
+INSTALL_HINTS = {
+    "deepep": "build DeepEP from source: scripts/install_backends.sh (or TORCH_CUDA_ARCH_LIST=9.0 pip install "
+              "--no-build-isolation <DeepEP checkout>)",
+    "hybridep": "build DeepEP's hybrid-ep branch: scripts/install_backends.sh --ref hybrid-ep (it holds Buffer and "
+                "HybridEPBuffer); some images also need LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6",
+    "uccl": "pip install uccl intervaltree nvidia-cuda-runtime-cu12 (scripts/install_backends.sh)",
+}
 
 
 def nccl_version() -> str | None:
@@ -33,25 +26,21 @@ def nccl_version() -> str | None:
 
 
 def backend_versions() -> dict[str, str | None]:
-    """Versions of torch, NCCL and each optional backend library (``None`` when absent)."""
-    return {
-        "torch": torch.__version__,
-        "nccl": nccl_version(),
-        "deep_ep": _version("deep_ep") if DEEP_EP.available else None,
-        "uccl": _version("uccl.ep") if UCCL_EP.available else None,
-    }
+    """Versions of torch, NCCL and each registered backend's library build (``None`` when absent)."""
+    return {"torch": torch.__version__, "nccl": nccl_version(),
+            **{name: spec.version() for name, spec in BACKENDS.items() if name != "torch"}}
 
 
 def backend_status() -> list[tuple[str, bool, str]]:
-    """``(backend, available, version or reason)`` for every registered backend and HybridEP."""
-    versions = backend_versions()
-    library = {"torch": "torch", "deepep": "deep_ep", "uccl": "uccl"}
+    """``(backend, available, version and build, or why not and how to get it)`` for every registered backend."""
     rows = []
     for name, spec in BACKENDS.items():
         reason = spec.unavailable()
-        rows.append((name, reason is None, reason or versions.get(library.get(name, name)) or "available"))
-    rows.append(("hybridep (deep_ep.HybridEPBuffer)", HAVE_HYBRIDEP,
-                 "available" if HAVE_HYBRIDEP else (DEEP_EP.reason or "deep_ep built without HybridEP")))
+        if reason is None:
+            rows.append((name, True, spec.version() or "available"))
+        else:
+            hint = INSTALL_HINTS.get(name)
+            rows.append((name, False, f"{reason}; {hint}" if hint else reason))
     return rows
 
 

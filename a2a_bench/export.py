@@ -68,15 +68,17 @@ def find_entry(
     num_tokens: int,
     topk: int | None = None,
     num_experts: int | None = None,
+    routing: str = "uniform",
 ) -> TuningEntry:
-    """The entry ``fused_a2a`` would use for this call (:func:`fused_a2a.tuning.table.lookup`).
+    """The entry ``fused_a2a`` would use for this call (:func:`fused_a2a.tuning.table.lookup`, with the
+    installed build of the backend preferred).
 
     Raises:
         ValueError: unknown backend.
         ResultsError: no entry for this backend, world size and dtype (the message lists those there are).
     """
-    get_backend(backend)
-    entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts)
+    spec = get_backend(backend)
+    entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, spec.version())
     if entry is None:
         have = sorted({f"{e.backend} on {e.world_size} ranks in {e.dtype}" for e in table.entries})
         raise ResultsError(
@@ -89,7 +91,7 @@ def find_entry(
 def describe(entry: TuningEntry) -> str:
     """One line naming the entry's key."""
     return (f"{entry.backend}, {entry.world_size} ranks, {entry.dtype}, hidden {entry.hidden}, {entry.num_tokens} tokens, "
-            f"top-{entry.topk}, {entry.num_experts} experts")
+            f"top-{entry.topk}, {entry.num_experts} experts, {entry.routing} routing, build {entry.build or 'unknown'}")
 
 
 def sglang_config(entry: TuningEntry, num_ranks: int) -> dict[str, dict[str, int]]:
@@ -150,8 +152,44 @@ def env_lines(entry: TuningEntry) -> list[str]:
     return lines
 
 
+# (backend, knob) -> the Megatron-LM TransformerConfig field that sets it
+MEGATRON_FIELDS: dict[tuple[str, str], str] = {
+    ("deepep", "num_sms"): "moe_flex_dispatcher_num_sms",
+    ("uccl", "num_sms"): "moe_flex_dispatcher_num_sms",
+    ("hybridep", "num_sms_dispatch_api"): "moe_flex_dispatcher_num_sms",
+    ("hybridep", "num_sms_preprocessing_api"): "moe_hybridep_num_sms_preprocessing",
+    ("hybridep", "num_blocks_permute"): "moe_hybridep_num_blocks_permute",
+    ("hybridep", "num_blocks_unpermute"): "moe_hybridep_num_blocks_unpermute",
+    ("hybridep", "fused"): "moe_permute_fusion_into_hybridep",
+}
+# the backend's knob NeMo Automodel's BackendConfig.dispatcher_num_sms sets
+AUTOMODEL_SMS = {"deepep": "num_sms", "uccl": "num_sms", "hybridep": "num_sms_dispatch_api"}
+
+
+def framework_lines(entry: TuningEntry) -> list[str]:
+    """``#`` lines with the framework settings that give the entry's knobs: Megatron-LM's TransformerConfig
+    fields and NeMo Automodel's ``BackendConfig.dispatcher_num_sms`` (its ``moe_hybridep_num_sms`` for
+    HybridEP). Both frameworks set one SM count for dispatch and combine; a combine count that differs is
+    named. A knob of ``0`` ("the library's default") is left out."""
+    megatron = []
+    for (backend, knob), field in MEGATRON_FIELDS.items():
+        value = entry.dispatch.get(knob) if backend == entry.backend else None
+        if value not in (None, 0):
+            megatron.append(f"{field}={str(value) if not isinstance(value, bool) else str(value)}")
+    lines = []
+    if megatron:
+        lines.append(f"# Megatron-LM TransformerConfig: {', '.join(megatron)}")
+    sms = AUTOMODEL_SMS.get(entry.backend)
+    if sms is not None and sms in entry.dispatch:
+        lines.append(f"# NeMo Automodel BackendConfig: dispatcher_num_sms={entry.dispatch[sms]}")
+        combine_sms = entry.combine.get("num_sms_combine_api")
+        if combine_sms is not None and combine_sms != entry.dispatch[sms]:
+            lines.append(f"# (the table's combine uses {combine_sms} SMs; both frameworks set one count for both)")
+    return lines
+
+
 def render(fmt: str, entry: TuningEntry) -> str:
     """The text of ``fmt`` for ``entry``: SGLang's JSON (for ``entry.world_size`` ranks) or shell lines."""
     if fmt == "sglang":
         return json.dumps(sglang_config(entry, entry.world_size), indent=2) + "\n"
-    return "\n".join([f"# a2a-bench tuning entry: {describe(entry)}", *env_lines(entry)]) + "\n"
+    return "\n".join([f"# a2a-bench tuning entry: {describe(entry)}", *env_lines(entry), *framework_lines(entry)]) + "\n"

@@ -76,6 +76,37 @@ def _time_once(fn: Callable[[], object], device: torch.device, group) -> float:
     return (time.perf_counter() - begin) * 1e6
 
 
+class NotCapturable(Exception):
+    """An operation that cannot be captured in a CUDA graph (the message says why)."""
+
+
+def capture(fn: Callable[[], object], device: torch.device, warmup: int = 3) -> Callable[[], object]:
+    """A function replaying ``fn`` from a CUDA graph (captured after ``warmup`` runs on a side stream).
+
+    Raises:
+        NotCapturable: on the CPU, or when capturing ``fn`` fails (a host synchronisation, a CPU
+            collective, an allocation the graph cannot hold); the message is the first line of why.
+    """
+    if device.type != "cuda":
+        raise NotCapturable("CPU tensors: CUDA graphs need a GPU")
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # whatever the library raises while capturing: the point goes on without graph mode
+        torch.cuda.synchronize(device)
+        text = str(exc).strip().splitlines()
+        raise NotCapturable(f"{type(exc).__name__}: {text[0][:200] if text else ''}") from None
+    return graph.replay
+
+
 def comm_device(device: torch.device, group=None) -> torch.device:
     """Where small bookkeeping tensors of ``group`` live: ``device`` under NCCL, the CPU under gloo."""
     return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -98,6 +129,34 @@ def mean_over_ranks(value: float, device: torch.device, group=None) -> float:
 def gbps(num_bytes: float, time_us: float) -> float:
     """Gigabytes (1e9 bytes) per second for ``num_bytes`` moved in ``time_us`` microseconds."""
     return num_bytes / (time_us * 1e-6) / 1e9 if time_us > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Imbalance:
+    """How unevenly a routing loads the ranks and the experts.
+
+    Attributes:
+        recv_max, recv_mean: the most and the mean tokens received per rank.
+        expert_max, expert_mean: the most and the mean (token, expert) pairs per expert.
+    """
+
+    recv_max: float
+    recv_mean: float
+    expert_max: float
+    expert_mean: float
+
+    def as_columns(self) -> dict[str, float]:
+        return {"recv_tokens_max": self.recv_max, "recv_tokens": round(self.recv_mean, 1),
+                "expert_tokens_max": self.expert_max, "expert_tokens_mean": round(self.expert_mean, 1),
+                "imbalance_rank": round(self.recv_max / self.recv_mean, 3) if self.recv_mean else "",
+                "imbalance_expert": round(self.expert_max / self.expert_mean, 3) if self.expert_mean else ""}
+
+
+def imbalance(received_per_rank: Sequence[int], tokens_per_expert: Sequence[int]) -> Imbalance:
+    """The :class:`Imbalance` of tokens received by each rank (each token once per rank that holds one
+    of its experts) and (token, expert) pairs routed to each expert of the whole group."""
+    ranks, experts = list(received_per_rank), list(tokens_per_expert)
+    return Imbalance(float(max(ranks)), sum(ranks) / len(ranks), float(max(experts)), sum(experts) / len(experts))
 
 
 def received_bytes(recv_counts: Sequence[int], rank: int, row_bytes: int) -> tuple[int, int]:

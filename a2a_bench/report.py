@@ -36,11 +36,20 @@ def entry_cells(entry: TuningEntry) -> list[str]:
     peak = m.get("link_peak_gbps") or 0.0
     frac = f"{m['dispatch_xbw_gbps'] / peak:.2f} / {m['combine_xbw_gbps'] / peak:.2f}" if peak else "n/a"
     return [
-        entry.backend, str(entry.world_size), entry.dtype, str(entry.hidden), str(entry.num_tokens),
-        f"{entry.topk}/{entry.num_experts}", _knobs(entry.dispatch), _knobs(entry.combine),
-        f"{m['dispatch_us']:.1f} / {m['combine_us']:.1f}",
+        entry.backend, entry.build or "?", str(entry.world_size), entry.dtype, entry.routing, str(entry.hidden),
+        str(entry.num_tokens), f"{entry.topk}/{entry.num_experts}", _knobs(entry.dispatch), _knobs(entry.combine),
+        entry.selected_by, _mode_pair(m, "kernel"), _mode_pair(m, "api"),
         f"{m['dispatch_algbw_gbps']:.1f} / {m['combine_algbw_gbps']:.1f}", speedup, frac, _knee(entry),
     ]
+
+
+def _mode_pair(measured: dict, mode: str) -> str:
+    """``"<dispatch> / <combine>"`` µs of one timing mode (a table written before modes were recorded has
+    only the selection mode's, as ``dispatch_us``)."""
+    d, c = measured.get(f"dispatch_{mode}_us"), measured.get(f"combine_{mode}_us")
+    if d is None and mode == "kernel":
+        d, c = measured.get("dispatch_us"), measured.get("combine_us")
+    return "-" if d is None or c is None else f"{d:.1f} / {c:.1f}"
 
 
 def knee(frontier) -> int | None:
@@ -56,9 +65,9 @@ def _knee(entry: TuningEntry) -> str:
     return "n/a" if sms is None else str(sms)
 
 
-TUNING_COLUMNS = ["backend", "ranks", "dtype", "hidden", "tokens", "topk/experts", "dispatch knobs",
-                  "combine knobs", "µs (d / c)", "algbw GB/s (d / c)", "speedup vs default", "xbw / peak (d / c)",
-                  "knee SMs (within 5%)"]
+TUNING_COLUMNS = ["backend", "build", "ranks", "dtype", "routing", "hidden", "tokens", "topk/experts", "dispatch knobs",
+                  "combine knobs", "chosen by", "kernel µs (d / c)", "api µs (d / c)", "algbw GB/s (d / c)",
+                  "speedup vs default", "xbw / peak (d / c)", "knee SMs (within 5%)"]
 
 
 def tuning_rich(table: TuningTable) -> Table:
@@ -79,7 +88,9 @@ def tuning_markdown(table: TuningTable) -> str:
         "",
         f"GPU: {c.get('gpu') or 'none (CPU, gloo)'}; {c.get('gpus_per_node')} per node, {c.get('nodes')} node(s); "
         f"intranode link: {c.get('intranode_link') or 'n/a'}. Created {table.created} by a2a-bench {table.tool_version}.",
-        "Times are kernel-mode medians of the slowest rank; speedup compares with the backend's default knobs.",
+        "Times are medians of the slowest rank: kernel mode (the buffer's cached calls) and api mode (the full "
+        "fused_a2a call a training step makes); \"chosen by\" is the mode the config was selected by, and the "
+        "speedup over the backend's default knobs is in that mode.",
         "",
         "| " + " | ".join(TUNING_COLUMNS) + " |",
         "|" + "---|" * len(TUNING_COLUMNS),

@@ -13,13 +13,15 @@ import pandas as pd
 RESULTS_FILE = "results.csv"
 RUN_FILE = "run.json"
 
-_TIMED = [f"{op}_{mode}_us_{stat}" for mode in ("kernel", "api") for op in ("dispatch", "combine")
+MODES = ("kernel", "api", "seed", "graph")
+_TIMED = [f"{op}_{mode}_us_{stat}" for mode in MODES for op in ("dispatch", "combine")
           for stat in ("median", "p10", "p90", "min", "max")]
 
 COLUMNS = [
     "point_id", "status", "verified", "backend", "knobs", "is_default", "num_sms", "world_size", "cluster",
-    "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew", "seed", "inputs_hash",
-    "recv_tokens", *_TIMED,
+    "build", "torch", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew", "seed",
+    "inputs_hash", "recv_tokens", "recv_tokens_max", "imbalance_rank", "expert_tokens_mean", "expert_tokens_max",
+    "imbalance_expert", "compile_s", "graph_status", *_TIMED,
     "dispatch_algbw_gbps", "dispatch_xbw_gbps", "combine_algbw_gbps", "combine_xbw_gbps",
     "link_peak_gbps", "dispatch_xbw_frac_peak", "combine_xbw_frac_peak", "warmup", "iters", "timestamp",
 ]

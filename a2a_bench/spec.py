@@ -18,8 +18,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SMS_KNOB = "num_sms"
-
 
 class SpecError(ValueError):
     """A user error in the sweep's options or spec file (the CLI exits with status 2)."""
@@ -34,7 +32,9 @@ class SweepSpec:
         hidden, tokens, topk, experts: hidden sizes, tokens per rank, experts per token, experts.
         dtypes: ``bf16``/``fp16``/``fp32``.
         routings: ``uniform``, ``zipf:<skew>`` or ``hot:<fraction>``.
-        sms: SM counts for the backends with a ``num_sms`` knob (empty: their default).
+        sms: SM counts for the backends with SM knobs (``BackendSpec.sms_knobs``; empty: their
+            defaults); a backend with several (HybridEP's dispatch and combine SMs) gets each count
+            for all of them at once.
         knobs: ``{backend: {knob: [values]}}`` for the backends' other knobs (missing: default only).
         seed: base seed of the workloads.
         warmup, iters: untimed and timed iterations per mode.
@@ -217,18 +217,36 @@ def validate(spec: SweepSpec, world_size: int) -> None:
 
 
 def knob_grid(spec: SweepSpec, backend_name: str) -> dict[str, tuple]:
-    """Each knob of the backend with the values this sweep tries (its default when not given)."""
+    """Each knob of the backend with the values this sweep tries (its default when not given).
+
+    With ``spec.sms``, the backend's first SM knob takes those values and its other SM knobs that the
+    spec leaves unset are tied to it (:func:`tied_knobs`): they are not in the grid.
+    """
     backend = get_backend(backend_name)
     given = spec.knobs.get(backend_name, {})
+    tied = tied_knobs(spec, backend_name)
     grid = {}
     for knob in backend.knobs:
+        if knob.name in tied:
+            continue
         if knob.name in given:
             grid[knob.name] = tuple(given[knob.name])
-        elif knob.name == SMS_KNOB and spec.sms:
+        elif spec.sms and knob.name in backend.sms_knobs:
             grid[knob.name] = spec.sms
         else:
             grid[knob.name] = (knob.default,)
     return grid
+
+
+def tied_knobs(spec: SweepSpec, backend_name: str) -> dict[str, str]:
+    """SM knobs that follow the backend's first SM knob in this sweep (knob -> the knob it follows):
+    with ``spec.sms``, every other SM knob the spec gives no values of its own."""
+    backend = get_backend(backend_name)
+    if not spec.sms or len(backend.sms_knobs) < 2:
+        return {}
+    given = spec.knobs.get(backend_name, {})
+    first = backend.sms_knobs[0]
+    return {name: first for name in backend.sms_knobs[1:] if name not in given}
 
 
 def expand(spec: SweepSpec, world_size: int) -> list[Point]:
@@ -236,7 +254,13 @@ def expand(spec: SweepSpec, world_size: int) -> list[Point]:
     points = []
     for backend in spec.backends:
         grid = knob_grid(spec, backend)
-        combos = [tuple(zip(grid, values)) for values in itertools.product(*grid.values())]
+        tied = tied_knobs(spec, backend)
+        order = [knob.name for knob in get_backend(backend).knobs]
+        combos = []
+        for values in itertools.product(*grid.values()):
+            knobs = dict(zip(grid, values))
+            knobs.update({name: knobs[leader] for name, leader in tied.items()})
+            combos.append(tuple((name, knobs[name]) for name in order))
         for dtype, routing, experts, topk, hidden, tokens in itertools.product(
             spec.dtypes, spec.routings, spec.experts, spec.topk, spec.hidden, spec.tokens
         ):

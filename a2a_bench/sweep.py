@@ -132,7 +132,8 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     dist.broadcast_object_list(plan, src=0)
     known, attempts, given_up = plan[0]
     peak = link_peak_gbps(where.device)
-    ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters)
+    ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters,
+                     ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)))
     if where.rank == 0:
         run_info = {
             "spec": spec.to_json(), "cluster": cluster.to_json(), "world_size": where.world_size,
@@ -153,7 +154,7 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     watchdog = Watchdog(on_expire, grace_s=0.0 if where.rank == 0 else 10.0)
     console = Console(stderr=True)
     point_groups = groups(points)
-    total = sum(len(g) if spec.exhaustive else search_size(g) for g in point_groups)
+    total = sum(len(g) if spec.exhaustive else search_size(g, _sms_knob(g)) for g in point_groups)
     timed = 0
     started = time.monotonic()
     with Progress(
@@ -169,10 +170,12 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
                 return known[point.point_id]
             current["point"] = point
             w = point.workload
-            progress.update(task, description=f"{point.backend} h{w.hidden} n{w.num_tokens}")
+            label = f"{point.backend} h{w.hidden} n{w.num_tokens}"
+            progress.update(task, description=label)
 
             def on_phase(name: str) -> None:
                 watchdog.phase(name)
+                progress.update(task, description=f"{label}: compiling" if name == "compile" else label)
                 if where.rank == 0:
                     folder.phase(name)
 
@@ -193,7 +196,7 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
                 for point in group:
                     cost(point)
             else:
-                coordinate_search(group, get_backend(group[0].backend).defaults(), cost)
+                coordinate_search(group, get_backend(group[0].backend).defaults(), cost, _sms_knob(group))
         progress.update(task, completed=total)
     if where.rank == 0:
         folder.finish()
@@ -201,6 +204,12 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
         console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s; "
                       f"link peak {peak:.1f} GB/s; results in {folder.results}")
         Console().print(summary_table(read_results(folder.results)))
+
+
+def _sms_knob(group: list[Point]) -> str | None:
+    """The SM knob the search starts with for a group of one backend's points."""
+    knobs = get_backend(group[0].backend).sms_knobs
+    return knobs[0] if knobs else None
 
 
 def _cost(row: dict) -> float:

@@ -1,4 +1,10 @@
-"""Turn a sweep's results into tuning-table entries: the fastest verified config per shape."""
+"""Turn a sweep's results into tuning-table entries: the fastest verified config per shape.
+
+"Fastest" is by one timing mode (``--by``): ``kernel`` (default, DeepEP's convention), ``api`` (what a
+training step pays), ``seed`` (the seed path: HybridEP's permute path) or ``graph`` (CUDA-graph replay).
+Entries are keyed by routing and by the backend build the rows were measured with, and record every
+mode's median of the chosen configs.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +16,38 @@ import pandas as pd
 
 from a2a_bench import __version__
 from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results
+from a2a_bench.runner import routing_key
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, update_table
 
-KEY = ["backend", "world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts"]
+KEY = ["backend", "world_size", "dtype", "routing_key", "build", "hidden", "num_tokens", "topk", "num_experts"]
+MODES = ("kernel", "api", "seed", "graph")
 
 
-def select_entry(rows: pd.DataFrame) -> TuningEntry:
-    """The entry for one key's rows (all ``ok`` and verified).
+def select_entry(rows: pd.DataFrame, by: str = "kernel") -> TuningEntry:
+    """The entry for one key's rows (all ``ok``, verified and timed in mode ``by``).
 
     For each SM count, the best dispatch config and the best combine config are chosen separately
-    (their kernel-mode medians); the SM count whose two bests sum lowest wins, since a DeepEP handle
+    (their ``by``-mode medians); the SM count whose two bests sum lowest wins, since a DeepEP handle
     ties dispatch and combine to one SM count. ``frontier`` keeps the bests of every SM count.
+    ``measured`` holds the chosen configs' ``by``-mode medians as ``dispatch_us``/``combine_us`` and
+    every mode's as ``<op>_<mode>_us``.
     """
     first = rows.iloc[0]
+    d_col, c_col = f"dispatch_{by}_us_median", f"combine_{by}_us_median"
     sms = rows["num_sms"].astype(str)
     best_by_sms = []
     for value, group in rows.groupby(sms, sort=False):
-        d = group.loc[group["dispatch_kernel_us_median"].idxmin()]
-        c = group.loc[group["combine_kernel_us_median"].idxmin()]
+        d = group.loc[group[d_col].idxmin()]
+        c = group.loc[group[c_col].idxmin()]
         best_by_sms.append((value, d, c))
-    _, d, c = min(best_by_sms, key=lambda t: t[1]["dispatch_kernel_us_median"] + t[2]["combine_kernel_us_median"])
+    _, d, c = min(best_by_sms, key=lambda t: t[1][d_col] + t[2][c_col])
     measured = {
-        "dispatch_us": float(d["dispatch_kernel_us_median"]),
-        "combine_us": float(c["combine_kernel_us_median"]),
+        "dispatch_us": float(d[d_col]),
+        "combine_us": float(c[c_col]),
+        **{f"dispatch_{mode}_us": float(d[f"dispatch_{mode}_us_median"]) for mode in MODES
+           if pd.notna(d[f"dispatch_{mode}_us_median"])},
+        **{f"combine_{mode}_us": float(c[f"combine_{mode}_us_median"]) for mode in MODES
+           if pd.notna(c[f"combine_{mode}_us_median"])},
         "dispatch_algbw_gbps": float(d["dispatch_algbw_gbps"]),
         "combine_algbw_gbps": float(c["combine_algbw_gbps"]),
         "dispatch_xbw_gbps": float(d["dispatch_xbw_gbps"]),
@@ -41,35 +56,48 @@ def select_entry(rows: pd.DataFrame) -> TuningEntry:
     }
     defaults = rows[rows["is_default"].astype(str).str.lower() == "true"]
     if len(defaults):
-        measured["default_dispatch_us"] = float(defaults["dispatch_kernel_us_median"].min())
-        measured["default_combine_us"] = float(defaults["combine_kernel_us_median"].min())
+        measured["default_dispatch_us"] = float(defaults[d_col].min())
+        measured["default_combine_us"] = float(defaults[c_col].min())
     frontier = ()
     if any(v != "" for v, _, _ in best_by_sms):
-        frontier = tuple(sorted(
-            (int(float(v)), float(bd["dispatch_kernel_us_median"]), float(bc["combine_kernel_us_median"]))
-            for v, bd, bc in best_by_sms
-        ))
+        frontier = tuple(sorted((int(float(v)), float(bd[d_col]), float(bc[c_col])) for v, bd, bc in best_by_sms))
     return TuningEntry(
         backend=str(first["backend"]), world_size=int(first["world_size"]), dtype=str(first["dtype"]),
         hidden=int(first["hidden"]), num_tokens=int(first["num_tokens"]), topk=int(first["topk"]),
         num_experts=int(first["num_experts"]), dispatch=json.loads(d["knobs"]), combine=json.loads(c["knobs"]),
-        measured=measured, frontier=frontier,
+        measured=measured, frontier=frontier, routing=str(first["routing_key"]), build=str(first["build"]) or None,
+        selected_by=by,
     )
 
 
-def build_table(results: pd.DataFrame, cluster: dict, routing: str = "uniform") -> TuningTable:
-    """A table with one entry per key of the verified ``ok`` rows of ``routing``; ``ResultsError`` if none."""
-    ok = results[(results["status"] == "ok") & (results["verified"].astype(str).str.lower() == "true")
-                 & (results["routing"] == routing)]
+def build_table(results: pd.DataFrame, cluster: dict, routing: str | None = None, by: str = "kernel") -> TuningTable:
+    """A table with one entry per key (routing and backend build included) of the verified ``ok`` rows
+    timed in mode ``by``; only the rows of ``routing`` (``uniform``, ``zipf:<s>``, ``hot:<f>``) when
+    given, else one entry per routing measured.
+
+    Raises:
+        ResultsError: no such rows, or an unknown mode.
+    """
+    if by not in MODES:
+        raise ResultsError(f"--by must be one of {', '.join(MODES)}, got {by!r}")
+    keyed = results.assign(
+        routing_key=[routing_key(r, s) for r, s in zip(results["routing"], results["skew"])],
+        build=results["build"].fillna("").astype(str),
+        num_sms=results["num_sms"].fillna("").astype(str),
+    )
+    ok = keyed[(keyed["status"] == "ok") & (keyed["verified"].astype(str).str.lower() == "true")
+               & keyed[f"dispatch_{by}_us_median"].notna() & keyed[f"combine_{by}_us_median"].notna()]
+    if routing is not None:
+        ok = ok[ok["routing_key"] == routing]
     if ok.empty:
-        raise ResultsError(f"no verified 'ok' rows with {routing} routing to tune from")
-    ok = ok.assign(num_sms=ok["num_sms"].fillna("").astype(str))
-    entries = tuple(select_entry(group) for _, group in ok.groupby(KEY, sort=True))
+        which = f"{routing} routing" if routing is not None else "any routing"
+        raise ResultsError(f"no verified 'ok' rows timed in {by} mode with {which} to tune from")
+    entries = tuple(select_entry(group, by) for _, group in ok.groupby(KEY, sort=True))
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return TuningTable(schema=SCHEMA, cluster=cluster, created=created, tool_version=__version__, entries=entries)
 
 
-def tune(run_dir: Path, out_root: Path, routing: str = "uniform") -> tuple[Path, TuningTable]:
+def tune(run_dir: Path, out_root: Path, routing: str | None = None, by: str = "kernel") -> tuple[Path, TuningTable]:
     """Write (merge) ``out_root/<cluster-id>/tuning.json`` from ``run_dir``; returns its path and the merged table."""
     results = read_results(run_dir / RESULTS_FILE)
     run_file = run_dir / RUN_FILE
@@ -77,6 +105,6 @@ def tune(run_dir: Path, out_root: Path, routing: str = "uniform") -> tuple[Path,
         cluster = json.loads(run_file.read_text())["cluster"]
     except (OSError, ValueError, KeyError) as exc:
         raise ResultsError(f"cannot read the cluster from {run_file}: {exc}") from None
-    table = build_table(results, cluster, routing)
+    table = build_table(results, cluster, routing, by)
     path = out_root / cluster["id"] / "tuning.json"
     return path, update_table(path, table)

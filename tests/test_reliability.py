@@ -44,8 +44,8 @@ def test_raising_hanging_dying_and_invalid_points_each_get_their_status(tmp_path
     assert status == {
         "none": "ok",
         "raise": "error: RuntimeError: injected failure",
-        "hang_rank1": "timeout: verify exceeded 5 s",
-        "kill_rank1": "error: a rank died during verify in 2 attempts",
+        "hang_rank1": "timeout: compile exceeded 5 s",
+        "kill_rank1": "error: a rank died during compile in 2 attempts",
         "invalid": "skipped: injected invalid combination",
     }
     assert results["point_id"].is_unique

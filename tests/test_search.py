@@ -40,17 +40,17 @@ def test_search_is_within_3_percent_with_at_most_a_third_of_the_points(cost_fn) 
         timed.append(point.point_id)
         return cost_fn(point)
 
-    best = coordinate_search(points, {"num_sms": 24, "send": 8, "recv": 256}, cost)
+    best = coordinate_search(points, {"num_sms": 24, "send": 8, "recv": 256}, cost, "num_sms")
     exhaustive = min(cost_fn(p) for p in points)
     assert cost_fn(best) <= 1.03 * exhaustive
     assert len(timed) == len(set(timed)) <= len(points) / 3
-    assert len(timed) <= search_size(points)
+    assert len(timed) <= search_size(points, "num_sms")
 
 
 def test_failed_points_are_never_chosen() -> None:
     points = grid()
     failing = {p.point_id for p in points if dict(p.knobs)["num_sms"] == 64}
-    best = coordinate_search(points, {}, lambda p: math.inf if p.point_id in failing else dispatch_like(p))
+    best = coordinate_search(points, {}, lambda p: math.inf if p.point_id in failing else dispatch_like(p), "num_sms")
     assert best.point_id not in failing
 
 

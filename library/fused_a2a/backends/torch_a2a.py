@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
-from fused_a2a.checks import check_combine_input, check_dispatch_inputs, check_topk_range
+from fused_a2a.checks import check_combine_input, check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
 
 IMPLS = ("all_to_all", "p2p")
@@ -44,6 +44,21 @@ class TorchConfig:
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"torch backend: impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one exchange of counts tells a rank (host values).
+
+    Attributes:
+        send: rows this rank sends to each rank.
+        recv: rows this rank receives from each rank.
+        per_local_expert: (token, expert) pairs received for each local expert.
+    """
+
+    send: tuple[int, ...]
+    recv: tuple[int, ...]
+    per_local_expert: list[int]
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,10 @@ class TorchBuffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Count where each token goes (``ValueError`` for an expert id outside ``[-1, num_experts)``).
+        """Count where each token goes, on the device, without a host synchronisation.
+
+        Ids outside ``[-1, num_experts)`` count as "no expert" here; :meth:`dispatch` rejects them
+        with ``ValueError`` on every rank before any token moves.
 
         Args:
             topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for none.
@@ -105,19 +123,21 @@ class TorchBuffer:
         Returns:
             num_tokens_per_rank: ``[W]`` int32, tokens sent to each rank.
             num_tokens_per_rdma_rank: ``None`` (no RDMA ranks).
-            num_tokens_per_expert: ``[E]`` int32, tokens routed to each expert.
+            num_tokens_per_expert: ``[E]`` int32, (token, expert) pairs routed to each expert.
             is_token_in_rank: ``[N, W]`` bool.
             event: ``None``.
         """
-        check_topk_range(topk_idx, num_experts)
-        num_local = num_experts // self.group_size
-        valid = topk_idx >= 0
-        dest_rank = torch.where(valid, topk_idx // num_local, -1)
-        ranks = torch.arange(self.group_size, device=topk_idx.device)
-        is_token_in_rank = (dest_rank.unsqueeze(-1) == ranks).any(dim=1)
-        num_tokens_per_rank = is_token_in_rank.sum(dim=0).to(torch.int32)
-        num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
-        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, None
+        world, device = self.group_size, topk_idx.device
+        num_local = num_experts // world
+        valid = (topk_idx >= 0) & (topk_idx < num_experts)
+        dest_rank = torch.where(valid, topk_idx // num_local, world)  # column W: "nowhere", dropped
+        is_token_in_rank = torch.zeros(topk_idx.size(0), world + 1, dtype=torch.bool, device=device)
+        is_token_in_rank = is_token_in_rank.scatter_(1, dest_rank, True)[:, :world]
+        num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
+        experts = torch.where(valid, topk_idx, num_experts).flatten()
+        num_tokens_per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+        num_tokens_per_expert.scatter_add_(0, experts, torch.ones_like(experts))
+        return num_tokens_per_rank, None, num_tokens_per_expert[:num_experts].to(torch.int32), is_token_in_rank, None
 
     def dispatch(
         self,
@@ -173,13 +193,8 @@ class TorchBuffer:
             raise ValueError("a dispatch without a handle needs the layout from get_dispatch_layout")
         check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, self.group_size)
 
-        dest, send_token_idx = is_token_in_rank.t().nonzero(as_tuple=True)
-        send_counts = num_tokens_per_rank.to(torch.int64)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send_list = tuple(send_counts.tolist())
-        recv_list = tuple(recv_counts.tolist())
-
+        counts = self.exchange_counts(topk_idx, num_tokens_per_rank, num_tokens_per_expert)
+        dest, send_token_idx = self.send_order(is_token_in_rank, sum(counts.send))
         num_local = num_experts // self.group_size
         send_idx = topk_idx[send_token_idx]
         local_idx = send_idx - (dest * num_local).unsqueeze(-1)
@@ -187,21 +202,62 @@ class TorchBuffer:
         send_local_idx = torch.where(is_local, local_idx, -1)
         send_weights = torch.where(is_local, topk_weights[send_token_idx], 0.0)
 
-        recv_x = self._exchange_tokens(x, send_token_idx, send_list, recv_list, config)
-        recv_topk_idx = self._exchange(send_local_idx, send_list, recv_list, config)
-        recv_topk_weights = self._exchange(send_weights, send_list, recv_list, config)
-
-        counts = torch.bincount(recv_topk_idx[recv_topk_idx >= 0], minlength=num_local)
-        counts = (counts + expert_alignment - 1) // expert_alignment * expert_alignment
+        recv_x = self._exchange_tokens(x, send_token_idx, counts.send, counts.recv, config)
+        recv_topk_idx, recv_topk_weights = self.exchange_routing(send_local_idx, send_weights, counts, config)
+        per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts.per_local_expert]
         handle = TorchHandle(
             group=self.group,
             send_token_idx=send_token_idx,
-            send_counts=send_list,
-            recv_counts=recv_list,
+            send_counts=counts.send,
+            recv_counts=counts.recv,
             num_tokens=topk_idx.size(0),
             is_token_in_rank=is_token_in_rank,
         )
-        return recv_x, recv_topk_idx, recv_topk_weights, counts.tolist(), handle, None
+        return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, None
+
+    def exchange_counts(self, topk_idx: torch.Tensor, num_tokens_per_rank: torch.Tensor,
+                        num_tokens_per_expert: torch.Tensor) -> Counts:
+        """Tell every rank how many rows it gets and for which of its experts, in one collective and
+        one host synchronisation; every rank checks every rank's expert ids.
+
+        Raises:
+            ValueError: an id outside ``[-1, num_experts)`` on any rank (on every rank, before any token moves).
+        """
+        world, num_experts = self.group_size, num_tokens_per_expert.numel()
+        num_local = num_experts // world
+        meta = torch.empty(world, num_local + 3, dtype=torch.int64, device=topk_idx.device)
+        meta[:, 0] = num_tokens_per_rank
+        meta[:, 1:num_local + 1] = num_tokens_per_expert.view(world, num_local)
+        if topk_idx.numel():
+            meta[:, num_local + 1] = topk_idx.min()
+            meta[:, num_local + 2] = topk_idx.max()
+        else:
+            meta[:, num_local + 1:] = -1
+        received = torch.empty_like(meta)
+        dist.all_to_all_single(received, meta, group=self.group)
+        host = torch.cat([received.flatten(), meta[:, 0]]).cpu()
+        table, sent = host[:meta.numel()].view(world, num_local + 3), host[meta.numel():]
+        low, high = int(table[:, num_local + 1].min()), int(table[:, num_local + 2].max())
+        if low < -1 or high >= num_experts:
+            bad = [r for r in range(world) if table[r, num_local + 1] < -1 or table[r, num_local + 2] >= num_experts]
+            raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}] "
+                             f"(rank {', '.join(map(str, bad))})")
+        return Counts(tuple(sent.tolist()), tuple(table[:, 0].tolist()), table[:, 1:num_local + 1].sum(dim=0).tolist())
+
+    def send_order(self, is_token_in_rank: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(destination rank [S], source token [S])`` of each sent row, ordered by destination then
+        token; ``num_rows`` (``S``, known on the host) spares a synchronisation."""
+        pairs = torch.nonzero_static(is_token_in_rank.t(), size=num_rows)
+        return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+
+    def exchange_routing(self, local_idx: torch.Tensor, weights: torch.Tensor, counts: Counts,
+                         config: TorchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Send each row's ``[S, K]`` local expert ids and weights in one exchange (as bytes);
+        returns the received ``[R, K]`` int64 ids and float32 weights."""
+        topk = local_idx.size(1)
+        packed = torch.cat([local_idx.contiguous().view(torch.uint8), weights.float().contiguous().view(torch.uint8)], dim=1)
+        received = self._exchange(packed, counts.send, counts.recv, config)
+        return received[:, :8 * topk].contiguous().view(torch.int64), received[:, 8 * topk:].contiguous().view(torch.float32)
 
     def combine(
         self,

@@ -24,6 +24,7 @@ from fused_a2a.files import atomic_write_text
 
 SCHEMA = "a2a-bench/tuning/v1"
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
+SELECTION_MODES = ("kernel", "api", "seed", "graph")
 KEY_FIELDS = ("backend", "world_size", "dtype", "routing", "build", "hidden", "num_tokens", "topk", "num_experts")
 ROUTING_RE = re.compile(r"^(uniform|zipf:\d+(\.\d+)?|hot:(0(\.\d+)?|1(\.0+)?))$")
 
@@ -47,6 +48,7 @@ class TuningEntry:
         dtype: token dtype, one of :data:`DTYPES`.
         routing: the routing it was measured with: ``uniform``, ``zipf:<skew>`` or ``hot:<fraction>``.
         build: the backend library's version and build it was measured with (``None``: not recorded).
+        selected_by: the timing mode the config was chosen by (``kernel``, ``api``, ``seed``, ``graph``).
         hidden: hidden size (elements per token).
         num_tokens: tokens per rank before dispatch.
         topk: experts per token.
@@ -70,6 +72,7 @@ class TuningEntry:
     frontier: tuple[tuple[int, float, float], ...]
     routing: str = "uniform"
     build: str | None = None
+    selected_by: str = "kernel"
 
     @property
     def key(self) -> tuple:
@@ -83,6 +86,7 @@ class TuningEntry:
             "combine": dict(sorted(self.combine.items())),
             "measured": dict(sorted(self.measured.items())),
             "frontier": [list(point) for point in self.frontier],
+            "selected_by": self.selected_by,
         }
 
 
@@ -187,6 +191,9 @@ def _entry(obj: Any, i: int, source: str) -> TuningEntry:
     build = obj.get("build")
     if build is not None and (not isinstance(build, str) or not build):
         raise TuningFileError(source, f"{where}build must be a non-empty string, got {_short(build)}")
+    selected_by = obj.get("selected_by", "kernel")
+    if selected_by not in SELECTION_MODES:
+        raise TuningFileError(source, f"{where}selected_by must be one of {', '.join(SELECTION_MODES)}, got {_short(selected_by)}")
     dispatch = _knobs(obj, "dispatch", where, backend, source)
     combine = _knobs(obj, "combine", where, backend, source)
     if set(dispatch) != set(combine):
@@ -200,6 +207,7 @@ def _entry(obj: Any, i: int, source: str) -> TuningEntry:
         dtype=dtype,
         routing=routing,
         build=build,
+        selected_by=selected_by,
         **sizes,
         dispatch=dispatch,
         combine=combine,
