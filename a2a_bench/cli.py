@@ -17,7 +17,7 @@ from rich.table import Table
 from a2a_bench.plugins import load_backend_plugins
 from a2a_bench.results import ResultsError
 from a2a_bench.spec import (
-    QUICK, SpecError, SweepSpec, load_spec_file, merge, parse_ints, parse_knob, parse_words, validate,
+    QUICK, SpecError, SweepSpec, expand, load_spec_file, merge, parse_ints, parse_knob, parse_words, validate,
 )
 from fused_a2a.tuning.table import TuningFileError
 
@@ -149,6 +149,79 @@ def _without(argv: list[str], option: str) -> list[str]:
         elif not word.startswith(option + "="):
             out.append(word)
     return out
+
+
+@app.command()
+def breakdown(
+    hidden: str = typer.Option("7168", help="Hidden sizes, comma list."),
+    tokens: str = typer.Option("128,4096", help="Tokens per rank, comma list."),
+    topk: int = typer.Option(8, help="Experts per token."),
+    experts: int = typer.Option(64, help="Number of experts."),
+    dtype: str = typer.Option("bf16", help="Token dtype."),
+    impl: str = typer.Option("all_to_all", help="The torch backend's impl knob: all_to_all or p2p."),
+    warmup: int = typer.Option(5, help="Untimed iterations per stage."),
+    iters: int = typer.Option(20, help="Timed iterations per stage."),
+    nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+) -> None:
+    """Benchmark: where the torch backend's api dispatch spends its time, stage by stage, against kernel mode."""
+    from a2a_bench.breakdown import measure_breakdown
+    from a2a_bench.report import breakdown_table
+    from a2a_bench.sweep import launch_local, placement_from_env, process_group
+    from fused_a2a.backends import get_backend
+
+    get_backend("torch").knob("impl").validate(impl)
+    spec = merge(SweepSpec(), {"hidden": parse_ints(hidden, "--hidden"), "tokens": parse_ints(tokens, "--tokens"),
+                               "topk": (topk,), "experts": (experts,), "dtypes": parse_words(dtype, "--dtype"),
+                               "warmup": warmup, "iters": iters})
+    if nproc is not None and "LOCAL_RANK" not in os.environ:
+        if nproc < 1:
+            raise SpecError(f"--nproc must be >= 1, got {nproc}")
+        validate(spec, nproc)
+        raise typer.Exit(launch_local(nproc, ["breakdown", *_without(sys.argv[2:], "--nproc")]))
+    where = placement_from_env()
+    validate(spec, where.world_size)
+    with process_group(where):
+        rows = [measure_breakdown(point.workload, impl, warmup, iters, where.device)
+                for point in expand(spec, where.world_size)]
+    if where.rank == 0:
+        console.print(breakdown_table(rows))
+
+
+@app.command()
+def overhead(
+    backends: Optional[str] = typer.Option(None, help="Backends, comma list (default: every installed one)."),
+    hidden: int = typer.Option(7168, help="Hidden size."),
+    tokens: int = typer.Option(128, help="Tokens per rank."),
+    topk: int = typer.Option(8, help="Experts per token."),
+    experts: int = typer.Option(64, help="Number of experts."),
+    iters: int = typer.Option(30, help="Timed batches (50 calls each) per path."),
+    nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+) -> None:
+    """Benchmark: host time fused_a2a adds per dispatch + combine over calling each backend's buffer directly."""
+    from a2a_bench.overhead import measure_overhead
+    from a2a_bench.report import overhead_table
+    from a2a_bench.sweep import launch_local, placement_from_env, process_group
+    from fused_a2a.backends import BACKENDS
+
+    names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
+    spec = merge(SweepSpec(), {"backends": names, "hidden": (hidden,), "tokens": (tokens,), "topk": (topk,),
+                               "experts": (experts,), "iters": iters})
+    if nproc is not None and "LOCAL_RANK" not in os.environ:
+        if nproc < 1:
+            raise SpecError(f"--nproc must be >= 1, got {nproc}")
+        validate(spec, nproc)
+        raise typer.Exit(launch_local(nproc, ["overhead", *_without(sys.argv[2:], "--nproc")]))
+    where = placement_from_env()
+    validate(spec, where.world_size)
+    for name in names:
+        reason = BACKENDS[name].unavailable()
+        if reason is not None:
+            raise SpecError(f"backend {name!r} is not available: {reason}")
+    with process_group(where):
+        rows = [row for point in expand(spec, where.world_size)
+                for row in measure_overhead(point.backend, point.workload, iters, where.device)]
+    if where.rank == 0:
+        console.print(overhead_table(rows))
 
 
 @app.command()

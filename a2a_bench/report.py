@@ -107,3 +107,33 @@ def _num(value, ok: bool, fmt: str = "{:.1f}") -> str:
     if not ok or value == "" or pd.isna(value):
         return "-"
     return fmt.format(float(value))
+
+
+def _stats(s) -> str:
+    return f"{s.median:.1f} ({s.p10:.1f}–{s.p90:.1f})"
+
+
+def breakdown_table(rows) -> Table:
+    """The torch backend's dispatch stages (:class:`a2a_bench.breakdown.Breakdown`): µs per call, median (p10–p90)."""
+    stages = list(rows[0].stages) if rows else []
+    table = Table(title="torch backend: api dispatch, stage by stage (slowest rank, µs per call, median (p10–p90))")
+    for column in ("shape", "impl", *stages, "sum of stages", "api dispatch", "kernel dispatch", "api / kernel"):
+        table.add_column(column, justify="left" if column in ("shape", "impl") else "right")
+    for r in rows:
+        w = r.workload
+        table.add_row(f"{w.dtype} h{w.hidden} n{w.num_tokens} k{w.topk} e{w.num_experts}", r.impl,
+                      *(_stats(r.stages[name]) for name in stages),
+                      f"{sum(r.stages[name].median for name in stages):.1f}",
+                      _stats(r.api), _stats(r.kernel), f"{r.ratio:.2f}x")
+    return table
+
+
+def overhead_table(rows) -> Table:
+    """Host time fused_a2a adds per dispatch + combine (:class:`a2a_bench.overhead.Overhead`), µs."""
+    table = Table(title="host µs per dispatch + combine over calling the buffer directly "
+                        "(buffer answering at once; slowest rank; median (p10–p90) of 50-call batches)")
+    for column in ("backend", "path", "through fused_a2a", "buffer directly", "added"):
+        table.add_column(column, justify="left" if column in ("backend", "path") else "right")
+    for r in rows:
+        table.add_row(r.backend, r.path, _stats(r.wrapped), _stats(r.direct), _stats(r.added))
+    return table

@@ -95,7 +95,8 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
     _wait(after, async_finish)
     ctx.comm, ctx.group, ctx.handle = comm, group, handle
     ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
-    return recv_x, recv_topk_idx, recv_topk_weights, torch.tensor(counts, dtype=torch.int64), handle
+    tokens_per_expert = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, dtype=torch.int64)
+    return recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle
 
 
 def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):

@@ -255,9 +255,17 @@ def current_buffer():
     return _current.buffer
 
 
-def set_current_buffer(buffer, key: tuple | None = None) -> None:
-    """Make ``buffer`` the process-wide one (``None``: drop it; HybridEP frees it when no handle holds it)."""
-    _current.buffer, _current.key = buffer, key
+_KEEP = object()
+
+
+def set_current_buffer(buffer, key: Any = _KEEP) -> None:
+    """Make ``buffer`` the process-wide one (``None``: drop it; HybridEP frees it when no handle holds it).
+
+    ``key`` (what it was built for, see :func:`ensure_buffer`): omitted, the current key stays (a
+    stand-in for the current buffer); ``None`` for a buffer no call should reuse."""
+    _current.buffer = buffer
+    if key is not _KEEP:
+        _current.key = key
 
 
 def apply_environment(settings: Settings) -> None:
@@ -309,7 +317,7 @@ def buffer_of(handle: tuple):
 
 def free_buffers() -> None:
     """Drop the process-wide buffer (HybridEP frees its memory once no handle holds it)."""
-    set_current_buffer(None)
+    set_current_buffer(None, None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -53,12 +53,12 @@ class Counts:
     Attributes:
         send: rows this rank sends to each rank.
         recv: rows this rank receives from each rank.
-        per_local_expert: (token, expert) pairs received for each local expert.
+        per_local_expert: ``[E / W]`` int64 CPU tensor, (token, expert) pairs received for each local expert.
     """
 
     send: tuple[int, ...]
     recv: tuple[int, ...]
-    per_local_expert: list[int]
+    per_local_expert: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,14 @@ class TorchBuffer:
             recv_topk_idx: ``[R, K]`` int64 local expert ids, ``-1`` for experts elsewhere
                 (``None`` for a cached dispatch).
             recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is elsewhere (``None`` if cached).
-            num_recv_tokens_per_expert_list: list of ``E / W`` ints (``None`` if cached).
+            num_recv_tokens_per_expert: ``[E / W]`` int64 CPU tensor (``None`` if cached; DeepEP
+                returns a list, which ``fused_a2a`` turns into the same tensor).
             handle: a :class:`TorchHandle` for combine (``None`` if cached).
             event: ``None``.
         """
         config = config or TorchConfig()
         if handle is not None:
-            recv_x = self._exchange_tokens(x, handle.send_token_idx, handle.send_counts, handle.recv_counts, config)
+            recv_x = self.exchange_tokens(x, handle.send_token_idx, handle.send_counts, handle.recv_counts, config)
             return recv_x, None, None, None, None, None
 
         if topk_idx is None or topk_weights is None:
@@ -194,17 +195,11 @@ class TorchBuffer:
         check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, self.group_size)
 
         counts = self.exchange_counts(topk_idx, num_tokens_per_rank, num_tokens_per_expert)
-        dest, send_token_idx = self.send_order(is_token_in_rank, sum(counts.send))
-        num_local = num_experts // self.group_size
-        send_idx = topk_idx[send_token_idx]
-        local_idx = send_idx - (dest * num_local).unsqueeze(-1)
-        is_local = (send_idx >= 0) & (local_idx >= 0) & (local_idx < num_local)
-        send_local_idx = torch.where(is_local, local_idx, -1)
-        send_weights = torch.where(is_local, topk_weights[send_token_idx], 0.0)
-
-        recv_x = self._exchange_tokens(x, send_token_idx, counts.send, counts.recv, config)
+        send_token_idx, send_local_idx, send_weights = self.send_rows(topk_idx, topk_weights, is_token_in_rank,
+                                                                      counts, num_experts)
+        recv_x = self.exchange_tokens(x, send_token_idx, counts.send, counts.recv, config)
         recv_topk_idx, recv_topk_weights = self.exchange_routing(send_local_idx, send_weights, counts, config)
-        per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts.per_local_expert]
+        per_expert = (counts.per_local_expert + expert_alignment - 1) // expert_alignment * expert_alignment
         handle = TorchHandle(
             group=self.group,
             send_token_idx=send_token_idx,
@@ -242,13 +237,24 @@ class TorchBuffer:
             bad = [r for r in range(world) if table[r, num_local + 1] < -1 or table[r, num_local + 2] >= num_experts]
             raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}] "
                              f"(rank {', '.join(map(str, bad))})")
-        return Counts(tuple(sent.tolist()), tuple(table[:, 0].tolist()), table[:, 1:num_local + 1].sum(dim=0).tolist())
+        return Counts(tuple(sent.tolist()), tuple(table[:, 0].tolist()), table[:, 1:num_local + 1].sum(dim=0))
 
-    def send_order(self, is_token_in_rank: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(destination rank [S], source token [S])`` of each sent row, ordered by destination then
-        token; ``num_rows`` (``S``, known on the host) spares a synchronisation."""
-        pairs = torch.nonzero_static(is_token_in_rank.t(), size=num_rows)
-        return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+    def send_rows(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, is_token_in_rank: torch.Tensor,
+                  counts: Counts, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What each sent row carries, rows ordered by destination rank then token (no host sync: the
+        row count is known from ``counts``).
+
+        Returns:
+            ``(source token [S] int64, local expert ids at the destination [S, K] int64 (-1 elsewhere),
+            weights [S, K] float32 (0 elsewhere))``.
+        """
+        pairs = torch.nonzero_static(is_token_in_rank.t(), size=sum(counts.send))
+        dest, token = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+        num_local = num_experts // self.group_size
+        send_idx = topk_idx[token]
+        local_idx = send_idx - (dest * num_local).unsqueeze(-1)
+        is_local = (send_idx >= 0) & (local_idx >= 0) & (local_idx < num_local)
+        return token, torch.where(is_local, local_idx, -1), torch.where(is_local, topk_weights[token], 0.0)
 
     def exchange_routing(self, local_idx: torch.Tensor, weights: torch.Tensor, counts: Counts,
                          config: TorchConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +310,7 @@ class TorchBuffer:
     def destroy(self) -> None:
         """Release nothing: the torch backend holds no buffers of its own."""
 
-    def _exchange_tokens(self, x, token_idx: torch.Tensor, send_counts, recv_counts, config: TorchConfig):
+    def exchange_tokens(self, x, token_idx: torch.Tensor, send_counts, recv_counts, config: TorchConfig):
         """Send the rows ``token_idx`` of ``x`` (a tensor or an FP8 pair) and return the received rows."""
         if not is_fp8_pair(x):
             return self._exchange(x[token_idx], send_counts, recv_counts, config)
@@ -360,6 +366,11 @@ def get_torch_buffer(group: dist.ProcessGroup | None, hidden_bytes: int = 0) -> 
     if key not in _buffers:
         _buffers[key] = TorchBuffer(group)
     return _buffers[key]
+
+
+def set_torch_buffer(group: dist.ProcessGroup | None, buffer) -> None:
+    """Make ``buffer`` the torch buffer of ``group`` (a stand-in, e.g. a benchmark's replay of it)."""
+    _buffers[group if group is not None else dist.group.WORLD] = buffer
 
 
 def free_torch_buffers() -> None:

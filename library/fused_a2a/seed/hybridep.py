@@ -61,7 +61,7 @@ def init_hybrid_ep_buffer(
     kwargs = dict(num_sms_dispatch_api=num_sms_dispatch_api, num_sms_combine_api=num_sms_combine_api,
                   num_blocks_permute=num_blocks_permute, num_blocks_unpermute=num_blocks_unpermute,
                   num_sms_preprocessing_api=num_sms_preprocessing_api)
-    hybridep.set_current_buffer(None)
+    hybridep.set_current_buffer(None, None)
     group = torch.distributed.group.WORLD if group is None else group
     buffer = deep_ep.HybridEPBuffer(group=group, hidden_dim=hidden_dim, max_num_of_tokens_per_rank=seq_len,
                                     num_local_experts=num_local_experts, use_fp8=fp8_dispatch,

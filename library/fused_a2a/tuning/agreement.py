@@ -7,9 +7,10 @@ table they would read. Explicit knobs or overrides that differ between ranks rai
 ``ValueError`` on every rank (instead of a hang); tables that differ are ignored on every rank with one
 warning; the table is looked up with the group's largest token count, never one rank's alone. The
 result is cached: a warm call costs a dictionary look-up and a check of the ``FUSED_A2A_*``
-variables and the table file's ``stat``. When those change, every rank that sees the change
-resolves again, locally, with the token count the group agreed on (no collective: ranks that see
-different changes are not re-agreed).
+variables; every :data:`STAT_EVERY`-th warm call of a key also ``stat``\ s the table files (ranks call
+in step, so they look at the same call). When those change, every rank that sees the change resolves
+again, locally, with the token count the group agreed on (no collective: ranks that see different
+changes are not re-agreed).
 
 Call :func:`clear` on every rank of a group or on none (a cleared rank runs the collective again).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from fused_a2a.backends import BACKENDS, Shape, get_backend
 from fused_a2a.cluster import CLUSTER_ID_ENV, detect_cluster
 from fused_a2a.tuning import resolve as resolution
 
+STAT_EVERY = 32  # warm calls of a key between two looks at the table files
 GLOBAL_ENV = (resolution.TUNING_DIR_ENV, CLUSTER_ID_ENV, resolution.STRICT_ENV, resolution.BUDGET_ENV,
               resolution.ROUTING_ENV)
 
@@ -47,6 +49,7 @@ class Agreed:
         routing: the routing the call declared (``None``: ``$FUSED_A2A_ROUTING`` or ``uniform``).
         watch: the encoded environment variables and table paths whose change invalidates the entry.
         stamp: their values when the entry was resolved.
+        calls: warm calls since the table files were last looked at (one per entry, mutable).
     """
 
     backend: str
@@ -56,6 +59,7 @@ class Agreed:
     routing: str | None
     watch: tuple
     stamp: tuple
+    calls: list = field(default_factory=lambda: [0])
 
 
 _cache: dict[tuple, Agreed] = {}
@@ -100,7 +104,11 @@ def agreed_comm(
     key = (group, backend, dtype, hidden, topk, num_experts, routing, _frozen(explicit), num_sms_budget)
     agreed = _cache.get(key)
     if agreed is not None:
-        if _stamp(agreed.watch) == agreed.stamp:
+        agreed.calls[0] += 1
+        look_at_files = agreed.calls[0] >= STAT_EVERY
+        if _env_stamp(agreed.watch) == agreed.stamp[0] and not (look_at_files and _file_stamp(agreed.watch) != agreed.stamp[1]):
+            if look_at_files:
+                agreed.calls[0] = 0
             _stats["hits"] += 1
             return agreed
         _stats["refreshes"] += 1
@@ -141,18 +149,26 @@ def _watch(backend: str, world_size: int) -> tuple:
     return encoded, _table_paths(world_size)
 
 
-def _stamp(watch: tuple) -> tuple:
-    """The values of the watched variables and the ``stat`` of the watched table files."""
-    names, paths = watch
+def _env_stamp(watch: tuple) -> tuple:
+    """The values of the watched variables."""
     data = _ENV_DATA if _ENV_DATA is not None and _ENCODE else os.environ
+    return tuple(data.get(name) for name in watch[0])
+
+
+def _file_stamp(watch: tuple) -> tuple:
+    """The ``stat`` of the watched table files (``None`` for a missing one)."""
     files = []
-    for path in paths:
+    for path in watch[1]:
         try:
             info = os.stat(path)
             files.append((info.st_mtime_ns, info.st_size, info.st_ino))
         except OSError:
             files.append(None)
-    return tuple(data.get(name) for name in names), tuple(files)
+    return tuple(files)
+
+
+def _stamp(watch: tuple) -> tuple:
+    return _env_stamp(watch), _file_stamp(watch)
 
 
 def _table_digest(world_size: int) -> str | None:

@@ -238,7 +238,7 @@ class Buffer:
             topk_weights=topk_weights,
             expert_alignment=expert_alignment,
         )
-        return recv_x, recv_idx, recv_weights, counts, self._handle(torch_handle, config), _event(async_finish)
+        return recv_x, recv_idx, recv_weights, counts.tolist(), self._handle(torch_handle, config), _event(async_finish)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         """DeepEP's normal combine (bf16 only); returns ``(combined_x [N, H], combined_topk_weights or None, event)``."""

@@ -1,0 +1,178 @@
+"""The host time fused_a2a adds over calling a backend's buffer directly (issue: warm calls are cheap).
+
+Each backend's process-wide buffer is replaced by a :class:`Replay` of itself: after one real call of
+each kind it answers every call at once with the outputs of that real call. With the backend's own
+work gone, what remains of a ``fused_a2a.dispatch`` + ``combine`` round trip (or the seed functions')
+is our code: input checks, the agreed-knob cache, the autograd Functions, the backend adapter. That
+time minus the time of the same calls made directly on the replay is the overhead; the two are
+timed alternately in batches (``perf_counter_ns``), slowest rank per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+import fused_a2a
+from a2a_bench.measure import Stats, slowest, summarize
+from a2a_bench.workload import WorkloadSpec, make_inputs
+from fused_a2a.autograd import get_hidden_bytes
+from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
+from fused_a2a.tuning.agreement import agreed_comm
+
+BATCH = 50  # calls per timed batch: perf_counter's resolution is far below one call
+
+
+class Replay:
+    """A stand-in for a buffer: it forwards attributes to the real one and answers each call kind
+    (layout, fresh dispatch, cached dispatch, combine) with the outputs of the first such call."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._answers: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def _answer(self, kind: str, method: Callable, *args, **kwargs) -> Any:
+        if kind not in self._answers:
+            self._answers[kind] = method(*args, **kwargs)
+        return self._answers[kind]
+
+    def get_dispatch_layout(self, *args, **kwargs):
+        return self._answer("layout", self._real.get_dispatch_layout, *args, **kwargs)
+
+    def dispatch(self, *args, **kwargs):
+        kind = "dispatch" if kwargs.get("handle") is None else "cached"
+        return self._answer(kind, self._real.dispatch, *args, **kwargs)
+
+    def combine(self, *args, **kwargs):
+        return self._answer("combine", self._real.combine, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """One backend and call path: host µs per dispatch + combine round trip.
+
+    Attributes:
+        backend, path: ``api`` (``fused_a2a.dispatch``/``combine``) or ``seed`` (the seed functions).
+        wrapped: the round trip through fused_a2a (buffer answering at once).
+        direct: the same buffer calls made directly.
+        added: ``wrapped - direct`` per batch (its median is the overhead).
+    """
+
+    backend: str
+    path: str
+    wrapped: Stats
+    direct: Stats
+    added: Stats
+
+
+def _install(backend: str, group, buffer: Replay) -> None:
+    """Make ``buffer`` the backend's process-wide buffer (what its sessions fetch)."""
+    if backend == "deepep":
+        deepep.set_current_buffer(buffer)
+    elif backend == "uccl":
+        uccl.set_current_buffer(buffer)
+    elif backend == "hybridep":
+        hybridep.set_current_buffer(buffer)
+    else:
+        torch_a2a.set_torch_buffer(group, buffer)
+
+
+def _current(backend: str, group) -> Any:
+    if backend == "deepep":
+        return deepep.current_buffer()
+    if backend == "uccl":
+        return uccl.current_buffer()
+    if backend == "hybridep":
+        return hybridep.current_buffer()
+    return torch_a2a.get_torch_buffer(group)
+
+
+def _paths(backend: str, x, idx, weights, num_experts: int, group) -> dict[str, Callable[[], Any]]:
+    """The round trips to time: the backend-neutral one, and the seed functions' where they exist."""
+    def api():
+        out = fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)
+        return fused_a2a.combine(out[0], out[4])
+
+    paths = {"api": api}
+    seed = {"deepep": (fused_a2a.fused_dispatch, fused_a2a.fused_combine),
+            "uccl": (fused_a2a.uccl_fused_dispatch, fused_a2a.uccl_fused_combine)}.get(backend)
+    if seed is not None:
+        dispatch_fn, combine_fn = seed
+
+        def seed_round_trip():
+            out = dispatch_fn(x, idx, weights, num_experts, group)
+            return combine_fn(out[0], group, out[4])
+
+        paths["seed"] = seed_round_trip
+    return paths
+
+
+def _direct(backend: str, buffer: Replay, comm, x, idx, weights, num_experts: int) -> Callable[[], Any]:
+    """The buffer calls of one round trip, made directly (HybridEP's own API for hybridep, with the
+    routing map its callers build)."""
+    if backend == "hybridep":
+        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+
+        def run_hybridep():
+            rows, _, _, handle = buffer.dispatch(hidden=x, routing_map=routing_map, probs=probs, num_of_experts=num_experts)
+            return buffer.combine(hidden=rows, handle=handle)
+
+        return run_hybridep
+
+    def run():
+        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+        out = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
+                              num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                              num_tokens_per_expert=per_expert, config=comm.dispatch_config)
+        return buffer.combine(out[0], out[4], config=comm.combine_config)
+
+    return run
+
+
+def _batch_us(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter_ns()
+    for _ in range(BATCH):
+        fn()
+    return (time.perf_counter_ns() - start) / BATCH / 1e3
+
+
+def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: torch.device, group=None) -> list[Overhead]:
+    """:class:`Overhead` of each call path of ``backend`` (warm: knobs agreed and cached first).
+
+    Collective over ``group``. The backend's buffer is restored afterwards.
+    """
+    rank = dist.get_rank(group)
+    inputs = make_inputs(workload, rank)
+    x = inputs.x.to(device).requires_grad_(True)  # a training step's tokens carry gradients
+    idx, weights = inputs.topk_idx.to(device), inputs.topk_weights.to(device)
+    paths = _paths(backend, x, idx, weights, workload.num_experts, group)
+    for run in paths.values():
+        run()  # agree on the knobs, build the buffer
+    comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
+                       workload.num_experts, {}).comm
+    comm.get_buffer(group, get_hidden_bytes(x))
+    real = _current(backend, group)
+    replay = Replay(real)
+    _install(backend, group, replay)
+    try:
+        direct = _direct(backend, replay, comm, x, idx, weights, workload.num_experts)
+        direct()
+        results = []
+        for path, run in paths.items():
+            run()
+            local = torch.empty(2, iters, dtype=torch.float64)
+            for i in range(iters):
+                local[0, i], local[1, i] = _batch_us(run), _batch_us(direct)
+            local = slowest(local, device, group)
+            results.append(Overhead(backend, path, summarize(local[0].tolist()), summarize(local[1].tolist()),
+                                    summarize((local[0] - local[1]).tolist())))
+    finally:
+        _install(backend, group, real)
+    return results
