@@ -1,0 +1,74 @@
+"""What the two stand-ins share: the framework modules' buffer variables as live views of fused_a2a's
+process-wide buffers, and a ``free_buffer`` with the frameworks' error handling.
+
+A framework module keeps its buffers in module globals (``_buffer``, ``_hybrid_ep_buffer``, ...); code and
+tests read them and assign them. In a stand-in these names are properties of the module's class
+(a :class:`types.ModuleType` subclass): reading one returns the buffer the backend holds now, assigning
+one replaces it (without destroying the old one, as an assignment in the framework module does), and
+deleting one (what ``mock.patch.object`` does on exit) sets it to ``None``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fused_a2a.backends import deepep, hybridep, uccl
+from fused_a2a.seed import hybridep as seed_hybridep
+
+logger = logging.getLogger("fused_a2a")
+
+
+def free_deepep_buffer() -> None:
+    """Destroy the process-wide DeepEP buffer, as the framework's ``free_buffer`` does.
+
+    A no-op without a buffer (and without deep_ep). Otherwise the buffer is forgotten, then its
+    ``destroy()`` runs once; an exception it raises is swallowed (teardown is best effort: NeMo
+    Automodel calls this right before ``destroy_process_group``), logged at DEBUG only.
+    """
+    buffer = deepep.current_buffer()
+    if buffer is None:
+        return
+    deepep.set_current_buffer(None)
+    try:
+        buffer.destroy()
+    except Exception as exc:  # the framework module swallows it silently
+        logger.debug("fused_a2a.compat: destroying the DeepEP buffer failed: %s", exc)
+
+
+def _set_nvshmem_available(_module, value) -> None:
+    deepep._nvshmem_available = value  # the backend's cache of Buffer.is_sm90_compiled()
+
+
+def _set_hybrid_ep_buffer(_module, buffer) -> None:
+    if buffer is None:
+        seed_hybridep.reset_hybrid_ep_buffer()
+    else:  # a buffer the caller built: the seed functions use it as it is (as after init_hybrid_ep_buffer)
+        hybridep.set_current_buffer(buffer, ("caller",))
+        seed_hybridep._made_by_caller = True
+
+
+DEEPEP_BUFFER = property(
+    lambda _module: deepep.current_buffer(),
+    lambda _module, buffer: deepep.set_current_buffer(buffer),
+    lambda _module: deepep.set_current_buffer(None),
+    doc="The process-wide ``deep_ep.Buffer`` (``None`` without one); assigning replaces it without destroying the old one.",
+)
+NVSHMEM_AVAILABLE = property(
+    lambda _module: deepep._nvshmem_available,
+    _set_nvshmem_available,
+    lambda module: _set_nvshmem_available(module, None),
+    doc="The cached ``Buffer.is_sm90_compiled()`` (``None`` until first asked); assigning overrides it.",
+)
+UCCL_BUFFER = property(
+    lambda _module: uccl.current_buffer(),
+    lambda _module, buffer: uccl.set_current_buffer(buffer),
+    lambda _module: uccl.set_current_buffer(None),
+    doc="The process-wide UCCL-EP buffer (``None`` without one); assigning replaces it without destroying the old one.",
+)
+HYBRID_EP_BUFFER = property(
+    lambda _module: hybridep.current_buffer(),
+    _set_hybrid_ep_buffer,
+    lambda module: _set_hybrid_ep_buffer(module, None),
+    doc="The process-wide ``HybridEPBuffer`` (``None`` without one); assigning ``None`` resets it "
+        "(``reset_hybrid_ep_buffer``), assigning a buffer makes the HybridEP functions use it as it is.",
+)
