@@ -218,7 +218,9 @@ def automodel(rank: int, world_size: int) -> None:
     assert module._buffer is buffer is deepep.current_buffer() and module._nvshmem_available is False
     assert module._is_nvshmem_available() is False
     assert _channels(module, group) == 16  # the environment's (tuned) SM count
-    module.set_deepep_num_sms(24)  # MoEFlexTokenDispatcher's call: an explicit setter wins
+    module.set_deepep_num_sms(20)  # the frameworks' default count means "not set": the tuned count stays
+    assert _channels(module, group) == 16
+    module.set_deepep_num_sms(24)  # MoEFlexTokenDispatcher's call with a configured count: it wins
     assert _channels(module, group) == 24
     for case, flag in ((BF16_CASES[0], True), (BF16_CASES[2], False)):  # case 2 has -1 slots
         check_case(case, rank, world_size, CPU, *_framework_calls(module.fused_dispatch, module.fused_combine, group, flag))

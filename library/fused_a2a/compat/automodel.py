@@ -31,8 +31,9 @@ What Automodel's code sees, name for name:
 Knobs: each call's configs come from explicit arguments and ``set_deepep_num_sms``/``set_uccl_num_sms``
 (which win), else ``FUSED_A2A_<BACKEND>_<KNOB>``, this cluster's tuning table, the library's defaults,
 agreed by every rank of the group (:mod:`fused_a2a.tuning.agreement`). Automodel's dispatcher calls
-``set_*_num_sms`` and passes HybridEP's SM counts itself, so the SM counts are Automodel's; the other
-knobs (chunk sizes, HybridEP's blocks, preprocessing SMs and chunking) come from the table.
+``set_*_num_sms`` and passes HybridEP's SM counts on every call, with its default (20) when its user set
+none: that default, and HybridEP's 24, count as "not set" and the table's SM counts apply; any other
+count Automodel passes wins (:func:`fused_a2a.compat.common.framework_sms`).
 
 Deliberate differences, none of which Automodel's code relies on: a DeepEP or UCCL-EP buffer is destroyed
 before a larger one replaces it (Automodel drops the old one alive); calling a function of a missing
@@ -103,7 +104,8 @@ def free_buffer() -> None:
 
 
 if HAVE_DEEP_EP:
-    from fused_a2a.seed.deepep import fused_combine, fused_dispatch, set_deepep_num_sms
+    from fused_a2a.compat.common import set_deepep_num_sms
+    from fused_a2a.seed.deepep import fused_combine, fused_dispatch
 else:
     fused_dispatch = None
     fused_combine = None
@@ -144,7 +146,8 @@ if HAVE_HYBRIDEP:
             probs: ``[num_tokens, num_experts]`` float32 routing probabilities.
             group: the expert-parallel process group.
             num_local_experts: experts per rank.
-            num_sms_dispatch_api, num_sms_combine_api: SMs of the kernels (``None``: tuned or HybridEP's).
+            num_sms_dispatch_api, num_sms_combine_api: SMs of the kernels; ``None`` and Automodel's
+                defaults (20, 24) leave them to the tuning table (:func:`fused_a2a.compat.common.framework_sms`).
             num_permuted_tokens: size of the permuted output if known (int or 0-d tensor; non-blocking).
             pad_multiple: pad each expert's rows to a multiple of this.
 
@@ -152,8 +155,11 @@ if HAVE_HYBRIDEP:
             ``(hidden [P, hidden] expert-major, probs [P] float32, scaling_factor (None),
             tokens_per_expert [num_local_experts] int64, handle)``.
         """
-        return _seed_hybridep.hybrid_ep_dispatch(x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api,
-                                                 num_sms_combine_api, num_permuted_tokens, pad_multiple)
+        return _seed_hybridep.hybrid_ep_dispatch(x, routing_map, probs, group, num_local_experts,
+                                                 _common.framework_sms(num_sms_dispatch_api, _common.HYBRIDEP_DEFAULT_SMS),
+                                                 _common.framework_sms(num_sms_combine_api, _common.HYBRIDEP_DEFAULT_SMS),
+                                                 num_permuted_tokens,
+                                                 pad_multiple)
 
     def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None):
         """Combine + unpermute with HybridEP (Automodel's signature).
@@ -175,7 +181,8 @@ else:
 
 
 if HAVE_UCCL_EP:
-    from fused_a2a.seed.uccl import set_uccl_num_sms, uccl_fused_combine, uccl_fused_dispatch
+    from fused_a2a.compat.common import set_uccl_num_sms
+    from fused_a2a.seed.uccl import uccl_fused_combine, uccl_fused_dispatch
 else:
     uccl_fused_dispatch = None
     uccl_fused_combine = None

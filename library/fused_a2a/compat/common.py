@@ -13,9 +13,39 @@ from __future__ import annotations
 import logging
 
 from fused_a2a.backends import deepep, hybridep, uccl
+from fused_a2a.seed import deepep as seed_deepep
 from fused_a2a.seed import hybridep as seed_hybridep
+from fused_a2a.seed import uccl as seed_uccl
 
 logger = logging.getLogger("fused_a2a")
+
+# the SM counts the frameworks pass when their user set none: NeMo Automodel's
+# BackendConfig.dispatcher_num_sms (for DeepEP, UCCL-EP and HybridEP) and Megatron-LM's DeepEP fallback
+# when moe_flex_dispatcher_num_sms is unset
+FRAMEWORK_DEFAULT_SMS = (20,)
+# HybridEP's: Automodel's default count, and 24, the default of Automodel's hybrid_ep_dispatch (HybridEP's own)
+HYBRIDEP_DEFAULT_SMS = (20, 24)
+
+
+def framework_sms(num_sms: int | None, defaults: tuple[int, ...] = FRAMEWORK_DEFAULT_SMS) -> int | None:
+    """``None`` ("not set": the tuning table decides) for a framework's default SM count, else the count.
+
+    The frameworks pass an SM count on every call whether or not their user chose one; taking their
+    defaults as explicit would shut the tuned counts out. A user who wants exactly a default count sets
+    ``FUSED_A2A_<BACKEND>_<KNOB>`` (the environment beats the table).
+    """
+    return None if num_sms in defaults else num_sms
+
+
+def set_deepep_num_sms(num_sms: int) -> None:
+    """The framework's ``set_deepep_num_sms``: its default count (20) leaves the SM count to the tuning
+    table (:func:`framework_sms`), any other count is fixed (``deep_ep.Buffer.set_num_sms``)."""
+    seed_deepep.set_deepep_num_sms(framework_sms(num_sms))
+
+
+def set_uccl_num_sms(num_sms: int) -> None:
+    """The framework's ``set_uccl_num_sms``, with :func:`framework_sms`'s rule."""
+    seed_uccl.set_uccl_num_sms(framework_sms(num_sms))
 
 
 def free_deepep_buffer() -> None:
@@ -43,8 +73,7 @@ def _set_hybrid_ep_buffer(_module, buffer) -> None:
     if buffer is None:
         seed_hybridep.reset_hybrid_ep_buffer()
     else:  # a buffer the caller built: the seed functions use it as it is (as after init_hybrid_ep_buffer)
-        hybridep.set_current_buffer(buffer, ("caller",))
-        seed_hybridep._made_by_caller = True
+        seed_hybridep.adopt_buffer(buffer)
 
 
 DEEPEP_BUFFER = property(

@@ -25,9 +25,9 @@ What Megatron's code sees, name for name:
   :mod:`fused_a2a.compat.common`). One extra: ``free_buffer()`` (as NeMo Automodel's: destroy the DeepEP
   buffer before ``destroy_process_group``, errors swallowed), which Megatron's module lacks.
 
-Knobs: as in :mod:`fused_a2a.compat.automodel`. Megatron calls ``set_deepep_num_sms`` itself (20 when
-``moe_flex_dispatcher_num_sms`` is unset), which wins over the table for DeepEP's SM count; the chunk sizes
-come from the table. For HybridEP an argument left ``None`` is tuned; **``num_sms_preprocessing_api=108``
+Knobs: as in :mod:`fused_a2a.compat.automodel`. Megatron calls ``set_deepep_num_sms`` itself, with 20
+when ``moe_flex_dispatcher_num_sms`` is unset: that default counts as "not set" and the table's SM count
+applies (:func:`fused_a2a.compat.common.framework_sms`); a count the user configured wins. For HybridEP an argument left ``None`` is tuned; **``num_sms_preprocessing_api=108``
 (Megatron's default) counts as "not set"**: 108 is HybridEP's own default, and Megatron passes its
 config value (default 108) on every call, so treating it as explicit would shut the table out for good. Pass
 any other value to fix it.
@@ -92,7 +92,8 @@ def free_buffer() -> None:
 
 
 if HAVE_DEEP_EP:
-    from fused_a2a.seed.deepep import fused_combine, fused_dispatch, set_deepep_num_sms
+    from fused_a2a.compat.common import set_deepep_num_sms
+    from fused_a2a.seed.deepep import fused_combine, fused_dispatch
 else:
     fused_dispatch = None
     fused_combine = None

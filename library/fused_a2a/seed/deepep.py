@@ -79,14 +79,16 @@ def free_buffer() -> None:
     deepep.free_buffer()
 
 
-def set_deepep_num_sms(num_sms: int) -> None:
+def set_deepep_num_sms(num_sms: int | None) -> None:
     """Set the number of SMs DeepEP's normal-mode kernels use (``deep_ep.Buffer.set_num_sms``).
 
     It also counts as an explicit ``num_sms`` argument for every later seed call: it wins over
-    ``$FUSED_A2A_DEEPEP_NUM_SMS`` and the tuning table.
+    ``$FUSED_A2A_DEEPEP_NUM_SMS`` and the tuning table. ``None`` forgets an earlier count: the SM
+    count comes from those sources again (``Buffer.num_sms`` back to DeepEP's default).
     """
     global _num_sms
-    DEEP_EP.require("set_deepep_num_sms").Buffer.set_num_sms(num_sms)
+    buffer = DEEP_EP.require("set_deepep_num_sms").Buffer
+    buffer.set_num_sms(deepep.DEFAULT_NUM_SMS if num_sms is None else num_sms)
     _num_sms = num_sms
 
 

@@ -27,6 +27,9 @@ __all__ = [
 
 # an init_hybrid_ep_buffer call made the current buffer: seed calls use it as it is
 _made_by_caller = False
+# the attribute of a handle's first tensor that says whether its dispatch fused the permute: its
+# combine does the same, whatever the caller passes
+_FUSED_ATTRIBUTE = "_fused_a2a_hybridep_fused"
 
 
 def init_hybrid_ep_buffer(
@@ -67,6 +70,14 @@ def init_hybrid_ep_buffer(
                                     num_local_experts=num_local_experts, use_fp8=fp8_dispatch,
                                     **{name: value for name, value in kwargs.items() if value is not None})
     hybridep.set_current_buffer(buffer, ("caller", group, hidden_dim, num_local_experts, fp8_dispatch))
+    _made_by_caller = True
+
+
+def adopt_buffer(buffer) -> None:
+    """Make ``buffer`` (a ``HybridEPBuffer`` the caller built) the process-wide one, used as it is, as
+    after :func:`init_hybrid_ep_buffer`."""
+    global _made_by_caller
+    hybridep.set_current_buffer(buffer, ("caller",))
     _made_by_caller = True
 
 
@@ -132,6 +143,7 @@ class HybridEPDispatch(torch.autograd.Function):
             non_blocking=num_permuted is not None, **({"fuse_permute_dispatch": True} if fused else {}),
         )
         hybridep.remember_buffer(handle, buffer)
+        setattr(handle[0], _FUSED_ATTRIBUTE, fused)
         ctx.buffer, ctx.settings, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, settings, handle, pad_multiple, fused
         return hidden, out_probs, scaling_factor, tokens_per_expert, handle
 
@@ -154,7 +166,7 @@ class HybridEPCombine(torch.autograd.Function):
     def forward(ctx, x, handle, num_permuted_tokens=None, pad_multiple=None, fused=False):
         """Forward pass of fused combine of the HybridEP backend (see :func:`hybrid_ep_combine`)."""
         buffer = hybridep.buffer_of(handle)
-        fused = fused and hybridep.has_fused_permute()
+        fused = getattr(handle[0], _FUSED_ATTRIBUTE, fused and hybridep.has_fused_permute())
         combined, _ = buffer.combine_with_unpermute(hidden=x, handle=handle, pad_multiple=pad_multiple,
                                                     **({"fuse_unpermute_combine": True} if fused else {}))
         ctx.buffer, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, handle, pad_multiple, fused
@@ -226,7 +238,8 @@ def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None, *,
         handle: that dispatch's handle.
         num_permuted_tokens: ``P`` (int or 0-d tensor), for the backward's cached dispatch.
         pad_multiple: as given to the dispatch.
-        fused: fuse the unpermute into the combine kernel.
+        fused: fuse the unpermute into the combine kernel (a handle of :func:`hybrid_ep_dispatch`
+            combines as its dispatch ran, fused or not, whatever is passed here).
 
     Returns:
         ``[num_tokens, hidden]``.

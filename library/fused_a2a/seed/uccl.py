@@ -57,14 +57,15 @@ def get_uccl_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int):
     return uccl.ensure_buffer(group, hidden_bytes, configs)
 
 
-def set_uccl_num_sms(num_sms: int) -> None:
+def set_uccl_num_sms(num_sms: int | None) -> None:
     """Set the number of SMs UCCL-EP's kernels use (``UCCLBuffer.num_sms``; even, ``ValueError`` otherwise).
 
-    It counts as an explicit ``num_sms`` for every later seed call."""
+    It counts as an explicit ``num_sms`` for every later seed call. ``None`` forgets an earlier count
+    (``UCCLBuffer.num_sms`` back to UCCL-EP's default; NeMo's SM variables still count as set)."""
     global _set_by_caller
     UCCL_EP.require("set_uccl_num_sms")
-    UCCLBuffer.set_num_sms(num_sms)
-    _set_by_caller = True
+    UCCLBuffer.set_num_sms(uccl.DEFAULT_NUM_SMS if num_sms is None else num_sms)
+    _set_by_caller = num_sms is not None
 
 
 def _dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
