@@ -276,22 +276,41 @@ def show(
     cluster: Optional[str] = typer.Option(None, help="Cluster id (default: this machine's)."),
     knob: Optional[List[str]] = typer.Option(None, help="An explicit knob as a caller would pass it: name=value."),
     routing: Optional[str] = typer.Option(None, help="The routing the job declares (default: $FUSED_A2A_ROUTING, else uniform)."),
+    framework: Optional[str] = typer.Option(None, help="automodel or megatron: the module fused_a2a.compat replaces, and the knobs of each of the framework's backends."),
 ) -> None:
-    """What fused_a2a would use for this call on this machine, where each knob comes from, and which
-    framework module fused_a2a stands in for in this process."""
+    """What fused_a2a would use for this call on this machine and where each knob comes from; with
+    --framework, the framework module the drop-in replaces and the knobs each of its backends will use."""
     from fused_a2a.backends import get_backend
     from fused_a2a.tuning.resolve import resolve
 
-    spec = get_backend(backend)
-    explicit = {}
-    for text in knob or []:
-        name, sep, value = text.partition("=")
-        if not sep:
-            raise SpecError(f"--knob takes name=value, got {text!r}")
-        explicit[name] = spec.knob(name).parse(value)
-    res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster,
-                  routing=routing)
-    out = Table(title=f"{backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}, {res.routing} routing")
+    backends = [backend]
+    if framework is not None:
+        from fused_a2a.compat import FRAMEWORKS, replaced
+
+        if framework not in FRAMEWORKS:
+            raise SpecError(f"--framework must be one of {', '.join(sorted(FRAMEWORKS))}, got {framework!r}")
+        here = "replaced in this process" if framework in replaced() else "not replaced in this process"
+        console.print(f"{framework}: fused_a2a.compat.install({framework!r}) (or python -m fused_a2a.compat {framework} -- "
+                      f"SCRIPT) puts fused_a2a.compat.{framework} in place of {FRAMEWORKS[framework]} ({here}); "
+                      "the framework's default SM counts count as not set", markup=False)
+        backends = ["deepep", "hybridep", "uccl"] if framework == "automodel" else ["deepep", "hybridep"]
+    for name in backends:
+        spec = get_backend(name)
+        explicit = {}
+        for text in knob or []:
+            knob_name, sep, value = text.partition("=")
+            if not sep:
+                raise SpecError(f"--knob takes name=value, got {text!r}")
+            if framework is None or knob_name in {k.name for k in spec.knobs}:
+                explicit[knob_name] = spec.knob(knob_name).parse(value)
+        res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
+                      cluster=cluster, routing=routing)
+        _print_resolution(res, hidden, tokens, world_size, dtype)
+
+
+def _print_resolution(res, hidden: int, tokens: int, world_size: int, dtype: str) -> None:
+    """One backend's knobs, their sources and the table entry they came from."""
+    out = Table(title=f"{res.backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}, {res.routing} routing")
     for column in ("knob", "dispatch", "combine", "source"):
         out.add_column(column)
     for name in res.dispatch:
