@@ -132,8 +132,8 @@ def _channels(module, group) -> int:
 # HybridEP: routing map [T, E] bool + probs [T, E] float32 in, expert-major rows out
 
 
-def _routing(rank: int, world: int, seed: int):
-    """``x [T, H]`` bf16 and Automodel's masked top-k routing as HybridEP's dense map and probabilities."""
+def _routing(rank: int, world: int, seed: int, device: torch.device = CPU):
+    """``x [T, H]`` bf16 and Automodel's masked top-k routing as HybridEP's dense map and probabilities (on ``device``)."""
     gen = torch.Generator().manual_seed(1000 * seed + rank)
     num_experts = LOCAL_EXPERTS * world
     x = torch.randn(TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
@@ -145,7 +145,7 @@ def _routing(rank: int, world: int, seed: int):
     columns = torch.where(idx >= 0, idx, num_experts)
     routing_map.scatter_(1, columns, True)
     probs.scatter_(1, columns, weights)
-    return x, routing_map[:, :num_experts].contiguous(), probs[:, :num_experts].contiguous()
+    return x.to(device), routing_map[:, :num_experts].contiguous().to(device), probs[:, :num_experts].contiguous().to(device)
 
 
 def _expert_rows(rows, row_probs, tokens_per_expert, rank: int):
@@ -154,20 +154,21 @@ def _expert_rows(rows, row_probs, tokens_per_expert, rank: int):
     expert = torch.repeat_interleave(torch.arange(len(counts)) + rank * len(counts) + 1, torch.tensor(counts))
     scale = torch.ones(rows.size(0))
     scale[: expert.numel()] = expert.float()
+    scale = scale.to(rows.device)
     return (rows.float() * (1 + row_probs.unsqueeze(1)) * scale.unsqueeze(1)).to(torch.bfloat16)
 
 
 def _dense(x, routing_map, probs):
     """What combine(experts(dispatch)) gives each token: ``x * sum_e map * (1 + p) * (e + 1)``."""
-    experts = torch.arange(1, routing_map.size(1) + 1, dtype=x.dtype)
+    experts = torch.arange(1, routing_map.size(1) + 1, dtype=x.dtype, device=x.device)
     return x * (routing_map * (1 + probs) * experts).sum(1, keepdim=True)
 
 
 def _check_hybrid(rank: int, world: int, seed: int, dispatch_fn, combine_fn, dispatch_args: dict,
-                  budget: int | None = None, **combine_args) -> tuple:
+                  budget: int | None = None, device: torch.device = CPU, **combine_args) -> tuple:
     """Dispatch, experts, combine, backward as the frameworks run them (every argument by keyword), against
     :func:`_dense`. ``budget``: ``num_permuted_tokens`` of the dispatch. Returns the handle."""
-    x, routing_map, probs = _routing(rank, world, seed)
+    x, routing_map, probs = _routing(rank, world, seed, device)
     x = x.requires_grad_(True)
     probs = probs.requires_grad_(True)
     hidden, row_probs, _, tokens_per_expert, handle = dispatch_fn(
@@ -185,7 +186,7 @@ def _check_hybrid(rank: int, world: int, seed: int, dispatch_fn, combine_fn, dis
     ref_probs = probs.detach().double().requires_grad_(True)
     ref = _dense(ref_x, routing_map, ref_probs)
     assert_close(out.detach(), ref.detach(), torch.bfloat16, f"hybridep combine on rank {rank}")
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(77 + rank), dtype=torch.float64)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(77 + rank), dtype=torch.float64).to(device)
     (out.float() * g.float()).sum().backward()
     (ref * g).sum().backward()
     assert_close(x.grad, ref_x.grad, torch.bfloat16, f"hybridep grad x on rank {rank}")

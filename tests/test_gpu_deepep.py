@@ -13,7 +13,7 @@ import fused_a2a
 from a2a_bench.workload import WorkloadSpec
 from fused_a2a.backends.deepep import DEEP_EP
 from gpu import BACKEND_CASES as CASES
-from gpu import gpu_group, gpu_ready, real
+from gpu import gpu_ready, real
 from reference import Case, check_case, check_fp8_case
 
 pytestmark = [
@@ -32,14 +32,12 @@ CALLS = {
 }
 
 
-group_device = pytest.fixture(scope="module")(gpu_group)
-
 
 @pytest.mark.parametrize("call", CALLS)
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"h{c.spec.hidden}-n{c.spec.num_tokens}-k{c.spec.topk}-drop{c.spec.drop}"
 )
-def test_deepep_matches_reference(group_device, case: Case, call: str) -> None:
+def test_deepep_matches_reference(gpu_device, case: Case, call: str) -> None:
     group = dist.group.WORLD
     knobs = CALLS[call]
     if knobs is None:
@@ -53,7 +51,7 @@ def test_deepep_matches_reference(group_device, case: Case, call: str) -> None:
             return fused_a2a.dispatch(x, idx, weights, num_experts, group, backend="deepep", **knobs)
 
         combine_fn = fused_a2a.combine
-    check_case(case, dist.get_rank(), dist.get_world_size(), group_device, dispatch_fn, combine_fn)
+    check_case(case, dist.get_rank(), dist.get_world_size(), gpu_device, dispatch_fn, combine_fn)
 
 
 FP8_CASES = [Case(WorkloadSpec(num_tokens=n, hidden=7168, topk=8, num_experts=64, dtype="fp8", drop=d, seed=30 + i))
@@ -61,8 +59,8 @@ FP8_CASES = [Case(WorkloadSpec(num_tokens=n, hidden=7168, topk=8, num_experts=64
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"fp8-n{c.spec.num_tokens}-drop{c.spec.drop}")
-def test_deepep_fp8_dispatch_matches_reference(group_device, case: Case) -> None:
+def test_deepep_fp8_dispatch_matches_reference(gpu_device, case: Case) -> None:
     def dispatch_fn(x, idx, weights, num_experts):
         return fused_a2a.dispatch(x, idx, weights, num_experts, backend="deepep", num_sms=24)
 
-    check_fp8_case(case, dist.get_rank(), dist.get_world_size(), group_device, dispatch_fn, fused_a2a.combine)
+    check_fp8_case(case, dist.get_rank(), dist.get_world_size(), gpu_device, dispatch_fn, fused_a2a.combine)

@@ -33,20 +33,10 @@ GPU_CASES = CASES + [
 ]
 
 
-@pytest.fixture(scope="module")
-def nccl_group():
-    local_rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    yield torch.device("cuda", local_rank)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("impl", ["all_to_all", "p2p"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c.spec.dtype}-n{c.spec.num_tokens}-h{c.spec.hidden}-{c.spec.routing}-{c.edit}")
-def test_torch_backend_over_nccl_matches_reference(nccl_group, case: Case, impl: str) -> None:
+def test_torch_backend_over_nccl_matches_reference(gpu_device, case: Case, impl: str) -> None:
     def dispatch_fn(x, idx, weights, num_experts):
         return fused_a2a.dispatch(x, idx, weights, num_experts, backend="torch", impl=impl)
 
-    check_case(case, dist.get_rank(), dist.get_world_size(), nccl_group, dispatch_fn, fused_a2a.combine)
+    check_case(case, dist.get_rank(), dist.get_world_size(), gpu_device, dispatch_fn, fused_a2a.combine)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import fused_a2a
 from fused_a2a.backends.uccl_buffer import UCCL_EP
 from gpu import BACKEND_CASES as CASES
-from gpu import gpu_group, gpu_ready, real
+from gpu import gpu_ready, real
 from reference import Case, check_case
 
 pytestmark = [
@@ -30,14 +30,12 @@ pytestmark = [
 CALLS = {"seed": {}, "seed-async": {"async_finish": True, "allocate_on_comm_stream": True}}
 
 
-group_device = pytest.fixture(scope="module")(gpu_group)
-
 
 @pytest.mark.parametrize("call", CALLS)
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"h{c.spec.hidden}-n{c.spec.num_tokens}-k{c.spec.topk}-drop{c.spec.drop}"
 )
-def test_uccl_seed_functions_match_reference(group_device, case: Case, call: str) -> None:
+def test_uccl_seed_functions_match_reference(gpu_device, case: Case, call: str) -> None:
     group = dist.group.WORLD
     flags = CALLS[call]
 
@@ -47,4 +45,4 @@ def test_uccl_seed_functions_match_reference(group_device, case: Case, call: str
     def combine_fn(y, handle):
         return fused_a2a.uccl_fused_combine(y, group, handle, **flags)[0]
 
-    check_case(case, dist.get_rank(), dist.get_world_size(), group_device, dispatch_fn, combine_fn)
+    check_case(case, dist.get_rank(), dist.get_world_size(), gpu_device, dispatch_fn, combine_fn)

@@ -294,9 +294,17 @@ def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, s
     if _current.buffer is None or _current.key != key:
         _current.buffer = None  # the old buffer lives on only while a handle holds it
         buffer = deep_ep.HybridEPBuffer(group=group, hidden_dim=hidden, max_num_of_tokens_per_rank=max(num_tokens, 1),
-                                        num_local_experts=num_local_experts, use_fp8=fp8, **settings.constructor_kwargs())
+                                        num_local_experts=num_local_experts, use_fp8=fp8, **settings.constructor_kwargs(),
+                                        **_reuse_kernels(deep_ep.HybridEPBuffer))
         set_current_buffer(buffer, key)
     return _current.buffer
+
+
+def _reuse_kernels(buffer_class) -> dict[str, bool]:
+    """``load_cached_kernels=True`` where HybridEP takes it: a new buffer of this process (a knob change)
+    loads the kernels an earlier one compiled instead of compiling them again (HybridEP caches them per
+    process)."""
+    return {"load_cached_kernels": True} if "load_cached_kernels" in inspect.signature(buffer_class).parameters else {}
 
 
 def ranks_per_node(buffer) -> int:

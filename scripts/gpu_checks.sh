@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs this repository's GPU test files and GPU benchmarks on a machine with CUDA GPUs and the backends
+# installed (scripts/install_backends.sh), one log per stage in OUT_DIR.
+#
+#   scripts/gpu_checks.sh OUT_DIR STAGE...
+#
+# Stages:
+#   tests1  one process per GPU (NCCL): the torch backend and graph capture of the torch backend
+#   tests2  two processes (they may share one GPU: gloo group, tokens through CUDA IPC): DeepEP, UCCL-EP,
+#           HybridEP, the compat modules and graph capture of the fused backends, in one pytest command
+#   bench   a2a-bench env, breakdown (torch backend, 1 process) and overhead (1 and 2 processes)
+#   sweep   a 1-process torch sweep (kernel/api/graph), and a 2-process sweep of the fused backends'
+#           knobs with two routings, then tune, table, compare and export; the run folders in runs.tar.gz
+# Timings of processes that share a GPU are time-sliced: only statuses and verification mean something.
+set -uo pipefail
+out=${1:?usage: scripts/gpu_checks.sh OUT_DIR STAGE...}
+shift
+mkdir -p "$out"
+export COLUMNS=${COLUMNS:-220} PYTHONUNBUFFERED=1
+launch="python -m torch.distributed.run --standalone"
+runs=$(mktemp -d)
+
+run() {  # run LOG COMMAND...: append the command, its output and its exit status to OUT_DIR/LOG.log
+    local log=$out/$1.log
+    shift
+    echo "== $(date -u +%H:%M:%S) $*" >>"$log"
+    "$@" >>"$log" 2>&1
+    echo "== exit $? at $(date -u +%H:%M:%S)" >>"$log"
+}
+
+for stage in "$@"; do
+    case $stage in
+    tests1)
+        run tests1 $launch --nproc-per-node 1 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
+            tests/test_gpu_torch_backend.py tests/test_gpu_graph.py ;;
+    tests2)
+        run tests2 $launch --nproc-per-node 2 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
+            tests/test_gpu_deepep.py tests/test_gpu_uccl.py tests/test_gpu_hybridep.py tests/test_gpu_compat.py \
+            tests/test_gpu_graph.py ;;
+    bench)
+        run bench python -m a2a_bench env
+        run bench $launch --nproc-per-node 1 -m a2a_bench breakdown --hidden 2048,7168 --tokens 128,4096 --iters 20
+        run bench $launch --nproc-per-node 1 -m a2a_bench overhead --backends torch
+        run bench $launch --nproc-per-node 2 -m a2a_bench overhead --backends deepep,hybridep,uccl ;;
+    sweep)
+        run sweep $launch --nproc-per-node 1 -m a2a_bench sweep --backends torch --hidden 2048,7168 --tokens 128,4096 \
+            --topk 8 --experts 64 --knob torch.impl=all_to_all,p2p --exhaustive --out "$runs/torch-1"
+        run sweep python -m a2a_bench tune "$runs/torch-1" --by api --out "$runs/tables"
+        run sweep python -m a2a_bench sweep --nproc 2 --backends deepep,hybridep,uccl --hidden 2048 --tokens 7,256 \
+            --topk 8 --experts 16 --routing uniform,zipf:1.2 --sms 16,24 --knob hybridep.tokens_per_chunk_dispatch=0,128 \
+            --iters 5 --warmup 2 --exhaustive --out "$runs/fused-2"
+        run sweep python -m a2a_bench tune "$runs/fused-2" --out "$runs/tables"
+        run sweep python -m a2a_bench tune "$runs/fused-2" --by seed --out "$runs/tables-seed"
+        for table in "$runs"/tables/*/; do run sweep python -m a2a_bench table "$table"; done
+        run sweep python -m a2a_bench compare "$runs/fused-2" --hidden 2048 --tokens 256 --routing zipf:1.2
+        for cluster in "$runs"/tables/*/; do
+            run sweep python -m a2a_bench export --format env --backend hybridep --hidden 2048 --tokens 256 \
+                --world-size 2 --cluster-dir "$cluster"
+        done
+        tar -czf "$out/runs.tar.gz" -C "$runs" . ;;
+    *)
+        echo "unknown stage $stage (tests1, tests2, bench, sweep)" >&2
+        exit 2 ;;
+    esac
+done
