@@ -1,11 +1,12 @@
 """Where the torch backend's ``api`` dispatch spends its time: each stage timed on its own.
 
-Stages of ``TorchBuffer.dispatch`` (a fresh dispatch): ``layout`` (counts per rank and expert on the
-device), ``counts`` (one exchange of the counts and one host synchronisation), ``rows`` (which token
-goes where, with its local expert ids and weights), ``tokens`` (the token exchange: all a cached,
-``kernel``-mode dispatch does) and ``routing`` (the ids and weights in one exchange); then the whole
-``fused_a2a.dispatch`` and the ``kernel`` dispatch, timed alternately so their ratio compares like
-with like. Each figure is the slowest rank's time per call (CUDA events on GPU).
+Stages of ``TorchBuffer.dispatch`` (a fresh dispatch): ``plan`` (the routing computed from top-k and
+the count exchange, :mod:`fused_a2a.backends.torch_routing`: one CUDA-graph replay on a GPU with NCCL,
+else some thirty kernels), ``sync`` (the same plus the host synchronisation and reading the counts),
+``tokens`` (the token exchange: all a cached, ``kernel``-mode dispatch does) and ``routing`` (the ids and
+weights in one exchange); then the whole ``fused_a2a.dispatch`` and the ``kernel`` dispatch, timed
+alternately so their ratio compares like with like. Each figure is the slowest rank's time per call
+(CUDA events on GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fused_a2a
 from a2a_bench.measure import Stats, time_alternating, time_op
 from a2a_bench.workload import WorkloadSpec, make_inputs
 from fused_a2a.backends.torch_a2a import TorchConfig, get_torch_buffer
+from fused_a2a.backends.torch_routing import read_counts
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,14 @@ class Breakdown:
     Attributes:
         workload: what was dispatched.
         impl: the torch backend's ``impl`` knob.
+        plan: ``graph`` when the routing plan was a replayed CUDA graph, else ``eager``.
         stages: stage name -> its time per call.
         api, kernel: the whole ``fused_a2a.dispatch`` and the cached dispatch, timed alternately.
     """
 
     workload: WorkloadSpec
     impl: str
+    plan: str
     stages: dict[str, Stats]
     api: Stats
     kernel: Stats
@@ -50,18 +54,25 @@ def measure_breakdown(workload: WorkloadSpec, impl: str, warmup: int, iters: int
     inputs = make_inputs(workload, dist.get_rank(group))
     x, idx, weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
     buffer, config, num_experts = get_torch_buffer(group), TorchConfig(impl), workload.num_experts
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
-    counts = buffer.exchange_counts(idx, per_rank, per_expert)
-    token, local_idx, local_weights = buffer.send_rows(idx, weights, in_rank, counts, num_experts)
-    handle = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
-                             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=config)[4]
+    out = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, num_experts=num_experts, config=config)
+    handle = out[4]
+    plan, shared = buffer.plan(idx, weights, num_experts)
+
+    def planned():
+        plan = buffer.plan(idx, weights, num_experts)[0]
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return read_counts(plan.host, buffer.group_size, num_experts)
+
+    counts = planned()
+    rows = sum(counts.send)
+    routing = plan.routing[:rows].clone()
     timed = lambda fn: time_op(fn, warmup, iters, device, group)  # noqa: E731
     stages = {
-        "layout": timed(lambda: buffer.get_dispatch_layout(idx, num_experts)),
-        "counts": timed(lambda: buffer.exchange_counts(idx, per_rank, per_expert)),
-        "rows": timed(lambda: buffer.send_rows(idx, weights, in_rank, counts, num_experts)),
-        "tokens": timed(lambda: buffer.exchange_tokens(x, token, counts.send, counts.recv, config)),
-        "routing": timed(lambda: buffer.exchange_routing(local_idx, local_weights, counts, config)),
+        "plan": timed(lambda: buffer.plan(idx, weights, num_experts)),
+        "sync": timed(planned),
+        "tokens": timed(lambda: buffer.exchange_tokens(x, handle.send_token_idx, counts.send, counts.recv, config)),
+        "routing": timed(lambda: buffer.exchange_routing(routing, workload.topk, counts, config)),
     }
 
     def api():
@@ -72,4 +83,4 @@ def measure_breakdown(workload: WorkloadSpec, impl: str, warmup: int, iters: int
         buffer.dispatch(x, handle=handle, config=config)
 
     api_stats, kernel_stats = time_alternating([api, kernel], warmup, iters, device, group)
-    return Breakdown(workload, impl, stages, api_stats, kernel_stats)
+    return Breakdown(workload, impl, "graph" if shared else "eager", stages, api_stats, kernel_stats)

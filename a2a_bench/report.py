@@ -117,14 +117,12 @@ def breakdown_table(rows) -> Table:
     """The torch backend's dispatch stages (:class:`a2a_bench.breakdown.Breakdown`): µs per call, median (p10–p90)."""
     stages = list(rows[0].stages) if rows else []
     table = Table(title="torch backend: api dispatch, stage by stage (slowest rank, µs per call, median (p10–p90))")
-    for column in ("shape", "impl", *stages, "sum of stages", "api dispatch", "kernel dispatch", "api / kernel"):
-        table.add_column(column, justify="left" if column in ("shape", "impl") else "right")
+    for column in ("shape", "impl", "plan", *stages, "api dispatch", "kernel dispatch", "api / kernel"):
+        table.add_column(column, justify="left" if column in ("shape", "impl", "plan") else "right")
     for r in rows:
         w = r.workload
-        table.add_row(f"{w.dtype} h{w.hidden} n{w.num_tokens} k{w.topk} e{w.num_experts}", r.impl,
-                      *(_stats(r.stages[name]) for name in stages),
-                      f"{sum(r.stages[name].median for name in stages):.1f}",
-                      _stats(r.api), _stats(r.kernel), f"{r.ratio:.2f}x")
+        table.add_row(f"{w.dtype} h{w.hidden} n{w.num_tokens} k{w.topk} e{w.num_experts}", r.impl, r.plan,
+                      *(_stats(r.stages[name]) for name in stages), _stats(r.api), _stats(r.kernel), f"{r.ratio:.2f}x")
     return table
 
 

@@ -12,12 +12,14 @@
 #   sweep   a 1-process torch sweep (kernel/api/graph), and a 2-process sweep of the fused backends'
 #           knobs with two routings, then tune, table, compare and export; the run folders in runs.tar.gz
 # Timings of processes that share a GPU are time-sliced: only statuses and verification mean something.
+# A2A_BENCH_ENTRY: what torchrun runs for the multi-process commands (default: -m a2a_bench).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_checks.sh OUT_DIR STAGE...}
 shift
 mkdir -p "$out"
 export COLUMNS=${COLUMNS:-220} PYTHONUNBUFFERED=1
 launch="python -m torch.distributed.run --standalone"
+entry=${A2A_BENCH_ENTRY:--m a2a_bench}
 runs=$(mktemp -d)
 
 run() {  # run LOG COMMAND...: append the command, its output and its exit status to OUT_DIR/LOG.log
@@ -41,12 +43,12 @@ for stage in "$@"; do
         run bench python -m a2a_bench env
         run bench $launch --nproc-per-node 1 -m a2a_bench breakdown --hidden 2048,7168 --tokens 128,4096 --iters 20
         run bench $launch --nproc-per-node 1 -m a2a_bench overhead --backends torch
-        run bench $launch --nproc-per-node 2 -m a2a_bench overhead --backends deepep,hybridep,uccl ;;
+        run bench $launch --nproc-per-node 2 $entry overhead --backends deepep,hybridep,uccl ;;
     sweep)
         run sweep $launch --nproc-per-node 1 -m a2a_bench sweep --backends torch --hidden 2048,7168 --tokens 128,4096 \
             --topk 8 --experts 64 --knob torch.impl=all_to_all,p2p --exhaustive --out "$runs/torch-1"
         run sweep python -m a2a_bench tune "$runs/torch-1" --by api --out "$runs/tables"
-        run sweep python -m a2a_bench sweep --nproc 2 --backends deepep,hybridep,uccl --hidden 2048 --tokens 7,256 \
+        run sweep $launch --nproc-per-node 2 $entry sweep --backends deepep,hybridep,uccl --hidden 2048 --tokens 7,256 \
             --topk 8 --experts 16 --routing uniform,zipf:1.2 --sms 16,24 --knob hybridep.tokens_per_chunk_dispatch=0,128 \
             --iters 5 --warmup 2 --exhaustive --out "$runs/fused-2"
         run sweep python -m a2a_bench tune "$runs/fused-2" --out "$runs/tables"

@@ -27,7 +27,7 @@ CASE = Case(WorkloadSpec(num_tokens=128, hidden=2048, topk=8, num_experts=16, dt
 
 def _runs_here(backend: str) -> bool:
     spec = BACKENDS[backend]
-    if spec.unavailable() is not None:
+    if spec.unavailable() is not None or spec.invalid({}, dist.get_world_size()) is not None:
         return False
     return not (backend == "torch" and shares_gpus())  # NCCL refuses two ranks on one GPU
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
+from fused_a2a.backends.torch_routing import Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
 
@@ -44,21 +45,6 @@ class TorchConfig:
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"torch backend: impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
-
-
-@dataclass(frozen=True)
-class Counts:
-    """What one exchange of counts tells a rank (host values).
-
-    Attributes:
-        send: rows this rank sends to each rank.
-        recv: rows this rank receives from each rank.
-        per_local_expert: ``[E / W]`` int64 CPU tensor, (token, expert) pairs received for each local expert.
-    """
-
-    send: tuple[int, ...]
-    recv: tuple[int, ...]
-    per_local_expert: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -95,11 +81,15 @@ class TorchBuffer:
 
     num_nvl_bytes = 0
     num_rdma_bytes = 0
+    # fused_a2a's autograd code gives dispatch top-k and num_experts: the routing is planned in one go
+    needs_layout = False
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.group_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self._graphs = RoutingGraphs(group, self.group_size)
+        self._captures = dist.get_backend(group) == "nccl"
 
     def get_dispatch_layout(
         self,
@@ -127,17 +117,8 @@ class TorchBuffer:
             is_token_in_rank: ``[N, W]`` bool.
             event: ``None``.
         """
-        world, device = self.group_size, topk_idx.device
-        num_local = num_experts // world
-        valid = (topk_idx >= 0) & (topk_idx < num_experts)
-        dest_rank = torch.where(valid, topk_idx // num_local, world)  # column W: "nowhere", dropped
-        is_token_in_rank = torch.zeros(topk_idx.size(0), world + 1, dtype=torch.bool, device=device)
-        is_token_in_rank = is_token_in_rank.scatter_(1, dest_rank, True)[:, :world]
-        num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
-        experts = torch.where(valid, topk_idx, num_experts).flatten()
-        num_tokens_per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-        num_tokens_per_expert.scatter_add_(0, experts, torch.ones_like(experts))
-        return num_tokens_per_rank, None, num_tokens_per_expert[:num_experts].to(torch.int32), is_token_in_rank, None
+        in_rank, per_rank, per_expert = layout(topk_idx, num_experts, self.group_size)
+        return per_rank.to(torch.int32), None, per_expert.to(torch.int32), in_rank, None
 
     def dispatch(
         self,
@@ -155,21 +136,27 @@ class TorchBuffer:
         previous_event=None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
+        num_experts: int | None = None,
     ):
         """Send each token to the ranks that hold its experts.
+
+        The routing (which rows go where, the count exchange) is computed from ``topk_idx`` in one
+        step (:mod:`fused_a2a.backends.torch_routing`; one CUDA graph replay on a GPU with NCCL), then
+        one host synchronisation, then the token and routing exchanges.
 
         Args:
             x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank, or an FP8 pair
                 ``(x_fp8 [N, H] float8_e4m3fn, scales [N, H/128] float32)``.
             handle: a handle from an earlier dispatch: repeat that layout ("cached" dispatch).
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: the layout from
-                :meth:`get_dispatch_layout` (computed here when omitted).
+                :meth:`get_dispatch_layout` (DeepEP's way; only the expert count is read from it).
             num_tokens_per_rdma_rank, num_worst_tokens, previous_event, async_finish,
                 allocate_on_comm_stream: accepted for DeepEP compatibility, unused.
             topk_idx: ``[N, K]`` int64 global expert ids (required without ``handle``).
             topk_weights: ``[N, K]`` float32 routing weights (required without ``handle``).
             expert_alignment: each entry of the returned per-expert counts is rounded up to it.
             config: :class:`TorchConfig`; default ``TorchConfig()``.
+            num_experts: ``E`` (instead of a layout).
 
         Returns:
             recv_x: ``[R, H]`` received tokens, ordered by source rank then source token (an FP8
@@ -189,16 +176,22 @@ class TorchBuffer:
 
         if topk_idx is None or topk_weights is None:
             raise ValueError("a dispatch without a handle needs topk_idx and topk_weights")
-        num_experts = int(num_tokens_per_expert.numel()) if num_tokens_per_expert is not None else None
-        if num_experts is None or is_token_in_rank is None or num_tokens_per_rank is None:
-            raise ValueError("a dispatch without a handle needs the layout from get_dispatch_layout")
+        if num_experts is None:
+            if num_tokens_per_expert is None:
+                raise ValueError("a dispatch without a handle needs num_experts or the layout from get_dispatch_layout")
+            num_experts = int(num_tokens_per_expert.numel())
         check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, self.group_size)
 
-        counts = self.exchange_counts(topk_idx, num_tokens_per_rank, num_tokens_per_expert)
-        send_token_idx, send_local_idx, send_weights = self.send_rows(topk_idx, topk_weights, is_token_in_rank,
-                                                                      counts, num_experts)
+        plan, shared = self.plan(topk_idx, topk_weights, num_experts)
+        if topk_idx.is_cuda:
+            torch.cuda.current_stream(topk_idx.device).synchronize()
+        counts = read_counts(plan.host, self.group_size, num_experts)
+        rows = sum(counts.send)
+        send_token_idx, in_rank = plan.token[:rows], plan.in_rank
+        if shared:  # the graph's tensors: the handle keeps its own copies
+            send_token_idx, in_rank = send_token_idx.clone(), in_rank.clone()
         recv_x = self.exchange_tokens(x, send_token_idx, counts.send, counts.recv, config)
-        recv_topk_idx, recv_topk_weights = self.exchange_routing(send_local_idx, send_weights, counts, config)
+        recv_topk_idx, recv_topk_weights = self.exchange_routing(plan.routing[:rows], topk_idx.size(1), counts, config)
         per_expert = (counts.per_local_expert + expert_alignment - 1) // expert_alignment * expert_alignment
         handle = TorchHandle(
             group=self.group,
@@ -206,63 +199,23 @@ class TorchBuffer:
             send_counts=counts.send,
             recv_counts=counts.recv,
             num_tokens=topk_idx.size(0),
-            is_token_in_rank=is_token_in_rank,
+            is_token_in_rank=in_rank,
         )
         return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, None
 
-    def exchange_counts(self, topk_idx: torch.Tensor, num_tokens_per_rank: torch.Tensor,
-                        num_tokens_per_expert: torch.Tensor) -> Counts:
-        """Tell every rank how many rows it gets and for which of its experts, in one collective and
-        one host synchronisation; every rank checks every rank's expert ids.
+    def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
+        """The routing plan of a fresh dispatch (:func:`~fused_a2a.backends.torch_routing.plan_routing`)
+        and whether its tensors belong to a replayed graph. Collective."""
+        if self._captures and topk_idx.is_cuda:
+            return self._graphs.plan(topk_idx, topk_weights, num_experts)
+        host = host_buffer(self.group_size, num_experts, topk_idx.device)
+        return plan_routing(topk_idx, topk_weights, num_experts, self.group, self.group_size, host), False
 
-        Raises:
-            ValueError: an id outside ``[-1, num_experts)`` on any rank (on every rank, before any token moves).
-        """
-        world, num_experts = self.group_size, num_tokens_per_expert.numel()
-        num_local = num_experts // world
-        meta = torch.empty(world, num_local + 3, dtype=torch.int64, device=topk_idx.device)
-        meta[:, 0] = num_tokens_per_rank
-        meta[:, 1:num_local + 1] = num_tokens_per_expert.view(world, num_local)
-        if topk_idx.numel():
-            meta[:, num_local + 1] = topk_idx.min()
-            meta[:, num_local + 2] = topk_idx.max()
-        else:
-            meta[:, num_local + 1:] = -1
-        received = torch.empty_like(meta)
-        dist.all_to_all_single(received, meta, group=self.group)
-        host = torch.cat([received.flatten(), meta[:, 0]]).cpu()
-        table, sent = host[:meta.numel()].view(world, num_local + 3), host[meta.numel():]
-        low, high = int(table[:, num_local + 1].min()), int(table[:, num_local + 2].max())
-        if low < -1 or high >= num_experts:
-            bad = [r for r in range(world) if table[r, num_local + 1] < -1 or table[r, num_local + 2] >= num_experts]
-            raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}] "
-                             f"(rank {', '.join(map(str, bad))})")
-        return Counts(tuple(sent.tolist()), tuple(table[:, 0].tolist()), table[:, 1:num_local + 1].sum(dim=0))
-
-    def send_rows(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, is_token_in_rank: torch.Tensor,
-                  counts: Counts, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What each sent row carries, rows ordered by destination rank then token (no host sync: the
-        row count is known from ``counts``).
-
-        Returns:
-            ``(source token [S] int64, local expert ids at the destination [S, K] int64 (-1 elsewhere),
-            weights [S, K] float32 (0 elsewhere))``.
-        """
-        pairs = torch.nonzero_static(is_token_in_rank.t(), size=sum(counts.send))
-        dest, token = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
-        num_local = num_experts // self.group_size
-        send_idx = topk_idx[token]
-        local_idx = send_idx - (dest * num_local).unsqueeze(-1)
-        is_local = (send_idx >= 0) & (local_idx >= 0) & (local_idx < num_local)
-        return token, torch.where(is_local, local_idx, -1), torch.where(is_local, topk_weights[token], 0.0)
-
-    def exchange_routing(self, local_idx: torch.Tensor, weights: torch.Tensor, counts: Counts,
+    def exchange_routing(self, routing: torch.Tensor, topk: int, counts: Counts,
                          config: TorchConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Send each row's ``[S, K]`` local expert ids and weights in one exchange (as bytes);
+        """Send each row's local expert ids and weights (``[S, 12 K]`` bytes of a plan) in one exchange;
         returns the received ``[R, K]`` int64 ids and float32 weights."""
-        topk = local_idx.size(1)
-        packed = torch.cat([local_idx.contiguous().view(torch.uint8), weights.float().contiguous().view(torch.uint8)], dim=1)
-        received = self._exchange(packed, counts.send, counts.recv, config)
+        received = self._exchange(routing, counts.send, counts.recv, config)
         return received[:, :8 * topk].contiguous().view(torch.int64), received[:, 8 * topk:].contiguous().view(torch.float32)
 
     def combine(

@@ -7,7 +7,7 @@ table they would read. Explicit knobs or overrides that differ between ranks rai
 ``ValueError`` on every rank (instead of a hang); tables that differ are ignored on every rank with one
 warning; the table is looked up with the group's largest token count, never one rank's alone. The
 result is cached: a warm call costs a dictionary look-up and a check of the ``FUSED_A2A_*``
-variables; every :data:`STAT_EVERY`-th warm call of a key also ``stat``\ s the table files (ranks call
+variables; every :data:`STAT_EVERY`-th warm call of a key also looks at the table files' ``stat`` (ranks call
 in step, so they look at the same call). When those change, every rank that sees the change resolves
 again, locally, with the token count the group agreed on (no collective: ranks that see different
 changes are not re-agreed).
