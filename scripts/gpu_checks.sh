@@ -7,7 +7,8 @@
 # Stages:
 #   tests1  one process per GPU (NCCL): the torch backend and graph capture of the torch backend
 #   tests2  two processes (they may share one GPU: gloo group, tokens through CUDA IPC): DeepEP, UCCL-EP,
-#           HybridEP, the compat modules and graph capture of the fused backends, in one pytest command
+#           HybridEP and graph capture of the fused backends, in one pytest command
+#   compat  two processes: the compat modules on the real libraries
 #   bench   a2a-bench env, breakdown (torch backend, 1 process) and overhead (1 and 2 processes)
 #   sweep   a 1-process torch sweep (kernel/api/graph), and a 2-process sweep of the fused backends'
 #           knobs with two routings, then tune, table, compare and export; the run folders in runs.tar.gz
@@ -37,8 +38,9 @@ for stage in "$@"; do
             tests/test_gpu_torch_backend.py tests/test_gpu_graph.py ;;
     tests2)
         run tests2 $launch --nproc-per-node 2 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
-            tests/test_gpu_deepep.py tests/test_gpu_uccl.py tests/test_gpu_hybridep.py tests/test_gpu_compat.py \
-            tests/test_gpu_graph.py ;;
+            tests/test_gpu_deepep.py tests/test_gpu_uccl.py tests/test_gpu_hybridep.py tests/test_gpu_graph.py ;;
+    compat)
+        run compat $launch --nproc-per-node 2 -m pytest -m gpu -q -s -rfE -p no:cacheprovider tests/test_gpu_compat.py ;;
     bench)
         run bench python -m a2a_bench env
         run bench $launch --nproc-per-node 1 -m a2a_bench breakdown --hidden 2048,7168 --tokens 128,4096 --iters 20
@@ -61,7 +63,7 @@ for stage in "$@"; do
         done
         tar -czf "$out/runs.tar.gz" -C "$runs" . ;;
     *)
-        echo "unknown stage $stage (tests1, tests2, bench, sweep)" >&2
+        echo "unknown stage $stage (tests1, tests2, compat, bench, sweep)" >&2
         exit 2 ;;
     esac
 done

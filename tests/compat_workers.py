@@ -132,11 +132,11 @@ def _channels(module, group) -> int:
 # HybridEP: routing map [T, E] bool + probs [T, E] float32 in, expert-major rows out
 
 
-def _routing(rank: int, world: int, seed: int, device: torch.device = CPU):
+def _routing(rank: int, world: int, seed: int, device: torch.device = CPU, hidden: int = HIDDEN):
     """``x [T, H]`` bf16 and Automodel's masked top-k routing as HybridEP's dense map and probabilities (on ``device``)."""
     gen = torch.Generator().manual_seed(1000 * seed + rank)
     num_experts = LOCAL_EXPERTS * world
-    x = torch.randn(TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
+    x = torch.randn(TOKENS, hidden, generator=gen).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(num_experts, generator=gen)[:TOPK] for _ in range(TOKENS)])
     idx = idx.masked_fill(torch.rand(TOKENS, TOPK, generator=gen) < 0.2, -1)  # masked slots, as Automodel's
     weights = torch.rand(TOKENS, TOPK, generator=gen)
@@ -165,10 +165,10 @@ def _dense(x, routing_map, probs):
 
 
 def _check_hybrid(rank: int, world: int, seed: int, dispatch_fn, combine_fn, dispatch_args: dict,
-                  budget: int | None = None, device: torch.device = CPU, **combine_args) -> tuple:
+                  budget: int | None = None, device: torch.device = CPU, hidden: int = HIDDEN, **combine_args) -> tuple:
     """Dispatch, experts, combine, backward as the frameworks run them (every argument by keyword), against
     :func:`_dense`. ``budget``: ``num_permuted_tokens`` of the dispatch. Returns the handle."""
-    x, routing_map, probs = _routing(rank, world, seed, device)
+    x, routing_map, probs = _routing(rank, world, seed, device, hidden)
     x = x.requires_grad_(True)
     probs = probs.requires_grad_(True)
     hidden, row_probs, _, tokens_per_expert, handle = dispatch_fn(

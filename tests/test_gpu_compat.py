@@ -56,7 +56,7 @@ def test_hybridep_through_the_stand_in(stand_in, gpu_device) -> None:
                  num_blocks_unpermute=None, fused=False, num_sms_preprocessing_api=108))
     combine = {} if framework == "automodel" else {"fused": False}
     handle = drive._check_hybrid(dist.get_rank(), dist.get_world_size(), 1, module.hybrid_ep_dispatch,
-                                 module.hybrid_ep_combine, args, device=gpu_device, **combine)
+                                 module.hybrid_ep_combine, args, device=gpu_device, hidden=2048, **combine)
     if framework == "megatron":
         assert int(handle[-1].sum()) == 0  # the overflow flag Megatron's dispatcher reads
     module.reset_hybrid_ep_buffer()

@@ -167,7 +167,7 @@ def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, An
         group = group_or_world(group)
         if group.size() != num_ranks:
             raise ValueError(f"deepep: these configs were resolved for {num_ranks} ranks, but the group has {group.size()}")
-        return ensure_buffer(group, hidden_bytes, (deep_dispatch, deep_combine))
+        return ensure_buffer(group, hidden_bytes, (deep_dispatch, deep_combine), (dispatch, combine))
 
     return Comm(name="deepep", get_buffer=get_buffer_for, dispatch_config=deep_dispatch, combine_config=deep_combine,
                 new_event=new_event)
@@ -200,7 +200,7 @@ def set_current_buffer(buffer) -> None:
     _buffer = buffer
 
 
-def ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: tuple) -> Any:
+def ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: tuple, values: tuple) -> Any:
     """The process-wide buffer, (re)created for ``group`` when it lacks room for ``configs_in_use``.
 
     Collective when it (re)creates: every rank of ``group`` must ask for the same sizes.
@@ -209,18 +209,12 @@ def ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: t
         group: the expert-parallel process group.
         hidden_bytes: bytes of one token row.
         configs_in_use: ``deep_ep.Config`` objects the buffer must hold (their size hints).
+        values: their :class:`~fused_a2a.backends.chunk_config.ChunkConfig` values (what the sizes are
+            remembered by).
     """
     global _buffer
     deep_ep = DEEP_EP.require("the DeepEP buffer")
-    size = group.size()
-    nvshmem = is_nvshmem_available()
-    if not nvshmem and size > NVL_PEERS:
-        raise RuntimeError(
-            f"DeepEP was compiled without NVSHMEM, but an expert-parallel group of {size} ranks needs internode "
-            "RDMA: rebuild DeepEP with NVSHMEM or keep the group within one node (at most 8 GPUs)"
-        )
-    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, size) for config in configs_in_use)
-    num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, size) for config in configs_in_use) if nvshmem else 0
+    num_nvl_bytes, num_rdma_bytes = _needed_bytes(group, hidden_bytes, configs_in_use, values)
     if _buffer is not None and _buffer.group is group:
         if _buffer.num_nvl_bytes >= num_nvl_bytes and _buffer.num_rdma_bytes >= num_rdma_bytes:
             return _buffer
@@ -230,6 +224,27 @@ def ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: t
     _buffer = deep_ep.Buffer(group=group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, explicitly_destroy=True)
     _register_exit_hook()
     return _buffer
+
+
+_sizes: dict[tuple, tuple[int, int]] = {}
+
+
+def _needed_bytes(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: tuple, values: tuple) -> tuple[int, int]:
+    """``(NVLink bytes, RDMA bytes)`` the configs need for rows of ``hidden_bytes`` (DeepEP's size hints,
+    remembered per group, row size and config values: a warm call asks DeepEP nothing)."""
+    key = (group, hidden_bytes, values)
+    if key not in _sizes:
+        size = group.size()
+        nvshmem = is_nvshmem_available()
+        if not nvshmem and size > NVL_PEERS:
+            raise RuntimeError(
+                f"DeepEP was compiled without NVSHMEM, but an expert-parallel group of {size} ranks needs internode "
+                "RDMA: rebuild DeepEP with NVSHMEM or keep the group within one node (at most 8 GPUs)"
+            )
+        nvl = max(config.get_nvl_buffer_size_hint(hidden_bytes, size) for config in configs_in_use)
+        rdma = max(config.get_rdma_buffer_size_hint(hidden_bytes, size) for config in configs_in_use) if nvshmem else 0
+        _sizes[key] = (nvl, rdma)
+    return _sizes[key]
 
 
 def free_buffer() -> None:
