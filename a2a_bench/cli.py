@@ -6,14 +6,16 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from a2a_bench.lifeline import die_with_launcher, launched_by_torchrun
+from a2a_bench.output import make_console
 from a2a_bench.plugins import load_backend_plugins
 from a2a_bench.results import ResultsError
 from a2a_bench.spec import (
@@ -23,7 +25,8 @@ from fused_a2a.tuning.table import TuningFileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
-console = Console()
+# a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
+RANK0_REPORTS_S = 5.0
 
 
 def _opt(text: Optional[str], parse, what: str):
@@ -54,7 +57,7 @@ def sweep(
     max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
-    from a2a_bench.sweep import launch_local, run_sweep
+    from a2a_bench.sweep import claim_run_folder, launch_local, run_sweep
 
     base = QUICK if quick else SweepSpec()
     if spec is not None:
@@ -72,19 +75,23 @@ def sweep(
         "exhaustive": exhaustive,
     })
     out = out or Path("runs") / datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
-    if nproc is not None and "LOCAL_RANK" not in os.environ:
+    if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         if max_restarts < 0:
             raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
         validate(sweep_spec, nproc)
-        if (out / "results.csv").exists() and not resume:
-            raise SpecError(f"{out / 'results.csv'} already exists: pass --resume to continue it, or choose another --out")
-        argv = _argv_for_ranks(sys.argv[1:], out)
-        if max_restarts and "--resume" not in argv:
-            argv.append("--resume")
-        raise typer.Exit(launch_local(nproc, argv, max_restarts))
-    run_sweep(sweep_spec, out, resume, sys.argv)
+        lock = claim_run_folder(out, resume, ["a2a-bench", *sys.argv[1:]], cluster=None)  # rank 0 checks the cluster
+        try:
+            argv = _argv_for_ranks(sys.argv[1:], out)
+            if max_restarts and "--resume" not in argv:
+                argv.append("--resume")
+            code = launch_local(nproc, argv, max_restarts)
+        finally:
+            if lock is not None:
+                lock.release()
+        raise typer.Exit(code)
+    run_sweep(sweep_spec, out, resume, ["a2a-bench", *sys.argv[1:]])
 
 
 def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
@@ -125,7 +132,7 @@ def speedup(
         "experts": parse_ints(experts, "--experts"), "dtypes": parse_words(dtype, "--dtype"),
         "warmup": warmup, "iters": iters,
     })
-    if nproc is not None and "LOCAL_RANK" not in os.environ:
+    if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         validate(spec, nproc)
@@ -135,7 +142,7 @@ def speedup(
     with process_group(where):
         rows = run_speedups(spec, where.device)
     if where.rank == 0:
-        console.print(speedup_table(rows))
+        make_console().print(speedup_table(rows))
 
 
 def _without(argv: list[str], option: str) -> list[str]:
@@ -162,6 +169,7 @@ def tune(
     from a2a_bench.tune import tune as run_tune
 
     path, table = run_tune(run_dir, out, routing)
+    console = make_console()
     console.print(tuning_rich(table))
     console.print(f"wrote {path}")
 
@@ -185,6 +193,7 @@ def table(
         cluster_dir = found[0]
     tuning = read_table(cluster_dir / "tuning.json")
     atomic_write_text(cluster_dir / "TABLE.md", tuning_markdown(tuning))
+    console = make_console()
     console.print(tuning_rich(tuning))
     console.print(f"wrote {cluster_dir / 'TABLE.md'}")
 
@@ -213,6 +222,7 @@ def show(
             raise SpecError(f"--knob takes name=value, got {text!r}")
         explicit[name] = spec.knob(name).parse(value)
     res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster)
+    console = make_console()
     out = Table(title=f"{backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}")
     for column in ("knob", "dispatch", "combine", "source"):
         out.add_column(column)
@@ -236,6 +246,7 @@ def env(
     from a2a_bench.environment import describe
 
     info = describe(world_size)
+    console = make_console()
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -279,7 +290,7 @@ def compare(
     from a2a_bench.compare import compare_table
     from a2a_bench.results import RESULTS_FILE, read_results
 
-    console.print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
+    make_console().print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
 
 
 @app.command()
@@ -313,11 +324,18 @@ USER_ERRORS = (SpecError, ResultsError, TuningFileError, ValueError)
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit with status 2."""
+    """Entry point: a user error prints one line and exits with status 2.
+
+    Under torchrun every rank parses the same command: rank 0 prints the error; another rank prints
+    it only if rank 0 has not ended the job within :data:`RANK0_REPORTS_S` (the error was its own).
+    A rank launched by torchrun dies with its launcher (:func:`a2a_bench.lifeline.die_with_launcher`).
+    """
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("a2a-bench: %(message)s"))
     logging.getLogger("a2a_bench").addHandler(handler)
     logging.getLogger("a2a_bench").setLevel(logging.INFO)
+    if launched_by_torchrun():
+        die_with_launcher()
     try:
         load_backend_plugins()
         result = app(standalone_mode=False)
@@ -327,11 +345,18 @@ def main() -> None:
         print("a2a-bench: interrupted", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as exc:
-        print(f"a2a-bench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(str(exc))
     except Exception as exc:
         if not hasattr(exc, "format_message"):  # Typer's usage errors (bad or unknown option) have it
             raise
-        print(f"a2a-bench: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(exc.format_message())
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _user_error(message: str) -> None:
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+    if rank != 0:
+        time.sleep(RANK0_REPORTS_S)
+        message = f"rank {rank}: {message}"
+    print(f"a2a-bench: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -23,16 +23,38 @@ GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8"
 
 
 def a2a_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI with its output in pipes (not a terminal), as in a Slurm log."""
+    base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+                          env={**base, **(env or {})})
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def sweep_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("sweep") / "run"
     proc = a2a_bench("sweep", "--nproc", "2", "--out", str(out), *GRID)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(sweep_run) -> Path:
+    return sweep_run[0]
+
+
+def test_a_log_gets_one_line_per_point_full_width_tables_and_rank_0s_teardown(sweep_run) -> None:
+    run, proc = sweep_run
+    results = read_results(run / "results.csv")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) == len(results) == 4
+    for i, (line, row) in enumerate(zip(lines, results.itertuples()), start=1):
+        knobs = " ".join(f"{k}={v}" for k, v in json.loads(row.knobs).items())
+        assert line == (f"[{i}/4] torch {knobs} bf16 h{row.hidden} n64 k2 e8 uniform: ok, "
+                        f"dispatch {row.dispatch_kernel_us_median:.1f} µs, combine {row.combine_kernel_us_median:.1f} µs")
+    assert "━" not in proc.stderr  # no progress bar drawn into the log
+    assert "…" not in proc.stdout and "all_to_all" in proc.stdout  # the summary table is not cut to 80 columns
+    assert proc.stderr.count("a2a-bench: buffers freed; destroying the process group") == 1
+    assert proc.stderr.count("a2a-bench: process group destroyed") == 1
 
 
 def test_sweep_writes_one_verified_row_per_point(run_dir: Path) -> None:
