@@ -118,12 +118,14 @@ def speedup(
     topk: str = typer.Option("8", help="Experts per token."),
     experts: str = typer.Option("64", help="Number of experts."),
     dtype: str = typer.Option("bf16", help="Token dtype."),
-    warmup: int = typer.Option(5, help="Untimed rounds."),
-    iters: int = typer.Option(20, help="Timed rounds (each: one tuned and one default round trip)."),
+    warmup: int = typer.Option(5, help="Untimed round trips of each config."),
+    iters: int = typer.Option(5, help="Timed round trips of each config per block."),
+    blocks: int = typer.Option(8, help="Blocks of each config, alternating (>= 2): the ratio's interval is over them."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
 ) -> None:
-    """Benchmark: the library's tuned knobs vs. the backend's defaults, alternating, same inputs."""
-    from a2a_bench.speedup import run_speedups, speedup_table
+    """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
+    the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
+    from a2a_bench.speedup import check_backends, run_speedups, speedup_table
     from a2a_bench.sweep import launch_local, placement_from_env, process_group
 
     spec = merge(SweepSpec(), {
@@ -132,15 +134,19 @@ def speedup(
         "experts": parse_ints(experts, "--experts"), "dtypes": parse_words(dtype, "--dtype"),
         "warmup": warmup, "iters": iters,
     })
+    if blocks < 2:
+        raise SpecError(f"--blocks must be >= 2, got {blocks}")
     if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         validate(spec, nproc)
+        check_backends(spec)
         raise typer.Exit(launch_local(nproc, ["speedup", *_without(sys.argv[2:], "--nproc")]))
     where = placement_from_env()
     validate(spec, where.world_size)
+    check_backends(spec)
     with process_group(where):
-        rows = run_speedups(spec, where.device)
+        rows = run_speedups(spec, blocks, where.device)
     if where.rank == 0:
         make_console().print(speedup_table(rows))
 

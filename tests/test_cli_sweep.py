@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +17,7 @@ import torch
 import fused_a2a
 from a2a_bench.results import COLUMNS, read_results
 from fused_a2a.tuning import resolve as resolve_mod
-from fused_a2a.tuning.table import read_table
+from fused_a2a.tuning.table import read_table, write_table
 from ranks import spawn
 
 GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8", "--knob",
@@ -144,11 +146,22 @@ def test_resume_adds_only_missing_points(run_dir: Path, tmp_path: Path) -> None:
     assert info["resumed_with_done"] == 2
 
 
-def test_speedup_benchmark_prints_tuned_vs_default(run_dir: Path, tmp_path: Path) -> None:
+def test_speedup_compares_tuned_with_default_or_says_same_config(run_dir: Path, tmp_path: Path) -> None:
     tables = tmp_path / "tables"
     assert a2a_bench("tune", str(run_dir), "--out", str(tables)).returncode == 0
+    table = read_table(tables / "cpu-gloo-x2" / "tuning.json")
+    entry = next(e for e in table.entries if e.hidden == 512)
+    table = replace(table, entries=(replace(entry, dispatch={"impl": "p2p"}, combine={"impl": "p2p"}),))
+    write_table(tables / "cpu-gloo-x2" / "tuning.json", table)  # bf16 tuned = p2p; no fp32 entry: default
     proc = a2a_bench("speedup", "--nproc", "2", "--hidden", "512", "--tokens", "64", "--topk", "2", "--experts", "8",
-                     "--warmup", "1", "--iters", "3", env={"FUSED_A2A_TUNING_DIR": str(tables)})
+                     "--dtype", "bf16,fp32", "--warmup", "1", "--iters", "2", "--blocks", "4",
+                     env={"FUSED_A2A_TUNING_DIR": str(tables)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = next(line for line in proc.stdout.splitlines() if "bf16 h512 n64 k2 e8" in line)
-    assert "torch" in row and "table" in row and row.rstrip(" │").endswith("x")
+    rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+            for line in proc.stdout.splitlines() if " h512 n64 k2 e8 " in line}
+    tuned = rows["bf16 h512 n64 k2 e8"]
+    assert tuned[2] == "impl=p2p | impl=p2p" and tuned[3] == "table"
+    assert re.fullmatch(r"(no measurable difference|\d+\.\d\dx) \(\d+\.\d\d–\d+\.\d\d\)", tuned[6]), tuned[6]
+    default = rows["fp32 h512 n64 k2 e8"]
+    assert default[2] == "impl=all_to_all | impl=all_to_all" and default[3] == "default"
+    assert default[5] == "= tuned" and default[6] == "same config"
