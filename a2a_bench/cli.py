@@ -16,6 +16,7 @@ from rich.table import Table
 
 from a2a_bench.lifeline import die_with_launcher, launched_by_torchrun
 from a2a_bench.output import make_console
+from a2a_bench.paths import check_out_dir, check_out_file
 from a2a_bench.plugins import load_backend_plugins
 from a2a_bench.results import ResultsError
 from a2a_bench.spec import (
@@ -167,41 +168,51 @@ def _without(argv: list[str], option: str) -> list[str]:
 @app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
-    out: Path = typer.Option(Path("tuning_results"), help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json."),
+    out: Optional[Path] = typer.Option(None, help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json "
+                                                  "(default: $FUSED_A2A_TUNING_DIR, else ./tuning_results)."),
     routing: str = typer.Option("uniform", help="Tune from the rows of this routing."),
 ) -> None:
     """Select the fastest verified config per shape and merge it into the cluster's tuning.json."""
     from a2a_bench.report import tuning_rich
+    from a2a_bench.tune import default_out_root, library_reads
     from a2a_bench.tune import tune as run_tune
 
+    out = out or default_out_root()
+    check_out_dir(out)
     path, table = run_tune(run_dir, out, routing)
     console = make_console()
     console.print(tuning_rich(table))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}; {library_reads(path)}", markup=False, highlight=False)
 
 
 @app.command()
 def table(
-    cluster_dir: Optional[Path] = typer.Argument(None, help="A folder holding tuning.json (default: this machine's cluster)."),
+    cluster_dir: Optional[Path] = typer.Argument(None, help="A folder holding tuning.json (default: the tables of "
+                                                            "this machine's cluster, any world size)."),
 ) -> None:
     """Print a cluster's tuning table and write it as Markdown to CLUSTER_DIR/TABLE.md."""
     from a2a_bench.report import tuning_markdown, tuning_rich
-    from fused_a2a.cluster import detect_cluster
+    from a2a_bench.tables import check_printable, machine_pattern, machine_tables
     from fused_a2a.files import atomic_write_text
     from fused_a2a.tuning.resolve import tuning_dirs
     from fused_a2a.tuning.table import read_table
 
-    if cluster_dir is None:
-        cluster = detect_cluster().id
-        found = [d / cluster for d in tuning_dirs() if (d / cluster / "tuning.json").exists()]
-        if not found:
-            raise ResultsError(f"no tuning table for cluster {cluster}; pass a CLUSTER_DIR")
-        cluster_dir = found[0]
-    tuning = read_table(cluster_dir / "tuning.json")
-    atomic_write_text(cluster_dir / "TABLE.md", tuning_markdown(tuning))
+    folders = [cluster_dir] if cluster_dir is not None else machine_tables()
+    if not folders:
+        raise ResultsError(f"no tuning table of this machine (cluster ids {machine_pattern().pattern}) in "
+                           f"{', '.join(map(str, tuning_dirs()))}; pass a CLUSTER_DIR")
+    tables = []
+    for folder in folders:
+        path = folder / "tuning.json"
+        tuning = read_table(path)
+        check_printable(tuning, str(path))
+        check_out_file(folder / "TABLE.md", "CLUSTER_DIR")
+        tables.append((folder, tuning))
     console = make_console()
-    console.print(tuning_rich(tuning))
-    console.print(f"wrote {cluster_dir / 'TABLE.md'}")
+    for folder, tuning in tables:
+        atomic_write_text(folder / "TABLE.md", tuning_markdown(tuning))
+        console.print(tuning_rich(tuning))
+        console.print(f"wrote {folder / 'TABLE.md'}", markup=False, highlight=False)
 
 
 @app.command()
