@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
@@ -14,6 +15,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from a2a_bench import __version__
 from a2a_bench.lifeline import die_with_launcher, launched_by_torchrun
 from a2a_bench.output import make_console
 from a2a_bench.paths import check_out_dir, check_out_file
@@ -28,6 +30,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
 # a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
 RANK0_REPORTS_S = 5.0
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"a2a-bench {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a."""
 
 
 def _opt(text: Optional[str], parse, what: str):
@@ -227,18 +242,28 @@ def show(
     cluster: Optional[str] = typer.Option(None, help="Cluster id (default: this machine's)."),
     knob: Optional[List[str]] = typer.Option(None, help="An explicit knob as a caller would pass it: name=value."),
 ) -> None:
-    """What fused_a2a would use for this call on this machine, and where each knob comes from."""
+    """What fused_a2a would use for this call on this machine, and where each knob comes from.
+
+    The call is checked by the library's own checks; an unusable FUSED_A2A_* variable or tuning file
+    is an error here (the library in a job ignores it with a warning unless FUSED_A2A_TUNING_STRICT=1).
+    """
+    from a2a_bench.call import Call, check_call
     from fused_a2a.backends import get_backend
+    from fused_a2a.cluster import cluster_id_problem
     from fused_a2a.tuning.resolve import resolve
 
     spec = get_backend(backend)
+    check_call(Call(backend, world_size, dtype, hidden, tokens, topk, experts))
+    if cluster is not None and cluster_id_problem(cluster):
+        raise SpecError(f"--cluster: {cluster_id_problem(cluster)}")
     explicit = {}
     for text in knob or []:
         name, sep, value = text.partition("=")
         if not sep:
             raise SpecError(f"--knob takes name=value, got {text!r}")
         explicit[name] = spec.knob(name).parse(value)
-    res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster)
+    with _strict_tuning():
+        res = resolve(backend, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts, cluster=cluster)
     console = make_console()
     out = Table(title=f"{backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}")
     for column in ("knob", "dispatch", "combine", "source"):
@@ -254,6 +279,22 @@ def show(
         console.print(f"no table entry ({res.table_path or 'no tuning table for this cluster'})", markup=False)
 
 
+@contextmanager
+def _strict_tuning():
+    """The library's strict mode for the body: unusable overrides and tables raise instead of warning."""
+    from fused_a2a.tuning.resolve import STRICT_ENV
+
+    before = os.environ.get(STRICT_ENV)
+    os.environ[STRICT_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[STRICT_ENV]
+        else:
+            os.environ[STRICT_ENV] = before
+
+
 @app.command()
 def env(
     world_size: Optional[int] = typer.Option(None, help="World size for the cluster id (default: GPUs of this node)."),
@@ -262,6 +303,8 @@ def env(
     """Installed backends (version, or why not), GPUs, link topology and cluster id."""
     from a2a_bench.environment import describe
 
+    if world_size is not None and world_size < 1:
+        raise SpecError(f"--world-size must be >= 1, got {world_size}")
     info = describe(world_size)
     console = make_console()
     if as_json:
@@ -289,7 +332,9 @@ def plot(
     from a2a_bench.plot import plot_run
     from a2a_bench.results import RESULTS_FILE, read_results
 
-    for path in plot_run(read_results(run_dir / RESULTS_FILE), out or run_dir / "plots"):
+    out = out or run_dir / "plots"
+    check_out_dir(out)
+    for path in plot_run(read_results(run_dir / RESULTS_FILE), out):
         print(path)
 
 
@@ -328,6 +373,8 @@ def export(
     from fused_a2a.files import atomic_write_text
 
     check_request(fmt, backend)
+    if out is not None:
+        check_out_file(out)
     entry = find_entry(load_table(cluster_dir, world_size), backend, world_size, dtype, hidden, tokens, topk, experts)
     text = render(fmt, entry)
     if out is None:
@@ -363,7 +410,13 @@ def main() -> None:
         sys.exit(130)
     except USER_ERRORS as exc:
         _user_error(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        _user_error(f"cannot use {exc.filename}: {exc.strerror or exc}")
     except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `a2a-bench`: the help is printed
+            sys.exit(0)
         if not hasattr(exc, "format_message"):  # Typer's usage errors (bad or unknown option) have it
             raise
         _user_error(exc.format_message())
