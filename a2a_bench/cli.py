@@ -6,14 +6,19 @@ import json
 import logging
 import os
 import sys
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from a2a_bench import __version__
+from a2a_bench.lifeline import die_with_launcher, launched_by_torchrun
+from a2a_bench.output import make_console
+from a2a_bench.paths import check_out_dir, check_out_file
 from a2a_bench.plugins import load_backend_plugins
 from a2a_bench.results import ResultsError
 from a2a_bench.spec import (
@@ -23,7 +28,21 @@ from fused_a2a.tuning.table import TuningFileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
-console = Console()
+# a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
+RANK0_REPORTS_S = 5.0
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"a2a-bench {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a."""
 
 
 def _opt(text: Optional[str], parse, what: str):
@@ -54,7 +73,7 @@ def sweep(
     max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
-    from a2a_bench.sweep import launch_local, run_sweep
+    from a2a_bench.sweep import claim_run_folder, launch_local, run_sweep
 
     base = QUICK if quick else SweepSpec()
     if spec is not None:
@@ -72,19 +91,23 @@ def sweep(
         "exhaustive": exhaustive,
     })
     out = out or Path("runs") / datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
-    if nproc is not None and "LOCAL_RANK" not in os.environ:
+    if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         if max_restarts < 0:
             raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
         validate(sweep_spec, nproc)
-        if (out / "results.csv").exists() and not resume:
-            raise SpecError(f"{out / 'results.csv'} already exists: pass --resume to continue it, or choose another --out")
-        argv = _argv_for_ranks(sys.argv[1:], out)
-        if max_restarts and "--resume" not in argv:
-            argv.append("--resume")
-        raise typer.Exit(launch_local(nproc, argv, max_restarts))
-    run_sweep(sweep_spec, out, resume, sys.argv)
+        lock = claim_run_folder(out, resume, ["a2a-bench", *sys.argv[1:]], cluster=None)  # rank 0 checks the cluster
+        try:
+            argv = _argv_for_ranks(sys.argv[1:], out)
+            if max_restarts and "--resume" not in argv:
+                argv.append("--resume")
+            code = launch_local(nproc, argv, max_restarts)
+        finally:
+            if lock is not None:
+                lock.release()
+        raise typer.Exit(code)
+    run_sweep(sweep_spec, out, resume, ["a2a-bench", *sys.argv[1:]])
 
 
 def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
@@ -111,12 +134,14 @@ def speedup(
     topk: str = typer.Option("8", help="Experts per token."),
     experts: str = typer.Option("64", help="Number of experts."),
     dtype: str = typer.Option("bf16", help="Token dtype."),
-    warmup: int = typer.Option(5, help="Untimed rounds."),
-    iters: int = typer.Option(20, help="Timed rounds (each: one tuned and one default round trip)."),
+    warmup: int = typer.Option(5, help="Untimed round trips of each config."),
+    iters: int = typer.Option(5, help="Timed round trips of each config per block."),
+    blocks: int = typer.Option(8, help="Blocks of each config, alternating (>= 2): the ratio's interval is over them."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
 ) -> None:
-    """Benchmark: the library's tuned knobs vs. the backend's defaults, alternating, same inputs."""
-    from a2a_bench.speedup import run_speedups, speedup_table
+    """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
+    the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
+    from a2a_bench.speedup import check_backends, run_speedups, speedup_table
     from a2a_bench.sweep import launch_local, placement_from_env, process_group
 
     spec = merge(SweepSpec(), {
@@ -125,17 +150,21 @@ def speedup(
         "experts": parse_ints(experts, "--experts"), "dtypes": parse_words(dtype, "--dtype"),
         "warmup": warmup, "iters": iters,
     })
-    if nproc is not None and "LOCAL_RANK" not in os.environ:
+    if blocks < 2:
+        raise SpecError(f"--blocks must be >= 2, got {blocks}")
+    if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         validate(spec, nproc)
+        check_backends(spec)
         raise typer.Exit(launch_local(nproc, ["speedup", *_without(sys.argv[2:], "--nproc")]))
     where = placement_from_env()
     validate(spec, where.world_size)
+    check_backends(spec)
     with process_group(where):
-        rows = run_speedups(spec, where.device)
+        rows = run_speedups(spec, blocks, where.device)
     if where.rank == 0:
-        console.print(speedup_table(rows))
+        make_console().print(speedup_table(rows))
 
 
 def _without(argv: list[str], option: str) -> list[str]:
@@ -184,7 +213,7 @@ def breakdown(
         rows = [measure_breakdown(point.workload, impl, warmup, iters, where.device)
                 for point in expand(spec, where.world_size)]
     if where.rank == 0:
-        console.print(breakdown_table(rows))
+        make_console().print(breakdown_table(rows))
 
 
 @app.command()
@@ -221,47 +250,59 @@ def overhead(
         rows = [row for point in expand(spec, where.world_size)
                 for row in measure_overhead(point.backend, point.workload, iters, where.device)]
     if where.rank == 0:
-        console.print(overhead_table(rows))
+        make_console().print(overhead_table(rows))
 
 
 @app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
-    out: Path = typer.Option(Path("tuning_results"), help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json."),
+    out: Optional[Path] = typer.Option(None, help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json "
+                                                  "(default: $FUSED_A2A_TUNING_DIR, else ./tuning_results)."),
     routing: Optional[str] = typer.Option(None, help="Only the rows of this routing (uniform, zipf:<skew>, hot:<fraction>); default: one entry per routing measured."),
     by: str = typer.Option("kernel", help="Select by this timing mode: kernel, api (what a training step pays), seed (HybridEP's permute path), graph."),
 ) -> None:
     """Select the fastest verified config per shape, routing and backend build; merge it into the cluster's tuning.json."""
     from a2a_bench.report import tuning_rich
+    from a2a_bench.tune import default_out_root, library_reads
     from a2a_bench.tune import tune as run_tune
     from fused_a2a.tuning.resolve import declared_routing
 
+    out = out or default_out_root()
+    check_out_dir(out)
     path, table = run_tune(run_dir, out, None if routing is None else declared_routing(routing), by)
+    console = make_console()
     console.print(tuning_rich(table))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}; {library_reads(path)}", markup=False, highlight=False)
 
 
 @app.command()
 def table(
-    cluster_dir: Optional[Path] = typer.Argument(None, help="A folder holding tuning.json (default: this machine's cluster)."),
+    cluster_dir: Optional[Path] = typer.Argument(None, help="A folder holding tuning.json (default: the tables of "
+                                                            "this machine's cluster, any world size)."),
 ) -> None:
     """Print a cluster's tuning table and write it as Markdown to CLUSTER_DIR/TABLE.md."""
     from a2a_bench.report import tuning_markdown, tuning_rich
-    from fused_a2a.cluster import detect_cluster
+    from a2a_bench.tables import check_printable, machine_pattern, machine_tables
     from fused_a2a.files import atomic_write_text
     from fused_a2a.tuning.resolve import tuning_dirs
     from fused_a2a.tuning.table import read_table
 
-    if cluster_dir is None:
-        cluster = detect_cluster().id
-        found = [d / cluster for d in tuning_dirs() if (d / cluster / "tuning.json").exists()]
-        if not found:
-            raise ResultsError(f"no tuning table for cluster {cluster}; pass a CLUSTER_DIR")
-        cluster_dir = found[0]
-    tuning = read_table(cluster_dir / "tuning.json")
-    atomic_write_text(cluster_dir / "TABLE.md", tuning_markdown(tuning))
-    console.print(tuning_rich(tuning))
-    console.print(f"wrote {cluster_dir / 'TABLE.md'}")
+    folders = [cluster_dir] if cluster_dir is not None else machine_tables()
+    if not folders:
+        raise ResultsError(f"no tuning table of this machine (cluster ids {machine_pattern().pattern}) in "
+                           f"{', '.join(map(str, tuning_dirs()))}; pass a CLUSTER_DIR")
+    tables = []
+    for folder in folders:
+        path = folder / "tuning.json"
+        tuning = read_table(path)
+        check_printable(tuning, str(path))
+        check_out_file(folder / "TABLE.md", "CLUSTER_DIR")
+        tables.append((folder, tuning))
+    console = make_console()
+    for folder, tuning in tables:
+        atomic_write_text(folder / "TABLE.md", tuning_markdown(tuning))
+        console.print(tuning_rich(tuning))
+        console.print(f"wrote {folder / 'TABLE.md'}", markup=False, highlight=False)
 
 
 @app.command()
@@ -279,11 +320,20 @@ def show(
     framework: Optional[str] = typer.Option(None, help="automodel or megatron: the module fused_a2a.compat replaces, and the knobs of each of the framework's backends."),
 ) -> None:
     """What fused_a2a would use for this call on this machine and where each knob comes from; with
-    --framework, the framework module the drop-in replaces and the knobs each of its backends will use."""
+    --framework, the framework module the drop-in replaces and the knobs each of its backends will use.
+
+    The call is checked by the library's own checks; an unusable FUSED_A2A_* variable or tuning file
+    is an error here (the library in a job ignores it with a warning unless FUSED_A2A_TUNING_STRICT=1).
+    """
+    from a2a_bench.call import Call, check_call
     from fused_a2a.backends import get_backend
+    from fused_a2a.cluster import cluster_id_problem
     from fused_a2a.tuning.resolve import resolve
 
+    if cluster is not None and cluster_id_problem(cluster):
+        raise SpecError(f"--cluster: {cluster_id_problem(cluster)}")
     backends = [backend]
+    console = make_console()
     if framework is not None:
         from fused_a2a.compat import FRAMEWORKS, replaced
 
@@ -296,6 +346,7 @@ def show(
         backends = ["deepep", "hybridep", "uccl"] if framework == "automodel" else ["deepep", "hybridep"]
     for name in backends:
         spec = get_backend(name)
+        check_call(Call(name, world_size, dtype, hidden, tokens, topk, experts))
         explicit = {}
         for text in knob or []:
             knob_name, sep, value = text.partition("=")
@@ -303,12 +354,13 @@ def show(
                 raise SpecError(f"--knob takes name=value, got {text!r}")
             if framework is None or knob_name in {k.name for k in spec.knobs}:
                 explicit[knob_name] = spec.knob(knob_name).parse(value)
-        res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
-                      cluster=cluster, routing=routing)
-        _print_resolution(res, hidden, tokens, world_size, dtype)
+        with _strict_tuning():
+            res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
+                          cluster=cluster, routing=routing)
+        _print_resolution(console, res, hidden, tokens, world_size, dtype)
 
 
-def _print_resolution(res, hidden: int, tokens: int, world_size: int, dtype: str) -> None:
+def _print_resolution(console, res, hidden: int, tokens: int, world_size: int, dtype: str) -> None:
     """One backend's knobs, their sources and the table entry they came from."""
     out = Table(title=f"{res.backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}, {res.routing} routing")
     for column in ("knob", "dispatch", "combine", "source"):
@@ -326,6 +378,22 @@ def _print_resolution(res, hidden: int, tokens: int, world_size: int, dtype: str
         console.print(f"no table entry ({res.table_path or 'no tuning table for this cluster'})", markup=False)
 
 
+@contextmanager
+def _strict_tuning():
+    """The library's strict mode for the body: unusable overrides and tables raise instead of warning."""
+    from fused_a2a.tuning.resolve import STRICT_ENV
+
+    before = os.environ.get(STRICT_ENV)
+    os.environ[STRICT_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[STRICT_ENV]
+        else:
+            os.environ[STRICT_ENV] = before
+
+
 @app.command()
 def env(
     world_size: Optional[int] = typer.Option(None, help="World size for the cluster id (default: GPUs of this node)."),
@@ -334,7 +402,10 @@ def env(
     """Installed backends (version, or why not), GPUs, link topology and cluster id."""
     from a2a_bench.environment import describe
 
+    if world_size is not None and world_size < 1:
+        raise SpecError(f"--world-size must be >= 1, got {world_size}")
     info = describe(world_size)
+    console = make_console()
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -360,7 +431,9 @@ def plot(
     from a2a_bench.plot import plot_run
     from a2a_bench.results import RESULTS_FILE, read_results
 
-    for path in plot_run(read_results(run_dir / RESULTS_FILE), out or run_dir / "plots"):
+    out = out or run_dir / "plots"
+    check_out_dir(out)
+    for path in plot_run(read_results(run_dir / RESULTS_FILE), out):
         print(path)
 
 
@@ -378,7 +451,7 @@ def compare(
     from a2a_bench.compare import compare_table
     from a2a_bench.results import RESULTS_FILE, read_results
 
-    console.print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
+    make_console().print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
 
 
 @app.command()
@@ -402,6 +475,8 @@ def export(
     from fused_a2a.tuning.resolve import declared_routing
 
     check_request(fmt, backend)
+    if out is not None:
+        check_out_file(out)
     entry = find_entry(load_table(cluster_dir, world_size), backend, world_size, dtype, hidden, tokens, topk, experts,
                        declared_routing(routing))
     text = render(fmt, entry)
@@ -416,11 +491,18 @@ USER_ERRORS = (SpecError, ResultsError, TuningFileError, ValueError)
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit with status 2."""
+    """Entry point: a user error prints one line and exits with status 2.
+
+    Under torchrun every rank parses the same command: rank 0 prints the error; another rank prints
+    it only if rank 0 has not ended the job within :data:`RANK0_REPORTS_S` (the error was its own).
+    A rank launched by torchrun dies with its launcher (:func:`a2a_bench.lifeline.die_with_launcher`).
+    """
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("a2a-bench: %(message)s"))
     logging.getLogger("a2a_bench").addHandler(handler)
     logging.getLogger("a2a_bench").setLevel(logging.INFO)
+    if launched_by_torchrun():
+        die_with_launcher()
     try:
         load_backend_plugins()
         result = app(standalone_mode=False)
@@ -430,11 +512,24 @@ def main() -> None:
         print("a2a-bench: interrupted", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as exc:
-        print(f"a2a-bench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        _user_error(f"cannot use {exc.filename}: {exc.strerror or exc}")
     except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `a2a-bench`: the help is printed
+            sys.exit(0)
         if not hasattr(exc, "format_message"):  # Typer's usage errors (bad or unknown option) have it
             raise
-        print(f"a2a-bench: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(exc.format_message())
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _user_error(message: str) -> None:
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+    if rank != 0:
+        time.sleep(RANK0_REPORTS_S)
+        message = f"rank {rank}: {message}"
+    print(f"a2a-bench: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -1,14 +1,21 @@
-"""``results.csv``: one row per point, appended as soon as the point ends (the one reader and writer)."""
+"""A run folder's files: ``results.csv`` (one row per point, appended as soon as the point ends) and
+``run.json`` (what was run, where); the one reader and writer of each, validating what it reads."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from a2a_bench.spec import SweepSpec
+from fused_a2a.cluster import cluster_id_problem
+from fused_a2a.files import atomic_write_text
 
 RESULTS_FILE = "results.csv"
 RUN_FILE = "run.json"
@@ -52,19 +59,183 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_results(path: Path) -> pd.DataFrame:
-    """All complete rows of ``path`` (a torn last line is ignored); ``ResultsError`` if there are none."""
+def read_results(path: Path, allow_empty: bool = False) -> pd.DataFrame:
+    """All complete rows of ``path`` (a torn last line is ignored), their values type-checked
+    (:func:`check_types`).
+
+    Args:
+        path: a ``results.csv``.
+        allow_empty: a missing file, or one without a complete row, gives an empty frame (else an error).
+
+    Raises:
+        ResultsError: the file is missing, unreadable, holds no rows, has another header, or a value
+            of the wrong type (the message names the file, and the row and column).
+    """
     if not path.exists():
+        if allow_empty:
+            return pd.DataFrame(columns=COLUMNS)
         raise ResultsError(f"no {path.name} in {path.parent}: run a sweep into this folder first")
-    text = path.read_text(encoding="utf-8")
+    check_header(path)
+    text = read_text(path)
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
+    if text.count("\n") < 2 and allow_empty:
+        return pd.DataFrame(columns=COLUMNS)
     if not text.strip():
         raise ResultsError(f"{path} holds no rows")
-    frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
-    if list(frame.columns) != COLUMNS:
-        raise ResultsError(f"{path} has unexpected columns (not written by this version of a2a-bench)")
+    try:
+        frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise ResultsError(f"{path} is not a CSV file: {str(exc).strip().splitlines()[0]}") from None
+    check_types(frame, path)
     return frame
+
+
+def check_header(path: Path) -> None:
+    """Raise ``ResultsError`` unless ``path`` is missing, empty, or begins with this tool's header
+    (:data:`COLUMNS`; a header torn by a kill mid-write counts as this tool's)."""
+    if not path.exists():
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline(len(",".join(COLUMNS)) + 2)
+    except (OSError, UnicodeDecodeError):
+        read_text(path)  # raises the error that names the file
+        raise
+    first, newline = line.rstrip("\n"), line.endswith("\n")
+    expected = ",".join(COLUMNS)
+    if first != expected and (newline or not expected.startswith(first)):
+        raise ResultsError(f"{path} has unexpected columns (not written by this version of a2a-bench)")
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; ``ResultsError`` naming the file when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ResultsError(f"cannot read {path}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise ResultsError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+_INT_COLUMNS = ("world_size", "hidden", "num_tokens", "topk", "num_experts", "seed", "warmup", "iters")
+_BOOL_COLUMNS = ("verified", "is_default")
+
+
+def column_kind(name: str) -> str:
+    """How a ``results.csv`` column is typed: ``"int"`` (never empty), ``"number"`` (empty allowed),
+    ``"bool"`` or ``"text"``."""
+    if name in _INT_COLUMNS:
+        return "int"
+    if name in _BOOL_COLUMNS:
+        return "bool"
+    if name in ("num_sms", "recv_tokens", "skew") or "_us_" in name or name.endswith(("_gbps", "_frac_peak")):
+        return "number"
+    return "text"
+
+
+def check_types(frame: pd.DataFrame, path: Path) -> None:
+    """Raise ``ResultsError`` for the first value of ``frame`` (read from ``path``) of the wrong type
+    (:func:`column_kind`), naming its row (the file's line number) and column."""
+    for name in frame.columns:
+        kind = column_kind(name)
+        column = frame[name]
+        if kind == "text" or (kind == "bool" and column.dtype == bool):
+            continue
+        if kind == "bool":
+            bad = ~column.astype(str).isin(("True", "False", "true", "false"))
+            _raise_first(frame, name, bad, path, "true or false")
+            continue
+        numbers = pd.to_numeric(column, errors="coerce")
+        _raise_first(frame, name, numbers.isna() & column.notna(), path, "a number")
+        if kind == "int":
+            _raise_first(frame, name, numbers.isna() | (numbers % 1 != 0), path, "an integer")
+
+
+def _raise_first(frame: pd.DataFrame, name: str, bad: pd.Series, path: Path, what: str) -> None:
+    if bad.any():
+        index = int(bad.to_numpy().nonzero()[0][0])
+        value = frame[name].iloc[index]
+        shown = "nothing" if pd.isna(value) else repr(value)
+        raise ResultsError(f"{path}: line {index + 2} has {shown} in column {name}, not {what}")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """``run.json``: what a sweep ran and where.
+
+    Attributes:
+        spec: the sweep's grid (:meth:`a2a_bench.spec.SweepSpec.to_json`).
+        cluster: the cluster fingerprint (:meth:`fused_a2a.cluster.ClusterInfo.to_json`; ``id`` a name).
+        world_size: ranks of the sweep.
+        versions: versions of a2a_bench, torch, NCCL and the backend libraries (``None``: absent).
+        command: the command line of rank 0.
+        points: grid points of the sweep.
+        resumed_with_done: points already in ``results.csv`` when it started.
+    """
+
+    spec: dict[str, Any]
+    cluster: dict[str, Any]
+    world_size: int
+    versions: dict[str, Any]
+    command: list[str]
+    points: int
+    resumed_with_done: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_run_info(path: Path, info: RunInfo) -> None:
+    """Write ``run.json`` atomically."""
+    atomic_write_text(path, json.dumps(info.to_json(), indent=2) + "\n")
+
+
+def read_run_info(path: Path) -> RunInfo:
+    """Read and validate ``run.json``.
+
+    Raises:
+        ResultsError: the file is missing or unreadable, not JSON, or not this tool's: a missing or
+            unknown key, a value of the wrong type, a spec with other keys than :class:`SweepSpec`'s,
+            or a cluster without an ``id`` that is a name (never a path).
+    """
+    if not path.exists():
+        raise ResultsError(f"no {path.name} in {path.parent}: run a sweep into this folder first")
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    checks = {
+        "spec": (dict, "an object"), "cluster": (dict, "an object"), "world_size": (int, "a positive integer"),
+        "versions": (dict, "an object"), "command": (list, "a list"), "points": (int, "an integer"),
+        "resumed_with_done": (int, "an integer"),
+    }
+    unknown = sorted(set(data) - set(checks))
+    if unknown:
+        raise ResultsError(f"{path} is not a run.json of a2a-bench: unknown key {', '.join(unknown)}")
+    for key, (kind, what) in checks.items():
+        if key not in data:
+            raise ResultsError(f"{path} is not a run.json of a2a-bench: it lacks {key}")
+        value = data[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "world_size" and value < 1):
+            raise ResultsError(f"{path}: {key} must be {what}, got {_short(value)}")
+    spec_keys = {f.name for f in fields(SweepSpec)}
+    if set(data["spec"]) != spec_keys:
+        differ = sorted(set(data["spec"]) ^ spec_keys)
+        raise ResultsError(f"{path}: its spec does not match this version's sweep spec (keys {', '.join(differ)} differ)")
+    if "id" not in data["cluster"]:
+        raise ResultsError(f"{path}: cluster lacks its id")
+    problem = cluster_id_problem(data["cluster"]["id"])
+    if problem is not None:
+        raise ResultsError(f"{path}: {problem}")
+    return RunInfo(**data)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _drop_torn_tail(path: Path) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from a2a_bench.results import RESULTS_FILE, ResultsError, append_row, read_results
+from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, append_row, check_header, read_results, read_run_info
+from a2a_bench.spec import SpecError
 from fused_a2a.files import atomic_write_text
 
 IN_FLIGHT_FILE = "in_flight.json"
@@ -40,12 +41,37 @@ class RunFolder:
         self._current: InFlight | None = None
         self._recorded: set[str] = set()
 
+    def check_start(self, resume: bool, cluster: str | None) -> None:
+        """Raise unless a sweep may start writing here; reads only.
+
+        Without ``resume``, ``results.csv`` must not exist. With it, ``results.csv`` must be this tool's
+        (its header, and every row's values type-checked) and ``run.json``, if there, a valid run file
+        of cluster ``cluster`` (``None``: any cluster).
+
+        Raises:
+            SpecError: ``results.csv`` exists and ``resume`` is not set.
+            ResultsError: a file is not this tool's, or of another cluster.
+        """
+        if not resume:
+            if self.results.exists():
+                raise SpecError(f"{self.results} already exists: pass --resume to continue it, or choose another --out")
+            return
+        check_header(self.results)
+        self.rows()
+        run_file = self.path / RUN_FILE
+        if run_file.exists():
+            info = read_run_info(run_file)
+            if cluster is not None and info.cluster["id"] != cluster:
+                raise ResultsError(f"{run_file} is a sweep on cluster {info.cluster['id']}, this one runs on {cluster}: "
+                                   "choose another --out")
+
     def rows(self) -> list[dict[str, Any]]:
-        """The rows already recorded (none when ``results.csv`` is missing or holds no row)."""
-        try:
-            return read_results(self.results).to_dict("records")
-        except ResultsError:
-            return []
+        """The rows already recorded (none when ``results.csv`` is missing or holds no row).
+
+        Raises:
+            ResultsError: ``results.csv`` is not this tool's (see :func:`a2a_bench.results.read_results`).
+        """
+        return read_results(self.results, allow_empty=True).to_dict("records")
 
     def in_flight(self) -> InFlight | None:
         """The point left in flight by a previous process, if any (unreadable marker: ``None``)."""

@@ -134,12 +134,32 @@ def _knob_values(backend: str, name: str, words) -> tuple:
         raise SpecError(str(exc)) from None
 
 
+SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
+    "seed": ((int,), "an integer"),
+    "warmup": ((int,), "an integer"),
+    "iters": ((int,), "an integer"),
+    "point_timeout_s": ((int, float), "a number of seconds"),
+    "exhaustive": ((bool,), "true or false"),
+}
+WORD_LISTS = ("backends", "dtypes", "routings")
+INT_LISTS = ("hidden", "tokens", "topk", "experts", "sms")
+
+
 def load_spec_file(path: Path) -> dict[str, Any]:
-    """Read a TOML spec file into :class:`SweepSpec` field overrides; ``SpecError`` if it can't."""
+    """Read a TOML spec file into :class:`SweepSpec` field overrides, every value type-checked.
+
+    Scalars must have their field's type (``seed = 1.5``, ``iters = true``, ``exhaustive = "yes"`` are
+    refused); lists hold strings (``backends``, ``dtypes``, ``routings``) or integers and
+    ``"start:stop:step"`` ranges (``hidden``, ``tokens``, ``topk``, ``experts``, ``sms``); knob values
+    have the knob's type, or are words converted as on the command line.
+
+    Raises:
+        SpecError: one line naming the file and the first problem.
+    """
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read spec file {path}: {exc}") from None
+        raise SpecError(f"cannot read spec file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"spec file {path} does not parse: {exc}") from None
     known = {f.name for f in fields(SweepSpec)}
@@ -152,16 +172,46 @@ def load_spec_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 raise SpecError(f"spec file {path}: knobs must be a table of tables ([knobs.<backend>])")
             out[key] = {
-                b: {k: _knob_values(b, k, v if isinstance(v, list) else [v]) for k, v in kv.items()}
+                b: {k: _spec_knob_values(path, b, k, v if isinstance(v, list) else [v]) for k, v in kv.items()}
                 for b, kv in value.items()
             }
-        elif key in ("seed", "warmup", "iters", "point_timeout_s", "exhaustive"):
+        elif key in SCALARS:
+            kinds, what = SCALARS[key]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise SpecError(f"spec file {path}: {key} must be {what}, got {_toml(value)}")
             out[key] = value
         else:
             items = value if isinstance(value, list) else [value]
+            if key in WORD_LISTS:
+                wrong = next((v for v in items if not isinstance(v, str)), None)
+                what = "strings"
+            else:
+                wrong = next((v for v in items if isinstance(v, bool) or not isinstance(v, (int, str))), None)
+                what = "integers or \"start:stop:step\" ranges"
+            if wrong is not None:
+                raise SpecError(f"spec file {path}: {key} takes {what}, got {_toml(wrong)}")
             text = ",".join(str(v) for v in items)
-            out[key] = parse_words(text, key) if key in ("backends", "dtypes", "routings") else parse_ints(text, key)
+            out[key] = parse_words(text, key) if key in WORD_LISTS else parse_ints(text, key)
     return out
+
+
+def _spec_knob_values(path: Path, backend: str, name: str, values: list) -> tuple:
+    """A spec file's values of one knob: words parsed as on the command line, others type-checked."""
+    try:
+        knob = get_backend(backend).knob(name)
+        typed = [knob.parse(v) if isinstance(v, str) else knob.validate(v) for v in values]
+    except ValueError as exc:
+        raise SpecError(f"spec file {path}: knobs.{backend}.{name}: {exc}") from None
+    if not typed:
+        raise SpecError(f"spec file {path}: knobs.{backend}.{name}: empty list")
+    return tuple(dict.fromkeys(typed))
+
+
+def _toml(value: Any) -> str:
+    """``value`` as TOML writes it (``true``, ``"ten"``, ``1.5``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (str, list, dict)) else repr(value)
 
 
 def parse_routing(text: str) -> tuple[str, float]:
@@ -202,6 +252,9 @@ def validate(spec: SweepSpec, world_size: int) -> None:
             raise SpecError(f"experts ({experts}) is not divisible by the number of ranks ({world_size})")
     if max(spec.topk) > min(spec.experts):
         raise SpecError(f"topk ({max(spec.topk)}) is larger than the number of experts ({min(spec.experts)})")
+    if spec.sms and not any(get_backend(name).sms_knobs for name in spec.backends):
+        raise SpecError(f"--sms sets SM knobs, which none of {', '.join(spec.backends)} has "
+                        f"(backends with them: {', '.join(sms_backends())})")
     if spec.warmup < 0 or spec.iters < 1:
         raise SpecError(f"warmup must be >= 0 and iters >= 1, got {spec.warmup} and {spec.iters}")
     if spec.point_timeout_s <= 0:
@@ -214,6 +267,11 @@ def validate(spec: SweepSpec, world_size: int) -> None:
                 problem = backend.knob(knob_name).check(value)
                 if problem is not None:
                     raise SpecError(f"{name}: {problem}")
+
+
+def sms_backends() -> list[str]:
+    """The registered backends with SM knobs (what ``--sms`` sets)."""
+    return [name for name, backend in BACKENDS.items() if backend.sms_knobs]
 
 
 def knob_grid(spec: SweepSpec, backend_name: str) -> dict[str, tuple]:

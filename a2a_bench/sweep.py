@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,23 +15,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from a2a_bench import __version__
 from a2a_bench.environment import backend_versions
+from a2a_bench.lifeline import LAUNCHER_PID_ENV
+from a2a_bench.lock import RunLock
 from a2a_bench.measure import link_peak_gbps
+from a2a_bench.output import make_console
+from a2a_bench.paths import check_out_dir
 from a2a_bench.report import summary_table
-from a2a_bench.results import RESULTS_FILE, RUN_FILE, read_results
+from a2a_bench.results import RESULTS_FILE, RUN_FILE, RunInfo, read_results, write_run_info
 from a2a_bench.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.runner import RunContext, base_row, run_point
 from a2a_bench.search import coordinate_search, groups, search_size
-from a2a_bench.spec import Point, SpecError, SweepSpec, expand, validate
+from a2a_bench.spec import Point, SweepSpec, expand, validate
 from a2a_bench.watchdog import Watchdog
 from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.teardown import free_all_buffers
-from fused_a2a.files import atomic_write_text
 
 logger = logging.getLogger("a2a_bench")
 
@@ -89,37 +90,91 @@ def init_group(where: Placement) -> None:
 def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str]) -> Path:
     """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path.
 
-    Raises ``SpecError`` before joining the process group for user errors. Buffers are freed before
-    the process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
+    User errors raise ``SpecError``/``ResultsError`` before the process group is joined and before
+    anything is written: the spec on every rank; on rank 0 the run folder (writable, not locked by a
+    live sweep, and on ``--resume`` holding this tool's files of this cluster). Rank 0 holds the
+    folder's lock for the sweep (unless its parent, ``a2a-bench --nproc``, holds it). Buffers are
+    freed before the process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
     """
     where = placement_from_env()
     validate(spec, where.world_size)
-    results = out_dir / RESULTS_FILE
-    if results.exists() and not resume:
-        raise SpecError(f"{results} already exists: pass --resume to continue it, or choose another --out")
     points = expand(spec, where.world_size)
-    with process_group(where):
-        _sweep(spec, points, out_dir, argv, where)
-    return results
+    lock = claim_run_folder(out_dir, resume, argv, detect_cluster(where.world_size).id) if where.rank == 0 else None
+    try:
+        with process_group(where):
+            _sweep(spec, points, out_dir, argv, where)
+    finally:
+        if lock is not None:
+            lock.release()
+    return out_dir / RESULTS_FILE
+
+
+def claim_run_folder(out_dir: Path, resume: bool, argv: list[str], cluster: str | None) -> RunLock | None:
+    """Check that a sweep may write ``out_dir`` and lock it; the lock taken (``None``: this
+    process's parent, the local launcher, holds it). Writes nothing but the lock file.
+
+    Raises:
+        SpecError: ``--out`` is not a writable folder, a live sweep holds it, or ``results.csv`` exists
+            without ``resume``.
+        ResultsError: with ``resume``, ``results.csv`` or ``run.json`` is not this tool's, or ``run.json``
+            names another cluster than ``cluster`` (``None``: not checked).
+    """
+    check_out_dir(out_dir)
+    lock = RunLock(out_dir)
+    if lock.held_by_parent():
+        lock = None
+    else:
+        stale = lock.acquire(argv)
+        if stale is not None:
+            print(f"a2a-bench: taking over run folder {out_dir} from a sweep that is gone ({stale.describe()})",
+                  file=sys.stderr, flush=True)
+    try:
+        RunFolder(out_dir).check_start(resume, cluster)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 @contextmanager
 def process_group(where: Placement):
     """Join the process group for the body; then free every buffer and destroy the group, also after
-    an exception, Ctrl-C or SIGTERM (DeepEP hangs if the group goes first)."""
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    an exception, Ctrl-C or SIGTERM (DeepEP hangs if the group goes first). Rank 0 logs the teardown.
+
+    SIGTERM is turned into an exception only once the group is joined: a rank still waiting in the
+    rendezvous (whose rank 0 stopped on a user error) has nothing to free and must die at once when
+    torchrun stops it (Python cannot run a handler inside the blocking wait).
+    """
     init_group(where)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         yield
     finally:
         free_all_buffers()
-        logger.info("buffers freed; destroying the process group")
+        if where.rank == 0:
+            logger.info("buffers freed; destroying the process group")
         dist.destroy_process_group()
-        logger.info("process group destroyed")
+        if where.rank == 0:
+            logger.info("process group destroyed")
 
 
 def _raise_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
+
+
+def point_line(done: int, total: int, point: Point, row: dict) -> str:
+    """One line for a finished point (what a log gets instead of a progress bar): its status and,
+    for an ``ok`` point, the kernel-mode medians in µs."""
+    w = point.workload
+    knobs = " ".join(f"{k}={v}" for k, v in point.knobs) or "-"
+    routing = w.routing if w.routing == "uniform" else f"{w.routing}:{w.skew:g}"
+    line = (f"[{done}/{total}] {point.backend} {knobs} {w.dtype} h{w.hidden} n{w.num_tokens} k{w.topk} "
+            f"e{w.num_experts} {routing}: {row['status']}")
+    if row["status"] == "ok":
+        line += (f", dispatch {float(row['dispatch_kernel_us_median']):.1f} µs, "
+                 f"combine {float(row['combine_kernel_us_median']):.1f} µs")
+    return line
 
 
 def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str], where: Placement) -> None:
@@ -127,7 +182,6 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     cluster = detect_cluster(where.world_size)
     plan: list = [None]
     if where.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         plan[0] = _plan(folder, points)
     dist.broadcast_object_list(plan, src=0)
     known, attempts, given_up = plan[0]
@@ -135,12 +189,11 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters,
                      ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)))
     if where.rank == 0:
-        run_info = {
-            "spec": spec.to_json(), "cluster": cluster.to_json(), "world_size": where.world_size,
-            "versions": {"a2a_bench": __version__, **backend_versions()}, "command": argv,
-            "points": len(points), "resumed_with_done": len(known),
-        }
-        atomic_write_text(out_dir / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
+        write_run_info(out_dir / RUN_FILE, RunInfo(
+            spec=spec.to_json(), cluster=cluster.to_json(), world_size=where.world_size,
+            versions={"a2a_bench": __version__, **backend_versions()}, command=argv,
+            points=len(points), resumed_with_done=len(known),
+        ))
         for point, phase in given_up:
             folder.record({**base_row(point, ctx), "status": f"error: a rank died during {phase} in {MAX_ATTEMPTS} attempts"})
     known.update({point.point_id: math.inf for point, _ in given_up})
@@ -152,16 +205,19 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
                            "status": f"timeout: {phase} exceeded {spec.point_timeout_s:g} s"})
 
     watchdog = Watchdog(on_expire, grace_s=0.0 if where.rank == 0 else 10.0)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
+    live = console.is_terminal
     point_groups = groups(points)
     total = sum(len(g) if spec.exhaustive else search_size(g, _sms_knob(g)) for g in point_groups)
     timed = 0
     started = time.monotonic()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=where.rank != 0,
+        TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=where.rank != 0 or not live,
     ) as progress:
         task = progress.add_task(f"sweep on {cluster.id}", total=total)
+        if where.rank == 0 and not live:
+            console.print(f"sweep on {cluster.id}: up to {total} points to time", markup=False, highlight=False)
 
         def cost(point: Point) -> float:
             """The point's dispatch + combine kernel median (µs), timing it unless a row exists."""
@@ -184,10 +240,12 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
             watchdog.arm(point.point_id, spec.point_timeout_s)
             row = _measure(point, replace(ctx, on_phase=on_phase))
             watchdog.disarm()
+            timed += 1
             if where.rank == 0:
                 folder.record(row)
+                if not live:
+                    console.print(point_line(timed, total, point, row), markup=False, highlight=False)
             progress.advance(task)
-            timed += 1
             known[point.point_id] = _cost(row)
             return known[point.point_id]
 
@@ -202,8 +260,8 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
         folder.finish()
         strategy = "exhaustive" if spec.exhaustive else "coordinate search"
         console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s; "
-                      f"link peak {peak:.1f} GB/s; results in {folder.results}")
-        Console().print(summary_table(read_results(folder.results)))
+                      f"link peak {peak:.1f} GB/s; results in {folder.results}", markup=False, highlight=False)
+        make_console().print(summary_table(read_results(folder.results)))
 
 
 def _sms_knob(group: list[Point]) -> str | None:
@@ -264,16 +322,27 @@ def _free_port() -> int:
 
 
 def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
-    """Re-run this command under torchrun's own launcher with ``nproc`` local ranks; its exit status."""
+    """Re-run this command under torchrun's own launcher with ``nproc`` local ranks; its exit status.
+
+    The ranks are this process's children and die with it (:mod:`a2a_bench.lifeline`). Status 2 when
+    the first rank to fail reported a user error (it printed the line), else 1 for any failure.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([
         "--nproc-per-node", str(nproc), "--standalone", "--max-restarts", str(max_restarts),
         "-m", "a2a_bench", *argv,
     ])
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     try:
         run(args)
-    except Exception as exc:  # torchrun's ChildFailedError: the ranks already printed their errors
-        print(f"a2a-bench: a rank failed: {type(exc).__name__}", file=sys.stderr)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode == 2:
+            return 2
+        print(f"a2a-bench: rank {rank} failed with exit status {failure.exitcode}", file=sys.stderr)
         return 1
+    finally:
+        del os.environ[LAUNCHER_PID_ENV]
     return 0

@@ -9,14 +9,16 @@ mode's median of the chosen configs.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from a2a_bench import __version__
-from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results
+from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
 from a2a_bench.runner import routing_key
+from fused_a2a.tuning.resolve import TABLE_NAME, TUNING_DIR_ENV, tuning_dirs
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, update_table
 
 KEY = ["backend", "world_size", "dtype", "routing_key", "build", "hidden", "num_tokens", "topk", "num_experts"]
@@ -83,7 +85,7 @@ def build_table(results: pd.DataFrame, cluster: dict, routing: str | None = None
     keyed = results.assign(
         routing_key=[routing_key(r, s) for r, s in zip(results["routing"], results["skew"])],
         build=results["build"].fillna("").astype(str),
-        num_sms=results["num_sms"].fillna("").astype(str),
+        num_sms=results["num_sms"].astype(object).where(results["num_sms"].notna(), "").astype(str),
     )
     ok = keyed[(keyed["status"] == "ok") & (keyed["verified"].astype(str).str.lower() == "true")
                & keyed[f"dispatch_{by}_us_median"].notna() & keyed[f"combine_{by}_us_median"].notna()]
@@ -98,13 +100,34 @@ def build_table(results: pd.DataFrame, cluster: dict, routing: str | None = None
 
 
 def tune(run_dir: Path, out_root: Path, routing: str | None = None, by: str = "kernel") -> tuple[Path, TuningTable]:
-    """Write (merge) ``out_root/<cluster-id>/tuning.json`` from ``run_dir``; returns its path and the merged table."""
+    """Write (merge) ``out_root/<cluster-id>/tuning.json`` from ``run_dir``; returns its path and the merged table.
+
+    Raises:
+        ResultsError: ``results.csv`` or ``run.json`` is missing or not valid (the cluster id must be
+            a name, never a path), or holds nothing to tune from; nothing is written.
+    """
     results = read_results(run_dir / RESULTS_FILE)
-    run_file = run_dir / RUN_FILE
-    try:
-        cluster = json.loads(run_file.read_text())["cluster"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ResultsError(f"cannot read the cluster from {run_file}: {exc}") from None
+    cluster = read_run_info(run_dir / RUN_FILE).cluster
     table = build_table(results, cluster, routing, by)
-    path = out_root / cluster["id"] / "tuning.json"
+    path = out_root / cluster["id"] / TABLE_NAME
     return path, update_table(path, table)
+
+
+def default_out_root() -> Path:
+    """Where ``tune`` writes without ``--out``: ``$FUSED_A2A_TUNING_DIR`` (a cluster's own tables), else
+    ``./tuning_results``."""
+    return Path(os.environ.get(TUNING_DIR_ENV) or "tuning_results")
+
+
+def library_reads(path: Path) -> str:
+    """One sentence: whether ``fused_a2a`` on this machine reads the table at ``path``
+    (``<root>/<cluster-id>/tuning.json``), and if not, what makes it read it."""
+    root, cluster = path.parent.parent.resolve(), path.parent.name
+    dirs = [d.resolve() for d in tuning_dirs()]
+    first = next((d for d in dirs if (d / cluster / TABLE_NAME).exists()), None)
+    if first == root:
+        return f"fused_a2a reads it there (tables of {cluster} are looked for in: {', '.join(map(str, dirs))})"
+    if root in dirs:
+        return f"fused_a2a reads {first / cluster / TABLE_NAME} first, not this one"
+    return (f"fused_a2a does not read {root}: run the jobs that should use it with "
+            f"{TUNING_DIR_ENV}={root}")

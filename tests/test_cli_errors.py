@@ -148,3 +148,20 @@ def test_speedup_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None
 def test_sweep_rejects_fp8_with_hidden_not_divisible_by_128(monkeypatch, capsys, tmp_path: Path) -> None:
     code, err = run_cli(monkeypatch, capsys, "sweep", "--dtype", "fp8", "--hidden", "1000", "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "fp8 dispatch needs hidden sizes divisible by 128")
+
+
+def test_version_and_a_bare_command(monkeypatch, capsys) -> None:
+    from a2a_bench import __version__
+
+    monkeypatch.setattr(sys, "argv", ["a2a-bench", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    assert exc.value.code == 0 and captured.out == f"a2a-bench {__version__}\n"
+
+    monkeypatch.setattr(sys, "argv", ["a2a-bench"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    assert exc.value.code == 0 and "error" not in captured.err
+    assert "Usage" in captured.out and "sweep" in captured.out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +17,7 @@ import torch
 import fused_a2a
 from a2a_bench.results import COLUMNS, read_results
 from fused_a2a.tuning import resolve as resolve_mod
-from fused_a2a.tuning.table import read_table
+from fused_a2a.tuning.table import read_table, write_table
 from ranks import spawn
 
 GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8", "--knob",
@@ -23,16 +25,38 @@ GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8"
 
 
 def a2a_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI with its output in pipes (not a terminal), as in a Slurm log."""
+    base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+                          env={**base, **(env or {})})
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def sweep_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("sweep") / "run"
     proc = a2a_bench("sweep", "--nproc", "2", "--out", str(out), *GRID)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(sweep_run) -> Path:
+    return sweep_run[0]
+
+
+def test_a_log_gets_one_line_per_point_full_width_tables_and_rank_0s_teardown(sweep_run) -> None:
+    run, proc = sweep_run
+    results = read_results(run / "results.csv")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) == len(results) == 4
+    for i, (line, row) in enumerate(zip(lines, results.itertuples()), start=1):
+        knobs = " ".join(f"{k}={v}" for k, v in json.loads(row.knobs).items())
+        assert line == (f"[{i}/4] torch {knobs} bf16 h{row.hidden} n64 k2 e8 uniform: ok, "
+                        f"dispatch {row.dispatch_kernel_us_median:.1f} µs, combine {row.combine_kernel_us_median:.1f} µs")
+    assert "━" not in proc.stderr  # no progress bar drawn into the log
+    assert "…" not in proc.stdout and "all_to_all" in proc.stdout  # the summary table is not cut to 80 columns
+    assert proc.stderr.count("a2a-bench: buffers freed; destroying the process group") == 1
+    assert proc.stderr.count("a2a-bench: process group destroyed") == 1
 
 
 def test_sweep_writes_one_verified_row_per_point(run_dir: Path) -> None:
@@ -122,11 +146,22 @@ def test_resume_adds_only_missing_points(run_dir: Path, tmp_path: Path) -> None:
     assert info["resumed_with_done"] == 2
 
 
-def test_speedup_benchmark_prints_tuned_vs_default(run_dir: Path, tmp_path: Path) -> None:
+def test_speedup_compares_tuned_with_default_or_says_same_config(run_dir: Path, tmp_path: Path) -> None:
     tables = tmp_path / "tables"
     assert a2a_bench("tune", str(run_dir), "--out", str(tables)).returncode == 0
+    table = read_table(tables / "cpu-gloo-x2" / "tuning.json")
+    entry = next(e for e in table.entries if e.hidden == 512)
+    table = replace(table, entries=(replace(entry, dispatch={"impl": "p2p"}, combine={"impl": "p2p"}),))
+    write_table(tables / "cpu-gloo-x2" / "tuning.json", table)  # bf16 tuned = p2p; no fp32 entry: default
     proc = a2a_bench("speedup", "--nproc", "2", "--hidden", "512", "--tokens", "64", "--topk", "2", "--experts", "8",
-                     "--warmup", "1", "--iters", "3", env={"FUSED_A2A_TUNING_DIR": str(tables)})
+                     "--dtype", "bf16,fp32", "--warmup", "1", "--iters", "2", "--blocks", "4",
+                     env={"FUSED_A2A_TUNING_DIR": str(tables)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = next(line for line in proc.stdout.splitlines() if "bf16 h512 n64 k2 e8" in line)
-    assert "torch" in row and "table" in row and row.rstrip(" │").endswith("x")
+    rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+            for line in proc.stdout.splitlines() if " h512 n64 k2 e8 " in line}
+    tuned = rows["bf16 h512 n64 k2 e8"]
+    assert tuned[2] == "impl=p2p | impl=p2p" and tuned[3] == "table"
+    assert re.fullmatch(r"(no measurable difference|\d+\.\d\dx) \(\d+\.\d\d–\d+\.\d\d\)", tuned[6]), tuned[6]
+    default = rows["fp32 h512 n64 k2 e8"]
+    assert default[2] == "impl=all_to_all | impl=all_to_all" and default[3] == "default"
+    assert default[5] == "= tuned" and default[6] == "same config"

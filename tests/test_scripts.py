@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,72 @@ def test_multinode_rejects_bad_arguments(args, message) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"sweep_multinode.sh: error: {message}" or message in proc.stderr.strip()
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+BACKENDS_SCRIPT = str(SCRIPTS / "install_backends.sh")
+# `python` names this interpreter (the script runs the `python` of the active environment)
+PYTHON_ENV = {**os.environ, "PYTHON": "python", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_install_backends_dry_run_builds_deepep_for_the_gpus_and_installs_uccl(tmp_path: Path) -> None:
+    proc = run(BACKENDS_SCRIPT, "--dry-run", "--arch", "9.0", "--cuda", "12.8", "--cuda-home", "/usr/local/cuda",
+               "--workdir", str(tmp_path), "--jobs", "16", env=PYTHON_ENV)
+    assert proc.returncode == 0, proc.stderr
+    deepep = tmp_path / "DeepEP"
+    assert proc.stdout.splitlines() == [
+        "python -m pip install nvidia-nvshmem-cu12 ",
+        f"mkdir -p {tmp_path} ",
+        f"git clone https://github.com/deepseek-ai/DeepEP.git {deepep} ",
+        f"git -C {deepep} fetch origin hybrid-ep ",
+        f"git -C {deepep} checkout FETCH_HEAD ",
+        f"env TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=/usr/local/cuda MAX_JOBS=16 python -m pip install --no-build-isolation -v {deepep} ",
+        "python -m pip install uccl==0.1.1 intervaltree sortedcontainers nvidia-cuda-runtime-cu12 ",
+        "# In the environment of the jobs that use these backends:",
+        'export LD_LIBRARY_PATH=$(python -c "import nvidia.cuda_runtime as m, os; '
+        'print(os.path.join(list(m.__path__)[0], \\"lib\\"))"):$LD_LIBRARY_PATH   # UCCL-EP loads libcudart.so.12 from there',
+        "export CUDA_HOME=/usr/local/cuda   # HybridEP compiles its kernels at first use",
+        f"export LD_PRELOAD=/lib/{os.uname().machine}-linux-gnu/libstdc++.so.6   "
+        "# only if HybridEPBuffer() segfaults in its constructor",
+        "env CUDA_HOME=/usr/local/cuda python -m a2a_bench env ",
+    ]
+    assert not deepep.exists()  # a dry run runs nothing
+
+
+def test_install_backends_on_cuda_13_adds_cccl_and_uses_a_given_checkout(tmp_path: Path) -> None:
+    (tmp_path / "setup.py").write_text("")
+    proc = run(BACKENDS_SCRIPT, "--dry-run", "--arch", "9.0;10.0", "--cuda", "13.0", "--cuda-home", "/opt/cuda",
+               "--deepep", str(tmp_path), "--no-uccl", "--jobs", "8", env=PYTHON_ENV)
+    assert proc.returncode == 0, proc.stderr
+    build = next(line for line in proc.stdout.splitlines() if "--no-build-isolation" in line)
+    target = os.uname().machine.replace("aarch64", "sbsa")
+    assert build.split() == ["env", "TORCH_CUDA_ARCH_LIST=9.0\\;10.0", "CUDA_HOME=/opt/cuda", "MAX_JOBS=8",
+                             f"CPATH=/opt/cuda/targets/{target}-linux/include/cccl", "python", "-m", "pip", "install",
+                             "--no-build-isolation", "-v", str(tmp_path)]
+    assert "nvidia-nvshmem-cu13" in proc.stdout and "git " not in proc.stdout and "uccl" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frobnicate"], "unknown option --frobnicate"),
+        (["--cuda", "11.8", "--arch", "9.0"], "--cuda must be a CUDA version >= 12 such as 12.8, got '11.8'"),
+        (["--cuda", "12.8", "--arch", "sm90"], "--arch must be a list such as 9.0 or '9.0;10.0', got 'sm90'"),
+        (["--cuda", "12.8", "--arch", "9.0", "--jobs", "0"], "--jobs must be a positive integer, got '0'"),
+        (["--cuda", "12.8", "--arch", "9.0", "--deepep", "/nonexistent"], "--deepep /nonexistent: not a DeepEP checkout"),
+        (["--cuda", "12.8", "--arch"], "--arch needs a list such as 9.0"),
+    ],
+)
+def test_install_backends_rejects_bad_arguments(args, message) -> None:
+    proc = run(BACKENDS_SCRIPT, "--dry-run", *args, env=PYTHON_ENV)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"install_backends.sh: error: {message}" or message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_install_backends_needs_a_cuda_torch_or_a_gpu() -> None:
+    proc = run(BACKENDS_SCRIPT, "--dry-run", env={**os.environ, "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() in (
+        "install_backends.sh: error: this torch has no CUDA (torch.version.cuda is None): install a CUDA build of torch, or pass --cuda",
+        "install_backends.sh: error: nvidia-smi reports no GPU: pass --arch (9.0 for H100/H200, 10.0 for B200)",
+    )

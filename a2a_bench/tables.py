@@ -1,0 +1,62 @@
+"""The tuning tables ``a2a-bench table`` prints: finding this machine's, and checking they hold times."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fused_a2a.cluster import CLUSTER_ID_ENV, cluster_id, cluster_id_problem, detect_cluster
+from fused_a2a.tuning.resolve import TABLE_NAME, tuning_dirs
+from fused_a2a.tuning.table import TuningFileError, TuningTable
+
+# the measured values a printed entry needs; times must be positive
+NEEDED = ("dispatch_us", "combine_us", "dispatch_algbw_gbps", "combine_algbw_gbps")
+_SENTINEL = 987654321
+
+
+def machine_pattern() -> re.Pattern:
+    """The cluster ids of this machine for any world size: ``$FUSED_A2A_CLUSTER_ID`` when set, else
+    its GPU model (``cpu-gloo`` on CPU) with any GPU count, any node count, and its link or none
+    (a table of one GPU names no link)."""
+    override = os.environ.get(CLUSTER_ID_ENV)
+    if override and cluster_id_problem(override) is None:
+        return re.compile(re.escape(override) + "$")
+    info = detect_cluster()
+    head, _, link = cluster_id(info.gpu, _SENTINEL, 1, info.intranode_link).partition(f"-x{_SENTINEL}")
+    tail = f"({re.escape(link)})?" if link else "(-[a-z0-9]+)?"
+    return re.compile(re.escape(head) + r"-x\d+(-n\d+)?" + tail + "$")
+
+
+def machine_tables() -> list[Path]:
+    """The folders of this machine's tables (:func:`machine_pattern`) in the folders the library
+    reads (:func:`fused_a2a.tuning.resolve.tuning_dirs`); for an id in several, the one it reads first."""
+    pattern = machine_pattern()
+    found: dict[str, Path] = {}
+    for root in tuning_dirs():
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            if folder.name not in found and pattern.match(folder.name) and (folder / TABLE_NAME).is_file():
+                found[folder.name] = folder
+    return [found[name] for name in sorted(found)]
+
+
+def check_printable(table: TuningTable, source: str) -> None:
+    """Raise :class:`TuningFileError` (naming ``source`` and the entry) unless every entry holds the
+    measured values a printed row shows (:data:`NEEDED`, the default's times in pairs, the bandwidths
+    behind the fraction of the link peak) and every time (``*_us``) is positive."""
+    for i, entry in enumerate(table.entries):
+        m = entry.measured
+        where = f"entries[{i}] ({entry.backend}, hidden {entry.hidden}, {entry.num_tokens} tokens)"
+        needed = list(NEEDED)
+        if "default_dispatch_us" in m or "default_combine_us" in m:
+            needed += ["default_dispatch_us", "default_combine_us"]
+        if m.get("link_peak_gbps"):
+            needed += ["dispatch_xbw_gbps", "combine_xbw_gbps"]
+        missing = [key for key in needed if key not in m]
+        if missing:
+            raise TuningFileError(source, f"{where} lacks measured.{missing[0]} (tables written by a2a-bench tune have it)")
+        for key, value in m.items():
+            if key.endswith("_us") and not value > 0:
+                raise TuningFileError(source, f"{where}: measured.{key} must be a positive time, got {value:g}")
