@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from a2a_bench.spec import SpecError
+from a2a_bench.engine.spec import SpecError
 from fused_a2a.backends import Shape, get_backend
 from fused_a2a.checks import check_dispatch_inputs
 from fused_a2a.fp8 import BLOCK as FP8_BLOCK

@@ -16,12 +16,12 @@ import typer
 from rich.table import Table
 
 from a2a_bench import __version__
-from a2a_bench.lifeline import die_with_launcher, launched_by_torchrun
+from a2a_bench.engine.lifeline import die_with_launcher, launched_by_torchrun
 from a2a_bench.output import make_console
 from a2a_bench.paths import check_out_dir, check_out_file
-from a2a_bench.plugins import load_backend_plugins
-from a2a_bench.results import ResultsError
-from a2a_bench.spec import (
+from a2a_bench.engine.plugins import load_backend_plugins
+from a2a_bench.engine.results import ResultsError
+from a2a_bench.engine.spec import (
     QUICK, SpecError, SweepSpec, expand, load_spec_file, merge, parse_ints, parse_knob, parse_words, validate,
 )
 from fused_a2a.tuning.table import TuningFileError
@@ -73,7 +73,7 @@ def sweep(
     max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
-    from a2a_bench.sweep import claim_run_folder, launch_local, run_sweep
+    from a2a_bench.engine.sweep import claim_run_folder, launch_local, run_sweep
 
     base = QUICK if quick else SweepSpec()
     if spec is not None:
@@ -141,8 +141,8 @@ def speedup(
 ) -> None:
     """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
     the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
-    from a2a_bench.speedup import check_backends, run_speedups, speedup_table
-    from a2a_bench.sweep import launch_local, placement_from_env, process_group
+    from a2a_bench.bench.speedup import check_backends, run_speedups, speedup_table
+    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
 
     spec = merge(SweepSpec(), {
         "backends": _opt(backends, parse_words, "--backends"), "hidden": parse_ints(hidden, "--hidden"),
@@ -193,9 +193,9 @@ def breakdown(
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
 ) -> None:
     """Benchmark: where the torch backend's api dispatch spends its time, stage by stage, against kernel mode."""
-    from a2a_bench.breakdown import measure_breakdown
-    from a2a_bench.report import breakdown_table
-    from a2a_bench.sweep import launch_local, placement_from_env, process_group
+    from a2a_bench.bench.breakdown import measure_breakdown
+    from a2a_bench.reports.report import breakdown_table
+    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
     from fused_a2a.backends import get_backend
 
     get_backend("torch").knob("impl").validate(impl)
@@ -227,9 +227,9 @@ def overhead(
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
 ) -> None:
     """Benchmark: host time fused_a2a adds per dispatch + combine over calling each backend's buffer directly."""
-    from a2a_bench.overhead import measure_overhead
-    from a2a_bench.report import overhead_table
-    from a2a_bench.sweep import launch_local, placement_from_env, process_group
+    from a2a_bench.bench.overhead import measure_overhead
+    from a2a_bench.reports.report import overhead_table
+    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
     from fused_a2a.backends import BACKENDS
 
     names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
@@ -262,9 +262,9 @@ def tune(
     by: str = typer.Option("kernel", help="Select by this timing mode: kernel, api (what a training step pays), seed (HybridEP's permute path), graph."),
 ) -> None:
     """Select the fastest verified config per shape, routing and backend build; merge it into the cluster's tuning.json."""
-    from a2a_bench.report import tuning_rich
-    from a2a_bench.tune import default_out_root, library_reads
-    from a2a_bench.tune import tune as run_tune
+    from a2a_bench.reports.report import tuning_rich
+    from a2a_bench.reports.tune import default_out_root, library_reads
+    from a2a_bench.reports.tune import tune as run_tune
     from fused_a2a.tuning.resolve import declared_routing
 
     out = out or default_out_root()
@@ -281,8 +281,8 @@ def table(
                                                             "this machine's cluster, any world size)."),
 ) -> None:
     """Print a cluster's tuning table and write it as Markdown to CLUSTER_DIR/TABLE.md."""
-    from a2a_bench.report import tuning_markdown, tuning_rich
-    from a2a_bench.tables import check_printable, machine_pattern, machine_tables
+    from a2a_bench.reports.report import tuning_markdown, tuning_rich
+    from a2a_bench.reports.tables import check_printable, machine_pattern, machine_tables
     from fused_a2a.files import atomic_write_text
     from fused_a2a.tuning.resolve import tuning_dirs
     from fused_a2a.tuning.table import read_table
@@ -400,7 +400,7 @@ def env(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Installed backends (version, or why not), GPUs, link topology and cluster id."""
-    from a2a_bench.environment import describe
+    from a2a_bench.reports.environment import describe
 
     if world_size is not None and world_size < 1:
         raise SpecError(f"--world-size must be >= 1, got {world_size}")
@@ -428,8 +428,8 @@ def plot(
     out: Optional[Path] = typer.Option(None, help="Folder of the PNGs (default RUN_DIR/plots)."),
 ) -> None:
     """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link peak."""
-    from a2a_bench.plot import plot_run
-    from a2a_bench.results import RESULTS_FILE, read_results
+    from a2a_bench.reports.plot import plot_run
+    from a2a_bench.engine.results import RESULTS_FILE, read_results
 
     out = out or run_dir / "plots"
     check_out_dir(out)
@@ -448,8 +448,8 @@ def compare(
     routing: str = typer.Option("uniform", help="Routing: uniform, zipf:<skew>, hot:<fraction>."),
 ) -> None:
     """Backends side by side for one shape: best verified knobs, µs, GB/s, default's µs, speedup vs torch."""
-    from a2a_bench.compare import compare_table
-    from a2a_bench.results import RESULTS_FILE, read_results
+    from a2a_bench.reports.compare import compare_table
+    from a2a_bench.engine.results import RESULTS_FILE, read_results
 
     make_console().print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
 
@@ -470,7 +470,7 @@ def export(
 ) -> None:
     """The tuning table's knobs for a call, as SGLang's --deepep-config JSON or environment variables
     (with the Megatron-LM and NeMo Automodel settings that give them)."""
-    from a2a_bench.export import check_request, describe, find_entry, load_table, render
+    from a2a_bench.reports.export import check_request, describe, find_entry, load_table, render
     from fused_a2a.files import atomic_write_text
     from fused_a2a.tuning.resolve import declared_routing
 
@@ -495,7 +495,7 @@ def main() -> None:
 
     Under torchrun every rank parses the same command: rank 0 prints the error; another rank prints
     it only if rank 0 has not ended the job within :data:`RANK0_REPORTS_S` (the error was its own).
-    A rank launched by torchrun dies with its launcher (:func:`a2a_bench.lifeline.die_with_launcher`).
+    A rank launched by torchrun dies with its launcher (:func:`a2a_bench.engine.lifeline.die_with_launcher`).
     """
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("a2a-bench: %(message)s"))

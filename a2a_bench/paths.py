@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from a2a_bench.spec import SpecError
+from a2a_bench.engine.spec import SpecError
 
 
 def check_out_dir(path: Path, option: str = "--out") -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.backends.optional import OptionalModule
 from fused_a2a.teardown import free_all_buffers
 from ranks import under_torchrun

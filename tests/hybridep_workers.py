@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from reference import Case, assert_close, check_case, grad_seed
 
 FAKES = (str(Path(__file__).parent / "fakes"),)

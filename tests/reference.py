@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from a2a_bench.workload import Inputs, WorkloadSpec, make_inputs
+from a2a_bench.engine.workload import Inputs, WorkloadSpec, make_inputs
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def check_case(case: Case, rank: int, world_size: int, device: torch.device, dis
 
     exp_x, exp_idx, exp_weights, exp_counts = expected_dispatch(all_inputs, rank, spec.num_experts)
     if not keeps_topk_slots:
-        from a2a_bench.verify import ascending_slots  # imports fused_a2a: only once the rank chose its fakes
+        from a2a_bench.engine.verify import ascending_slots  # imports fused_a2a: only once the rank chose its fakes
 
         exp_idx, exp_weights = ascending_slots(exp_idx, exp_weights)
     assert torch.equal(recv_x.detach().cpu(), exp_x), f"{case}: recv_x differs on rank {rank}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from a2a_bench.results import COLUMNS, RunInfo, append_row, column_kind, write_run_info
-from a2a_bench.spec import SweepSpec
+from a2a_bench.engine.results import COLUMNS, RunInfo, append_row, column_kind, write_run_info
+from a2a_bench.engine.spec import SweepSpec
 
 
 def ok_row(**over) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fused_a2a
-from a2a_bench.results import COLUMNS, read_results
+from a2a_bench.engine.results import COLUMNS, read_results
 from fused_a2a.tuning import resolve as resolve_mod
 from fused_a2a.tuning.table import read_table, write_table
 from ranks import spawn

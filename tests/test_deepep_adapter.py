@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 import deepep_workers
-from a2a_bench.results import read_results
-from a2a_bench.runner import skip_reason
-from a2a_bench.spec import Point
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.results import read_results
+from a2a_bench.engine.runner import skip_reason
+from a2a_bench.engine.spec import Point
+from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.backends import BACKENDS
 from fused_a2a.backends.chunk_config import ChunkConfig, rank_problem
 from fused_a2a.backends.deepep import DEFAULT_COMBINE, DEFAULT_DISPATCH, configs, invalid_knobs, make_deepep_comm

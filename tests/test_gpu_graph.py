@@ -1,6 +1,6 @@
 """Graph mode: the kernel-mode calls of a backend captured in a CUDA graph and replayed, with new inputs
 written into the captured tensors, give the reference's results. A backend that cannot be captured
-raises :class:`~a2a_bench.measure.NotCapturable` (the sweep records why); the test prints which did.
+raises :class:`~a2a_bench.engine.measure.NotCapturable` (the sweep records why); the test prints which did.
 
 ``torchrun --nproc-per-node 1 -m pytest -m gpu -s tests/test_gpu_graph.py`` (torch over NCCL needs one GPU
 per process) and ``--nproc-per-node 2`` for DeepEP and HybridEP (processes may share one GPU).
@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.measure import NotCapturable, capture
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.measure import NotCapturable, capture
+from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.autograd import get_hidden_bytes
 from fused_a2a.backends import BACKENDS, make_comm
 from gpu import gpu_ready, shares_gpus

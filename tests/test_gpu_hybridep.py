@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.backends.hybridep import HYBRID_EP, HAVE_HYBRIDEP, topk_to_routing_map
 from gpu import gpu_ready, real
 from reference import Case, assert_close, check_case, grad_seed

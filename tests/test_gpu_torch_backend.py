@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from ranks import under_torchrun
 from reference import Case, check_case
 from test_torch_backend import CASES

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from a2a_bench.lifeline import LAUNCHER_PID_ENV
-from a2a_bench.lock import LOCK_FILE, RunFolderBusy, RunLock
-from a2a_bench.results import read_results
+from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV
+from a2a_bench.engine.lock import LOCK_FILE, RunFolderBusy, RunLock
+from a2a_bench.engine.results import read_results
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 
@@ -164,7 +164,7 @@ def test_a_lock_whose_holder_is_gone_is_taken_over_and_a_live_one_is_not(tmp_pat
         del os.environ["TORCHELASTIC_RUN_ID"]
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from a2a_bench.lock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from a2a_bench.engine.lock import RunLock; "
          "RunLock(sys.argv[1]).acquire(['holder']); print('held', flush=True); time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -181,7 +181,7 @@ def test_a_rank_whose_launcher_is_already_gone_kills_itself() -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     launcher = int(gone.stdout)  # a launcher that died before the rank asked for its parent-death signal
     proc = subprocess.run(
-        [sys.executable, "-c", "import time; from a2a_bench.lifeline import die_with_launcher; die_with_launcher(); "
+        [sys.executable, "-c", "import time; from a2a_bench.engine.lifeline import die_with_launcher; die_with_launcher(); "
          "time.sleep(30)"], env={**os.environ, LAUNCHER_PID_ENV: str(launcher), "RANK": "1"},
         capture_output=True, text=True, timeout=30)
     assert proc.returncode == -signal.SIGKILL

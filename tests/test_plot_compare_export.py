@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 
 from a2a_bench.cli import main
-from a2a_bench.compare import compare_rows, compare_table, shape_rows
-from a2a_bench.export import env_lines, find_entry, render, sglang_config
-from a2a_bench.plot import plot_run, sms_series, tokens_series
-from a2a_bench.results import COLUMNS, ResultsError, append_row, read_results
+from a2a_bench.reports.compare import compare_rows, compare_table, shape_rows
+from a2a_bench.reports.export import env_lines, find_entry, render, sglang_config
+from a2a_bench.reports.plot import plot_run, sms_series, tokens_series
+from a2a_bench.engine.results import COLUMNS, ResultsError, append_row, read_results
 from fused_a2a.tuning import resolve as resolve_mod
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, write_table
 

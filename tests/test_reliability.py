@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fused_a2a
-from a2a_bench.results import read_results
+from a2a_bench.engine.results import read_results
 from fused_a2a.tuning import resolve as resolve_mod
 from fused_a2a.tuning.resolve import TuningWarning
 from ranks import spawn

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from a2a_bench.search import coordinate_search, groups, search_size
-from a2a_bench.spec import Point
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.search import coordinate_search, groups, search_size
+from a2a_bench.engine.spec import Point
+from a2a_bench.engine.workload import WorkloadSpec
 
 SMS = (8, 16, 24, 32, 48, 64)
 SEND = (4, 8, 12, 16, 24, 32)

@@ -83,7 +83,7 @@ def test_bad_budget_environment_is_ignored_with_one_warning_or_refused_when_stri
 
 
 def test_knee_is_the_fewest_sms_within_5_percent_of_the_best() -> None:
-    from a2a_bench.report import knee
+    from a2a_bench.reports.report import knee
 
     assert knee([(16, 511.0, 599.0), (24, 350.0, 424.0), (32, 300.0, 336.0), (48, 240.0, 257.0), (64, 237.0, 238.0)]) == 48
     assert knee([(32, 300.0, 336.0), (48, 243.0, 261.0), (64, 237.0, 238.0)]) == 64

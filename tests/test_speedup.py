@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from a2a_bench.speedup import Ratio, ratio_interval, verdict
+from a2a_bench.bench.speedup import Ratio, ratio_interval, verdict
 
 
 def test_identical_configs_read_same_config() -> None:

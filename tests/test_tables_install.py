@@ -45,7 +45,7 @@ def clean_env(monkeypatch):
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {"a2a_bench"} | {
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "a2a_bench").rglob("__init__.py")} | {
         ".".join(p.parent.relative_to(REPO / "library").parts) for p in (REPO / "library").rglob("__init__.py")}
     assert on_disk | {"fused_a2a.tuning_results"} == set(config["packages"])
     assert config["package-dir"]["fused_a2a.tuning_results"] == "tuning_results"

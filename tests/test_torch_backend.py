@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.workload import WorkloadSpec
+from a2a_bench.engine.workload import WorkloadSpec
 from ranks import spawn
 from reference import Case, check_case
 

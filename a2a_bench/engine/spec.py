@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from a2a_bench.workload import DTYPES, ROUTINGS, WorkloadSpec
+from a2a_bench.engine.workload import DTYPES, ROUTINGS, WorkloadSpec
 from fused_a2a.backends import BACKENDS, get_backend
 
 if sys.version_info >= (3, 11):
@@ -39,7 +39,7 @@ class SweepSpec:
         seed: base seed of the workloads.
         warmup, iters: untimed and timed iterations per mode.
         point_timeout_s: a point that runs longer is recorded as ``timeout``.
-        exhaustive: time every knob combination (default: a coordinate search, :mod:`a2a_bench.search`).
+        exhaustive: time every knob combination (default: a coordinate search, :mod:`a2a_bench.engine.search`).
     """
 
     backends: tuple[str, ...] = ("torch",)

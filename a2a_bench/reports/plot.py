@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from a2a_bench.results import ResultsError
+from a2a_bench.engine.results import ResultsError
 
 BANDWIDTHS = ["dispatch_algbw_gbps", "combine_algbw_gbps", "dispatch_xbw_gbps", "combine_xbw_gbps"]
 SMS_GROUP = ["backend", "world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew"]

@@ -6,8 +6,8 @@ import json
 import shlex
 from pathlib import Path
 
-from a2a_bench.results import ResultsError
-from a2a_bench.spec import SpecError
+from a2a_bench.engine.results import ResultsError
+from a2a_bench.engine.spec import SpecError
 from fused_a2a.backends import deepep, get_backend
 from fused_a2a.backends.hybridep import CHUNK_ENV_VARS
 from fused_a2a.cluster import detect_cluster

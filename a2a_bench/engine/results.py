@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from a2a_bench.spec import SweepSpec
+from a2a_bench.engine.spec import SweepSpec
 from fused_a2a.cluster import cluster_id_problem
 from fused_a2a.files import atomic_write_text
 
@@ -165,7 +165,7 @@ class RunInfo:
     """``run.json``: what a sweep ran and where.
 
     Attributes:
-        spec: the sweep's grid (:meth:`a2a_bench.spec.SweepSpec.to_json`).
+        spec: the sweep's grid (:meth:`a2a_bench.engine.spec.SweepSpec.to_json`).
         cluster: the cluster fingerprint (:meth:`fused_a2a.cluster.ClusterInfo.to_json`; ``id`` a name).
         world_size: ranks of the sweep.
         versions: versions of a2a_bench, torch, NCCL and the backend libraries (``None``: absent).

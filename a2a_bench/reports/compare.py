@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pandas as pd
 from rich.table import Table
 
-from a2a_bench.results import ResultsError
-from a2a_bench.spec import parse_routing
+from a2a_bench.engine.results import ResultsError
+from a2a_bench.engine.spec import parse_routing
 
 SHAPE = ["world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew"]
 

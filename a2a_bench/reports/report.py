@@ -114,7 +114,7 @@ def _stats(s) -> str:
 
 
 def breakdown_table(rows) -> Table:
-    """The torch backend's dispatch stages (:class:`a2a_bench.breakdown.Breakdown`): µs per call, median (p10–p90)."""
+    """The torch backend's dispatch stages (:class:`a2a_bench.bench.breakdown.Breakdown`): µs per call, median (p10–p90)."""
     stages = list(rows[0].stages) if rows else []
     table = Table(title="torch backend: api dispatch, stage by stage (slowest rank, µs per call, median (p10–p90))")
     for column in ("shape", "impl", "plan", *stages, "api dispatch", "kernel dispatch", "api / kernel"):
@@ -127,7 +127,7 @@ def breakdown_table(rows) -> Table:
 
 
 def overhead_table(rows) -> Table:
-    """Host time fused_a2a adds per dispatch + combine (:class:`a2a_bench.overhead.Overhead`), µs."""
+    """Host time fused_a2a adds per dispatch + combine (:class:`a2a_bench.bench.overhead.Overhead`), µs."""
     table = Table(title="host µs per dispatch + combine over calling the buffer directly "
                         "(buffer answering at once; slowest rank; median (p10–p90) of 50-call batches)")
     for column in ("backend", "path", "through fused_a2a", "buffer directly", "added"):

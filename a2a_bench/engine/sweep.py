@@ -18,19 +18,19 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from a2a_bench import __version__
-from a2a_bench.environment import backend_versions
-from a2a_bench.lifeline import LAUNCHER_PID_ENV
-from a2a_bench.lock import RunLock
-from a2a_bench.measure import link_peak_gbps
+from a2a_bench.reports.environment import backend_versions
+from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV
+from a2a_bench.engine.lock import RunLock
+from a2a_bench.engine.measure import link_peak_gbps
 from a2a_bench.output import make_console
 from a2a_bench.paths import check_out_dir
-from a2a_bench.report import summary_table
-from a2a_bench.results import RESULTS_FILE, RUN_FILE, RunInfo, read_results, write_run_info
-from a2a_bench.runfolder import MAX_ATTEMPTS, RunFolder
-from a2a_bench.runner import RunContext, base_row, run_point
-from a2a_bench.search import coordinate_search, groups, search_size
-from a2a_bench.spec import Point, SweepSpec, expand, validate
-from a2a_bench.watchdog import Watchdog
+from a2a_bench.reports.report import summary_table
+from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, RunInfo, read_results, write_run_info
+from a2a_bench.engine.runfolder import MAX_ATTEMPTS, RunFolder
+from a2a_bench.engine.runner import RunContext, base_row, run_point
+from a2a_bench.engine.search import coordinate_search, groups, search_size
+from a2a_bench.engine.spec import Point, SweepSpec, expand, validate
+from a2a_bench.engine.watchdog import Watchdog
 from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.teardown import free_all_buffers
@@ -324,7 +324,7 @@ def _free_port() -> int:
 def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Re-run this command under torchrun's own launcher with ``nproc`` local ranks; its exit status.
 
-    The ranks are this process's children and die with it (:mod:`a2a_bench.lifeline`). Status 2 when
+    The ranks are this process's children and die with it (:mod:`a2a_bench.engine.lifeline`). Status 2 when
     the first rank to fail reported a user error (it printed the line), else 1 for any failure.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from a2a_bench import __version__
-from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
-from a2a_bench.runner import routing_key
+from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
+from a2a_bench.engine.runner import routing_key
 from fused_a2a.tuning.resolve import TABLE_NAME, TUNING_DIR_ENV, tuning_dirs
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, update_table
 

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.measure import Stats, time_alternating, time_op
-from a2a_bench.workload import WorkloadSpec, make_inputs
+from a2a_bench.engine.measure import Stats, time_alternating, time_op
+from a2a_bench.engine.workload import WorkloadSpec, make_inputs
 from fused_a2a.backends.torch_a2a import TorchConfig, get_torch_buffer
 from fused_a2a.backends.torch_routing import read_counts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from a2a_bench.spec import SpecError
+from a2a_bench.engine.spec import SpecError
 
 PLUGINS_ENV = "A2A_BENCH_BACKENDS"
 

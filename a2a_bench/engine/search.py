@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
-from a2a_bench.spec import Point
+from a2a_bench.engine.spec import Point
 
 Cost = Callable[[Point], float]
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from a2a_bench.spec import SpecError
+from a2a_bench.engine.spec import SpecError
 
 LOCK_FILE = "sweep.lock"
 

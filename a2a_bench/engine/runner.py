@@ -4,7 +4,7 @@ bytes and imbalance → one row.
 Modes (columns ``{dispatch,combine}_<mode>_us_*``): ``kernel`` (the buffer's cached dispatch and its
 combine: what DeepEP's and HybridEP's own tests time), ``api`` (the full ``fused_a2a.dispatch`` /
 ``combine`` a training step makes), ``seed`` (the seed module's path where it differs from ``api``:
-HybridEP's permute path, :mod:`a2a_bench.seedpath`) and ``graph`` (the ``kernel`` calls captured in one
+HybridEP's permute path, :mod:`a2a_bench.engine.seedpath`) and ``graph`` (the ``kernel`` calls captured in one
 CUDA graph each and replayed: no launch overhead; ``graph_status`` says why a backend could not be
 captured).
 """
@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.measure import (
+from a2a_bench.engine.measure import (
     NotCapturable, Stats, capture, comm_device, gbps, imbalance, mean_over_ranks, received_bytes, time_op,
 )
-from a2a_bench.seedpath import seed_path
-from a2a_bench.spec import Point
-from a2a_bench.verify import verify
-from a2a_bench.workload import dispatch_input, make_inputs
+from a2a_bench.engine.seedpath import seed_path
+from a2a_bench.engine.spec import Point
+from a2a_bench.engine.verify import verify
+from a2a_bench.engine.workload import dispatch_input, make_inputs
 from fused_a2a.autograd import get_hidden_bytes
 from fused_a2a.backends import Shape, get_backend, make_comm
 from fused_a2a.backends.torch_a2a import get_torch_buffer
@@ -237,7 +237,7 @@ def _recv_counts(topk_idx: torch.Tensor, num_experts: int, group) -> list[int]:
 
 
 def _imbalance(recv_counts: list[int], topk_idx: torch.Tensor, num_experts: int, device: torch.device, group):
-    """The group's :func:`~a2a_bench.measure.imbalance` (every rank gets the same figures). Collective."""
+    """The group's :func:`~a2a_bench.engine.measure.imbalance` (every rank gets the same figures). Collective."""
     where = comm_device(device, group)
     received = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=where)
     received[dist.get_rank(group)] = sum(recv_counts)

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from rich.table import Table
 
-from a2a_bench.measure import Stats, summarize, time_op
-from a2a_bench.spec import SpecError, SweepSpec, expand
-from a2a_bench.workload import WorkloadSpec, make_inputs
+from a2a_bench.engine.measure import Stats, summarize, time_op
+from a2a_bench.engine.spec import SpecError, SweepSpec, expand
+from a2a_bench.engine.workload import WorkloadSpec, make_inputs
 from fused_a2a.autograd import BufferCombine, BufferDispatch
 from fused_a2a.backends import get_backend, make_comm
 from fused_a2a.tuning.resolve import resolve

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from a2a_bench.results import RESULTS_FILE, RUN_FILE, ResultsError, append_row, check_header, read_results, read_run_info
-from a2a_bench.spec import SpecError
+from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, ResultsError, append_row, check_header, read_results, read_run_info
+from a2a_bench.engine.spec import SpecError
 from fused_a2a.files import atomic_write_text
 
 IN_FLIGHT_FILE = "in_flight.json"
@@ -69,7 +69,7 @@ class RunFolder:
         """The rows already recorded (none when ``results.csv`` is missing or holds no row).
 
         Raises:
-            ResultsError: ``results.csv`` is not this tool's (see :func:`a2a_bench.results.read_results`).
+            ResultsError: ``results.csv`` is not this tool's (see :func:`a2a_bench.engine.results.read_results`).
         """
         return read_results(self.results, allow_empty=True).to_dict("records")
 

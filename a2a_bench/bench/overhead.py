@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.measure import Stats, slowest, summarize
-from a2a_bench.workload import WorkloadSpec, make_inputs
+from a2a_bench.engine.measure import Stats, slowest, summarize
+from a2a_bench.engine.workload import WorkloadSpec, make_inputs
 from fused_a2a.autograd import get_hidden_bytes
 from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
 from fused_a2a.tuning.agreement import agreed_comm
