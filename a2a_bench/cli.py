@@ -142,7 +142,6 @@ def speedup(
     """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
     the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
     from a2a_bench.bench.speedup import check_backends, run_speedups, speedup_table
-    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
 
     spec = merge(SweepSpec(), {
         "backends": _opt(backends, parse_words, "--backends"), "hidden": parse_ints(hidden, "--hidden"),
@@ -152,19 +151,29 @@ def speedup(
     })
     if blocks < 2:
         raise SpecError(f"--blocks must be >= 2, got {blocks}")
+    _run_benchmark("speedup", spec, nproc, check_backends, lambda where: run_speedups(spec, blocks, where.device),
+                   speedup_table)
+
+
+def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table) -> None:
+    """A benchmark command's body: with ``--nproc`` outside torchrun, check ``spec`` on ``nproc`` ranks
+    and relaunch this command on them; else join the group, ``measure(where)`` the rows and print
+    ``table(rows)`` on rank 0. ``check(spec)`` raises a user error before any group is joined."""
+    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
+
     if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         validate(spec, nproc)
-        check_backends(spec)
-        raise typer.Exit(launch_local(nproc, ["speedup", *_without(sys.argv[2:], "--nproc")]))
+        check(spec)
+        raise typer.Exit(launch_local(nproc, [command, *_without(sys.argv[2:], "--nproc")]))
     where = placement_from_env()
     validate(spec, where.world_size)
-    check_backends(spec)
+    check(spec)
     with process_group(where):
-        rows = run_speedups(spec, blocks, where.device)
+        rows = measure(where)
     if where.rank == 0:
-        make_console().print(speedup_table(rows))
+        make_console().print(table(rows))
 
 
 def _without(argv: list[str], option: str) -> list[str]:
@@ -195,25 +204,17 @@ def breakdown(
     """Benchmark: where the torch backend's api dispatch spends its time, stage by stage, against kernel mode."""
     from a2a_bench.bench.breakdown import measure_breakdown
     from a2a_bench.reports.report import breakdown_table
-    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
     from fused_a2a.backends import get_backend
 
     get_backend("torch").knob("impl").validate(impl)
     spec = merge(SweepSpec(), {"hidden": parse_ints(hidden, "--hidden"), "tokens": parse_ints(tokens, "--tokens"),
                                "topk": (topk,), "experts": (experts,), "dtypes": parse_words(dtype, "--dtype"),
                                "warmup": warmup, "iters": iters})
-    if nproc is not None and "LOCAL_RANK" not in os.environ:
-        if nproc < 1:
-            raise SpecError(f"--nproc must be >= 1, got {nproc}")
-        validate(spec, nproc)
-        raise typer.Exit(launch_local(nproc, ["breakdown", *_without(sys.argv[2:], "--nproc")]))
-    where = placement_from_env()
-    validate(spec, where.world_size)
-    with process_group(where):
-        rows = [measure_breakdown(point.workload, impl, warmup, iters, where.device)
-                for point in expand(spec, where.world_size)]
-    if where.rank == 0:
-        make_console().print(breakdown_table(rows))
+
+    def measure(where):
+        return [measure_breakdown(point.workload, impl, warmup, iters, where.device) for point in expand(spec, where.world_size)]
+
+    _run_benchmark("breakdown", spec, nproc, lambda checked: None, measure, breakdown_table)
 
 
 @app.command()
@@ -229,28 +230,23 @@ def overhead(
     """Benchmark: host time fused_a2a adds per dispatch + combine over calling each backend's buffer directly."""
     from a2a_bench.bench.overhead import measure_overhead
     from a2a_bench.reports.report import overhead_table
-    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
     from fused_a2a.backends import BACKENDS
 
     names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
     spec = merge(SweepSpec(), {"backends": names, "hidden": (hidden,), "tokens": (tokens,), "topk": (topk,),
                                "experts": (experts,), "iters": iters})
-    if nproc is not None and "LOCAL_RANK" not in os.environ:
-        if nproc < 1:
-            raise SpecError(f"--nproc must be >= 1, got {nproc}")
-        validate(spec, nproc)
-        raise typer.Exit(launch_local(nproc, ["overhead", *_without(sys.argv[2:], "--nproc")]))
-    where = placement_from_env()
-    validate(spec, where.world_size)
-    for name in names:
-        reason = BACKENDS[name].unavailable()
-        if reason is not None:
-            raise SpecError(f"backend {name!r} is not available: {reason}")
-    with process_group(where):
-        rows = [row for point in expand(spec, where.world_size)
+
+    def installed(checked: SweepSpec) -> None:
+        for name in checked.backends:
+            reason = BACKENDS[name].unavailable()
+            if reason is not None:
+                raise SpecError(f"backend {name!r} is not available: {reason}")
+
+    def measure(where):
+        return [row for point in expand(spec, where.world_size)
                 for row in measure_overhead(point.backend, point.workload, iters, where.device)]
-    if where.rank == 0:
-        make_console().print(overhead_table(rows))
+
+    _run_benchmark("overhead", spec, nproc, installed, measure, overhead_table)
 
 
 @app.command()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from a2a_bench.engine.workload import WorkloadSpec
 from reference import Case, assert_close, check_case, grad_seed
@@ -169,28 +168,3 @@ def limits(rank: int, world_size: int) -> None:
     with pytest.raises(ValueError, match="hybridep moves bf16 tokens, not fp16"):
         fused_a2a.dispatch(fp16.x.half(), fp16.topk_idx, fp16.topk_weights, 8, backend="hybridep")
     fused_a2a.teardown.free_all_buffers()
-
-
-def agreed_knobs(rank: int, world_size: int, table_dir: str, cluster: str) -> None:
-    """Ranks holding 50 and 900 tokens under a table whose entries differ by tokens use identical knobs
-    (the group's largest count picks the entry); knobs are gathered to prove it."""
-    import os
-
-    os.environ["FUSED_A2A_TUNING_DIR"] = table_dir
-    os.environ["FUSED_A2A_CLUSTER_ID"] = cluster
-    fused_a2a = _fused_a2a()
-    from fused_a2a.tuning import agreement
-
-    num_tokens = 48 if rank == 0 else 896
-    spec = WorkloadSpec(num_tokens=num_tokens, hidden=32, topk=2, num_experts=8, seed=3)
-    mine = Case(spec).inputs(rank, world_size)
-    out = fused_a2a.dispatch(mine.x, mine.topk_idx, mine.topk_weights, 8, backend="torch")
-    fused_a2a.combine(out[0], out[4])
-    chosen = [None] * world_size
-    dist.all_gather_object(chosen, out[4].comm.dispatch_config)
-    assert chosen[0] == chosen[1] and chosen[0].impl == "all_to_all", chosen  # the 1024-token entry
-    stats = agreement.cache_stats()
-    assert stats["agreements"] == 1
-    for _ in range(3):
-        fused_a2a.dispatch(mine.x, mine.topk_idx, mine.topk_weights, 8, backend="torch")
-    assert agreement.cache_stats() == {**stats, "hits": stats["hits"] + 3}

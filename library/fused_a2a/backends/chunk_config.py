@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from fused_a2a.backends.base import Knob
+
 CHUNK_KNOBS = ("nvl_send", "nvl_recv", "rdma_send", "rdma_recv")
 # ranks of one NVLink domain (DeepEP's NUM_MAX_NVL_PEERS) and most RDMA ranks (NUM_MAX_RDMA_PEERS)
 NVL_PEERS = 8
@@ -115,6 +117,26 @@ def check_chunk(name: str, library: str):
         return None
 
     return check
+
+
+def chunk_knobs(library: str, default_num_sms: int) -> tuple[Knob, ...]:
+    """The knobs of a backend that runs DeepEP's normal-mode kernels: ``num_sms`` and the four chunk
+    sizes of its ``Config`` (a chunk size of 0: ``library``'s default for the group size)."""
+    return (
+        Knob("num_sms", default_num_sms, (8, 16, 20, 24, 32, 48, 64),
+             "SMs of the normal-mode kernels (even: one channel per 2 SMs); dispatch and combine share it",
+             check=check_num_sms),
+        Knob("nvl_send", 0, (4, 8, 12, 16, 24, 32),
+             f"tokens a channel sends over NVLink at once (0: {library}'s default)", check=check_chunk("nvl_send", library)),
+        Knob("nvl_recv", 0, (128, 256, 512),
+             f"NVLink receive buffer per channel, tokens (0: {library}'s default)", check=check_chunk("nvl_recv", library)),
+        Knob("rdma_send", 0, (4, 8, 12, 16, 20, 32),
+             f"tokens a channel sends over RDMA at once, internode only (0: {library}'s default)",
+             check=check_chunk("rdma_send", library)),
+        Knob("rdma_recv", 0, (128, 256, 512),
+             f"RDMA receive buffer per channel, tokens, internode only (0: {library}'s default)",
+             check=check_chunk("rdma_recv", library)),
+    )
 
 
 def configs_from_knobs(

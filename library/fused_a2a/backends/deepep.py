@@ -23,12 +23,10 @@ import torch.distributed as dist
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob
 from fused_a2a.backends.chunk_config import (
-    CHUNK_KNOBS,
     NVL_PEERS,
     ChunkConfig,
     DefaultTable,
-    check_chunk,
-    check_num_sms,
+    chunk_knobs,
     configs_from_knobs,
 )
 from fused_a2a.backends.optional import distribution_version, try_import
@@ -59,21 +57,7 @@ _buffer = None
 _nvshmem_available: bool | None = None
 _exit_hook_registered = False
 
-KNOBS: tuple[Knob, ...] = (
-    Knob("num_sms", DEFAULT_NUM_SMS, (8, 16, 20, 24, 32, 48, 64),
-         "SMs of the normal-mode kernels (even: one channel per 2 SMs); dispatch and combine share it",
-         check=check_num_sms),
-    Knob("nvl_send", 0, (4, 8, 12, 16, 24, 32),
-         "tokens a channel sends over NVLink at once (0: DeepEP's default)", check=check_chunk("nvl_send", "DeepEP")),
-    Knob("nvl_recv", 0, (128, 256, 512),
-         "NVLink receive buffer per channel, tokens (0: DeepEP's default)", check=check_chunk("nvl_recv", "DeepEP")),
-    Knob("rdma_send", 0, (4, 8, 12, 16, 20, 32),
-         "tokens a channel sends over RDMA at once, internode only (0: DeepEP's default)",
-         check=check_chunk("rdma_send", "DeepEP")),
-    Knob("rdma_recv", 0, (128, 256, 512),
-         "RDMA receive buffer per channel, tokens, internode only (0: DeepEP's default)",
-         check=check_chunk("rdma_recv", "DeepEP")),
-)
+KNOBS: tuple[Knob, ...] = chunk_knobs("DeepEP", DEFAULT_NUM_SMS)
 
 
 def _readable_table(method: str, fallback: DefaultTable) -> DefaultTable:

@@ -22,8 +22,7 @@ from fused_a2a.backends.base import BackendSpec, Knob, Shape
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
     ChunkConfig,
-    check_chunk,
-    check_num_sms,
+    chunk_knobs,
     configs_from_knobs,
     rank_problem,
 )
@@ -62,21 +61,7 @@ def num_sms_from_env(environ: Mapping[str, str]) -> int:
 
 UCCLBuffer.num_sms = num_sms_from_env(os.environ)
 
-KNOBS: tuple[Knob, ...] = (
-    Knob("num_sms", DEFAULT_NUM_SMS, (8, 16, 20, 24, 32, 48, 64),
-         "SMs of the normal-mode kernels (even: one channel per 2 SMs); dispatch and combine share it",
-         check=check_num_sms),
-    Knob("nvl_send", 0, (4, 8, 12, 16, 24, 32),
-         "tokens a channel sends over NVLink at once (0: UCCL-EP's default)", check=check_chunk("nvl_send", "UCCL-EP")),
-    Knob("nvl_recv", 0, (128, 256, 512),
-         "NVLink receive buffer per channel, tokens (0: UCCL-EP's default)", check=check_chunk("nvl_recv", "UCCL-EP")),
-    Knob("rdma_send", 0, (4, 8, 12, 16, 20, 32),
-         "tokens a channel sends over RDMA at once, internode only (0: UCCL-EP's default)",
-         check=check_chunk("rdma_send", "UCCL-EP")),
-    Knob("rdma_recv", 0, (128, 256, 512),
-         "RDMA receive buffer per channel, tokens, internode only (0: UCCL-EP's default)",
-         check=check_chunk("rdma_recv", "UCCL-EP")),
-)
+KNOBS: tuple[Knob, ...] = chunk_knobs("UCCL-EP", DEFAULT_NUM_SMS)
 
 
 def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:

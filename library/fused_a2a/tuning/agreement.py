@@ -196,9 +196,9 @@ def _agree(key: tuple, group, num_tokens: int, explicit: dict[str, Any]) -> tupl
     if world_size > 1:
         views = [None] * world_size
         dist.all_gather_object(views, local, group=group)
-    for field, what in (("explicit", "knob arguments"), ("env", "FUSED_A2A_* environment overrides")):
-        if any(view[field] != views[0][field] for view in views):
-            differing = "; ".join(f"rank {rank}: {_describe(view[field])}" for rank, view in enumerate(views))
+    for part, what in (("explicit", "knob arguments"), ("env", "FUSED_A2A_* environment overrides")):
+        if any(view[part] != views[0][part] for view in views):
+            differing = "; ".join(f"rank {rank}: {_describe(view[part])}" for rank, view in enumerate(views))
             raise ValueError(f"fused_a2a {backend}: the ranks of the group have different {what} ({differing}); "
                              "fused kernels need the same knobs on every rank")
     if backend != "auto":

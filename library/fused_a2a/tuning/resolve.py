@@ -126,7 +126,8 @@ def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[Tuning
     """The first usable tuning table of ``cluster`` in :func:`tuning_dirs`, and its path.
 
     A file that cannot be read, fails validation, or names another cluster id is skipped with one
-    :class:`TuningWarning`. Results are cached (:func:`clear_cache` forgets them).
+    :class:`TuningWarning`. Results are cached per file version (a rewritten file is read again;
+    :func:`clear_cache` forgets them).
 
     Args:
         cluster: the cluster id (``fused_a2a.cluster.detect_cluster().id``).
@@ -140,11 +141,21 @@ def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[Tuning
     """
     if strict is None:
         strict = strict_mode()
-    return _load(cluster, tuple(tuning_dirs()), strict)
+    dirs = tuple(tuning_dirs())
+    return _load(cluster, dirs, strict, tuple(_file_stamp(folder / cluster / TABLE_NAME) for folder in dirs))
+
+
+def _file_stamp(path: Path) -> tuple | None:
+    """What changes when a file is rewritten (``None`` for a missing one): part of :func:`_load`'s cache key."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
 
 
 @functools.lru_cache(maxsize=None)
-def _load(cluster: str, dirs: tuple[Path, ...], strict: bool) -> tuple[TuningTable | None, Path | None]:
+def _load(cluster: str, dirs: tuple[Path, ...], strict: bool, stamps: tuple) -> tuple[TuningTable | None, Path | None]:
     for folder in dirs:
         path = folder / cluster / TABLE_NAME
         if not path.exists():
