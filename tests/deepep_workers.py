@@ -219,6 +219,24 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     with pytest.raises(ValueError, match="resolved for 4 ranks, but the group has 2"):
         make_deepep_comm(_knobs(), _knobs(), 4).get_buffer(group, 64)
 
+    # an operation whose chunk knobs are all 0 runs the installed DeepEP's own default Config, at our SM count
+    calls = []
+    real_getter = deep_ep.Buffer.get_dispatch_config
+
+    def recording(num_ranks: int):
+        config = real_getter(num_ranks)
+        calls.append((num_ranks, deep_ep.Buffer.num_sms, config))
+        return config
+
+    before = deep_ep.Buffer.num_sms
+    deep_ep.Buffer.get_dispatch_config = staticmethod(recording)
+    try:
+        defaults = make_deepep_comm(_knobs(num_sms=24), _knobs(num_sms=24), world_size)
+        make_deepep_comm(_knobs(num_sms=24, nvl_send=8), _knobs(num_sms=24), world_size)
+    finally:
+        deep_ep.Buffer.get_dispatch_config = staticmethod(real_getter)
+    assert calls == [(world_size, 24, defaults.dispatch_config)] and deep_ep.Buffer.num_sms == before
+
     comm = make_comm("deepep", {"num_sms": 24, "nvl_send": 8})
     assert isinstance(comm.dispatch_config, deep_ep.Config) and isinstance(comm.combine_config, deep_ep.Config)
     assert comm.name == "deepep" and comm.previous_event(False) is None

@@ -2,8 +2,9 @@
 
 Knobs (:data:`KNOBS`): ``num_sms`` and the four chunk sizes of ``deep_ep.Config``. A chunk size of
 ``0`` means DeepEP's own default for the group size and the operation (dispatch and combine defaults
-differ): the installed DeepEP's ``Buffer.get_dispatch_config``/``get_combine_config`` where it has
-them (:func:`default_tables`), else the copy in this module.
+differ): the installed DeepEP's ``Config`` of ``Buffer.get_dispatch_config``/``get_combine_config``
+where it has one (:func:`installed_default`); the copy in this module checks knob combinations and
+serves where DeepEP has no default.
 
 A DeepEP handle holds ``num_sms / 2`` channels, so the combine of a dispatch must run with the
 dispatch's ``num_sms``: a :class:`~fused_a2a.autograd.Comm` never mixes SM counts.
@@ -24,8 +25,8 @@ from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
+    CHUNK_KNOBS,
     ChunkConfig,
-    DefaultTable,
     chunk_knobs,
     configs_from_knobs,
 )
@@ -37,9 +38,9 @@ HAVE_DEEP_EP = DEEP_EP.available
 # deep_ep.Buffer.num_sms: the SM count DeepEP uses when none is set
 DEFAULT_NUM_SMS: int = int(getattr(getattr(DEEP_EP.module, "Buffer", None), "num_sms", 20)) if HAVE_DEEP_EP else 20
 
-# DeepEP's tuned defaults (Buffer.get_dispatch_config / get_combine_config of its v1 API), per group
-# size: (nvl_send, nvl_recv, rdma_send, rdma_recv) in tokens. Used when the installed deep_ep
-# does not say (the CPU fake of the tests says the same).
+# DeepEP's tuned defaults (Buffer.get_dispatch_config / get_combine_config of its v1 API on main), per
+# group size: (nvl_send, nvl_recv, rdma_send, rdma_recv) in tokens. Checks knob combinations and stands
+# in where the installed DeepEP has no default (its hybrid-ep branch differs at 24, 32, 64 and 128 ranks).
 DEFAULT_DISPATCH: dict[int, tuple[int, int, int, int]] = {
     2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
     24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128), 64: (32, 288, 8, 128),
@@ -60,39 +61,36 @@ _exit_hook_registered = False
 KNOBS: tuple[Knob, ...] = chunk_knobs("DeepEP", DEFAULT_NUM_SMS)
 
 
-def _readable_table(method: str, fallback: DefaultTable) -> DefaultTable:
-    """The installed DeepEP's defaults per group size where its ``Config`` exposes its values, else ``fallback``."""
-    buffer = getattr(DEEP_EP.module, "Buffer", None)
-    getter = getattr(buffer, method, None)
+def installed_default(op: str, num_ranks: int, num_sms: int):
+    """The installed DeepEP's own default ``deep_ep.Config`` of ``op`` (``dispatch``/``combine``) for
+    ``num_ranks`` ranks with ``num_sms`` SMs (``Buffer.get_dispatch_config``/``get_combine_config``), or
+    ``None`` where it has none (no such method, no default for that group size).
+
+    DeepEP builds these from its class attribute ``Buffer.num_sms``; it is set for the call and restored.
+    """
+    buffer_class = DEEP_EP.module.Buffer
+    getter = getattr(buffer_class, f"get_{op}_config", None)
     if getter is None:
-        return fallback
-    table = {}
-    for num_ranks in fallback:
-        try:
-            config = getter(num_ranks)
-            table[num_ranks] = tuple(int(getattr(config, f"num_max_{name}_chunked_{op}_tokens"))
-                                     for name, op in (("nvl", "send"), ("nvl", "recv"), ("rdma", "send"), ("rdma", "recv")))
-        except (AssertionError, AttributeError, RuntimeError, TypeError, ValueError):
-            return fallback
-    return table
-
-
-def default_tables() -> tuple[DefaultTable, DefaultTable]:
-    """DeepEP's ``(dispatch, combine)`` chunk defaults per group size: those of the installed DeepEP
-    when its ``Config`` objects expose their values, else :data:`DEFAULT_DISPATCH`/:data:`DEFAULT_COMBINE`."""
-    if not HAVE_DEEP_EP:
-        return DEFAULT_DISPATCH, DEFAULT_COMBINE
-    return _readable_table("get_dispatch_config", DEFAULT_DISPATCH), _readable_table("get_combine_config", DEFAULT_COMBINE)
+        return None
+    saved = buffer_class.num_sms
+    try:
+        buffer_class.num_sms = num_sms
+        return getter(num_ranks)
+    except (AssertionError, RuntimeError, ValueError):  # DeepEP asserts on a group size without a default
+        return None
+    finally:
+        buffer_class.num_sms = saved
 
 
 def configs(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int) -> tuple[ChunkConfig, ChunkConfig]:
     """The checked ``(dispatch, combine)`` configs of two full knob dicts on ``num_ranks`` ranks (a
-    chunk knob of 0: DeepEP's default for the group size, :func:`default_tables`).
+    chunk knob of 0: DeepEP's default for the group size, from :data:`DEFAULT_DISPATCH` /
+    :data:`DEFAULT_COMBINE`; DeepEP's ``Config`` does not show its values to Python).
 
     Raises:
         ValueError: see :func:`~fused_a2a.backends.chunk_config.configs_from_knobs`.
     """
-    return configs_from_knobs(dispatch_knobs, combine_knobs, num_ranks, *default_tables(), library="DeepEP")
+    return configs_from_knobs(dispatch_knobs, combine_knobs, num_ranks, DEFAULT_DISPATCH, DEFAULT_COMBINE, library="DeepEP")
 
 
 def unavailable() -> str | None:
@@ -129,8 +127,9 @@ def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, An
             process group's). The Comm's ``get_buffer`` refuses a group of another size.
 
     Returns:
-        a Comm whose ``dispatch_config``/``combine_config`` are ``deep_ep.Config`` objects and whose
-        ``get_buffer(group, hidden_bytes)`` sizes the process-wide buffer for both.
+        a Comm whose ``dispatch_config``/``combine_config`` are ``deep_ep.Config`` objects (an operation
+        whose chunk knobs are all 0 gets the installed DeepEP's own default, :func:`installed_default`)
+        and whose ``get_buffer(group, hidden_bytes)`` sizes the process-wide buffer for both.
 
     Raises:
         ValueError: see :func:`configs`.
@@ -145,7 +144,11 @@ def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, An
     except ValueError as err:
         raise ValueError(f"deepep: {err}") from None
     deep_ep = DEEP_EP.require("the deepep backend")
-    deep_dispatch, deep_combine = deep_ep.Config(*dispatch.args()), deep_ep.Config(*combine.args())
+    deep_dispatch, deep_combine = (
+        (all(knobs[name] == 0 for name in CHUNK_KNOBS) and installed_default(op, num_ranks, config.num_sms))
+        or deep_ep.Config(*config.args())
+        for op, knobs, config in (("dispatch", dispatch_knobs, dispatch), ("combine", combine_knobs, combine))
+    )
 
     def get_buffer_for(group: dist.ProcessGroup | None, hidden_bytes: int):
         group = group_or_world(group)
