@@ -149,6 +149,16 @@ CASES = {
                                            "tuning file {tmp}/tables/cpu-gloo-x2/tuning.json: cannot be read"),
     # a backend that is not installed
     "speedup --backends deepep without DeepEP": case((), ["speedup", "--backends", "deepep"], 2, "backend deepep is not available"),
+    # the benchmark commands validate before any rank starts
+    "overhead --backends nosuch": case((), ["overhead", "--backends", "nosuch"], 2, "unknown backend 'nosuch'; choose from torch"),
+    "overhead --backends deepep without DeepEP": case((), ["overhead", "--backends", "deepep"], 2, "backend 'deepep' is not available"),
+    "overhead --hidden 0": case((), ["overhead", "--hidden", "0"], 2, "hidden: values must be positive, got [0]"),
+    "overhead --iters 0": case((), ["overhead", "--iters", "0"], 2, "iters >= 1, got 5 and 0"),
+    "overhead --nproc 0": case((), ["overhead", "--nproc", "0"], 2, "--nproc must be >= 1, got 0"),
+    "breakdown --impl bogus": case((), ["breakdown", "--impl", "bogus"], 2, "impl must be one of all_to_all, p2p, got 'bogus'"),
+    "breakdown --hidden x": case((), ["breakdown", "--hidden", "x"], 2, "--hidden: 'x' is not an integer"),
+    "breakdown --dtype int8": case((), ["breakdown", "--dtype", "int8"], 2, "unknown dtype 'int8'"),
+    "breakdown --tokens -1": case((), ["breakdown", "--tokens", "-1"], 2, "tokens: values must be positive, got [-1]"),
     # show validates as the library does
     "show --hidden 0": case((), ["show", "--hidden", "0", "--tokens", "64", "--world-size", "2"], 2, "--hidden must be >= 1, got 0"),
     "show --world-size 0": case((), ["show", "--hidden", "512", "--tokens", "64", "--world-size", "0"], 2, "--world-size must be >= 1, got 0"),

@@ -102,3 +102,44 @@ def _bad_divisibility(rank: int, world_size: int) -> None:
 
 def test_bad_inputs_through_the_process_group() -> None:
     spawn(_bad_divisibility, 2)
+
+
+def _count_applies(function, counts: dict) -> None:
+    apply = function.apply
+
+    def counted(*args):
+        counts[function.__name__] = counts.get(function.__name__, 0) + 1
+        return apply(*args)
+
+    function.apply = counted
+
+
+def _graph_only_when_needed(rank: int, world_size: int) -> None:
+    from fused_a2a.autograd import BufferCombine, BufferDispatch
+
+    applied: dict[str, int] = {}
+    _count_applies(BufferDispatch, applied)
+    _count_applies(BufferCombine, applied)
+    inputs = CASES[0].inputs(rank, world_size)
+    x, idx, weights = inputs.x, inputs.topk_idx, inputs.topk_weights
+    trained_x, trained_weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    trained = fused_a2a.dispatch(trained_x, idx, trained_weights, 16)
+    assert type(trained[0].grad_fn).__name__ == "BufferDispatchBackward"
+    trained_out = fused_a2a.combine(trained[0], trained[4])
+    assert type(trained_out.grad_fn).__name__ == "BufferCombineBackward"
+    assert applied == {"BufferDispatch": 1, "BufferCombine": 1}
+    for frozen, context in ((x, torch.enable_grad()), (trained_x, torch.no_grad())):
+        with context:
+            out = fused_a2a.dispatch(frozen, idx, weights if frozen is x else trained_weights, 16)
+            combined = fused_a2a.combine(out[0], out[4])
+        assert out[0].grad_fn is None and combined.grad_fn is None and not combined.requires_grad
+        for mine, theirs in zip(out[:4], trained[:4]):
+            torch.testing.assert_close(mine, theirs.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(combined, trained_out.detach(), rtol=0, atol=0)
+    assert applied == {"BufferDispatch": 1, "BufferCombine": 1}  # no graph node built without grad
+
+
+def test_without_grad_the_same_outputs_and_no_graph_node() -> None:
+    """Tokens that need no grad (or grad mode off) skip the autograd Functions and return the same
+    tensors as the recorded path."""
+    spawn(_graph_only_when_needed, 2)

@@ -3,7 +3,9 @@
 Each backend's process-wide buffer is replaced by a :class:`Replay` of itself: after one real call of
 each kind it answers every call at once with the outputs of that real call. With the backend's own
 work gone, what remains of a ``fused_a2a.dispatch`` + ``combine`` round trip (or the seed functions')
-is our code: input checks, the agreed-knob cache, the autograd Functions, the backend adapter. That
+is our code: input checks, the agreed-knob cache, the autograd Functions, the backend adapter. Each
+path runs twice: with tokens that require grad (a training step: the autograd Functions record a
+graph node) and without (a decode step: their forward alone). That
 time minus the time of the same calls made directly on the replay is the overhead; the two are
 timed alternately in batches (``perf_counter_ns``), slowest rank per batch.
 """
@@ -60,6 +62,7 @@ class Overhead:
 
     Attributes:
         backend, path: ``api`` (``fused_a2a.dispatch``/``combine``) or ``seed`` (the seed functions).
+        grad: whether the tokens required grad.
         wrapped: the round trip through fused_a2a (buffer answering at once).
         direct: the same buffer calls made directly.
         added: ``wrapped - direct`` per batch (its median is the overhead).
@@ -67,6 +70,7 @@ class Overhead:
 
     backend: str
     path: str
+    grad: bool
     wrapped: Stats
     direct: Stats
     added: Stats
@@ -150,9 +154,11 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     """
     rank = dist.get_rank(group)
     inputs = make_inputs(workload, rank)
-    x = inputs.x.to(device).requires_grad_(True)  # a training step's tokens carry gradients
+    x = inputs.x.to(device)
     idx, weights = inputs.topk_idx.to(device), inputs.topk_weights.to(device)
-    paths = _paths(backend, x, idx, weights, workload.num_experts, group)
+    trained = x.detach().requires_grad_(True)
+    paths = {(path, grad): run for grad, tokens in ((True, trained), (False, x))
+             for path, run in _paths(backend, tokens, idx, weights, workload.num_experts, group).items()}
     for run in paths.values():
         run()  # agree on the knobs, build the buffer
     comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
@@ -165,13 +171,13 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
         direct = _direct(backend, replay, comm, x, idx, weights, workload.num_experts)
         direct()
         results = []
-        for path, run in paths.items():
+        for (path, grad), run in paths.items():
             run()
             local = torch.empty(2, iters, dtype=torch.float64)
             for i in range(iters):
                 local[0, i], local[1, i] = _batch_us(run), _batch_us(direct)
             local = slowest(local, device, group)
-            results.append(Overhead(backend, path, summarize(local[0].tolist()), summarize(local[1].tolist()),
+            results.append(Overhead(backend, path, grad, summarize(local[0].tolist()), summarize(local[1].tolist()),
                                     summarize((local[0] - local[1]).tolist())))
     finally:
         _install(backend, group, real)

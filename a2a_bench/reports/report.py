@@ -130,8 +130,8 @@ def overhead_table(rows) -> Table:
     """Host time fused_a2a adds per dispatch + combine (:class:`a2a_bench.bench.overhead.Overhead`), µs."""
     table = Table(title="host µs per dispatch + combine over calling the buffer directly "
                         "(buffer answering at once; slowest rank; median (p10–p90) of 50-call batches)")
-    for column in ("backend", "path", "through fused_a2a", "buffer directly", "added"):
-        table.add_column(column, justify="left" if column in ("backend", "path") else "right")
+    for column in ("backend", "path", "grad", "through fused_a2a", "buffer directly", "added"):
+        table.add_column(column, justify="left" if column in ("backend", "path", "grad") else "right")
     for r in rows:
-        table.add_row(r.backend, r.path, _stats(r.wrapped), _stats(r.direct), _stats(r.added))
+        table.add_row(r.backend, r.path, "yes" if r.grad else "no", _stats(r.wrapped), _stats(r.direct), _stats(r.added))
     return table

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm
+from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm, run_function
 from fused_a2a.checks import check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
 from fused_a2a.tuning.agreement import agreed_comm
@@ -94,8 +94,8 @@ def dispatch(
         dtype, hidden, num_tokens = DTYPE_NAMES[x.dtype], x.size(1), x.size(0)
     comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk_idx.size(1), num_experts, knobs,
                        num_sms_budget, routing).comm
-    recv_x, recv_idx, recv_weights, tokens_per_expert, raw = BufferDispatch.apply(
-        x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
+    recv_x, recv_idx, recv_weights, tokens_per_expert, raw = run_function(
+        BufferDispatch, x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )
     return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
 
@@ -117,4 +117,4 @@ def combine(
     """
     if not isinstance(handle, DispatchHandle):
         raise ValueError(f"combine needs the handle returned by fused_a2a.dispatch, got {type(handle).__name__}")
-    return BufferCombine.apply(y, handle.group, handle.raw, handle.comm, async_finish, allocate_on_comm_stream)
+    return run_function(BufferCombine, y, handle.group, handle.raw, handle.comm, async_finish, allocate_on_comm_stream)

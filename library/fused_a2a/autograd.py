@@ -8,7 +8,9 @@ helpers with a :class:`Comm` that says which buffer and which configs to use.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -95,8 +97,25 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
     _wait(after, async_finish)
     ctx.comm, ctx.group, ctx.handle = comm, group, handle
     ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
-    tokens_per_expert = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, dtype=torch.int64)
-    return recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle
+    return recv_x, recv_topk_idx, recv_topk_weights, counts_tensor(counts), handle
+
+
+def counts_tensor(counts) -> torch.Tensor:
+    """``counts`` (a list of ints, or a tensor returned as is) as a CPU int64 tensor."""
+    if isinstance(counts, torch.Tensor):
+        return counts
+    return torch.frombuffer(array.array("q", counts), dtype=torch.int64) if counts else torch.zeros(0, dtype=torch.int64)
+
+
+def run_function(function: type[torch.autograd.Function], *args):
+    """``function.apply(*args)``; when autograd would record nothing (grad mode off, or no tensor
+    argument requires grad) its ``forward`` alone, which returns the same outputs without the
+    cost of building a graph node (a decode step's dispatch and combine)."""
+    if torch.is_grad_enabled():
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.requires_grad:
+                return function.apply(*args)
+    return function.forward(SimpleNamespace(), *args)
 
 
 def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):

@@ -52,7 +52,7 @@ import inspect
 import sys
 import types
 
-from fused_a2a.autograd import get_hidden_bytes
+from fused_a2a.autograd import get_hidden_bytes, run_function
 from fused_a2a.backends import deepep as _deepep
 from fused_a2a.backends import hybridep as _hybridep
 from fused_a2a.backends.optional import try_import
@@ -180,9 +180,9 @@ if HAVE_HYBRIDEP:
             ``(hidden [P, hidden] expert-major, probs [P] float32, scaling_factor (None),
             tokens_per_expert [num_local_experts] int64, handle)``; ``handle[-1]`` is the overflow flag.
         """
-        return HybridEPDispatch.apply(x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api,
-                                      num_sms_combine_api, num_blocks_permute, num_blocks_unpermute, fused,
-                                      num_permuted_tokens, pad_multiple, num_sms_preprocessing_api)
+        return run_function(HybridEPDispatch, x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api,
+                            num_sms_combine_api, num_blocks_permute, num_blocks_unpermute, fused,
+                            num_permuted_tokens, pad_multiple, num_sms_preprocessing_api)
 
     def hybrid_ep_combine(x, handle, num_permuted_tokens, pad_multiple, fused=False):
         """Combine + unpermute with HybridEP (Megatron's signature).

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward
+from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import deepep
 from fused_a2a.backends.deepep import DEEP_EP, HAVE_DEEP_EP, KNOBS, handle_layout, is_nvshmem_available
 from fused_a2a.seed.handles import comm_of, remember
@@ -164,8 +164,8 @@ def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_fini
         recv_token_probs [R, topk] float32, tokens_per_expert [num_local_experts] int64 (CPU), handle)``.
     """
     DEEP_EP.require("fused_dispatch")
-    return FusedDispatch.apply(
-        x.contiguous(), token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
+    return run_function(
+        FusedDispatch, x.contiguous(), token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
     )
 
 
@@ -184,5 +184,5 @@ def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=
         ``(combined_x [num_tokens, hidden], None)``.
     """
     DEEP_EP.require("fused_combine")
-    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+    return run_function(FusedCombine, x, group, handle, async_finish, allocate_on_comm_stream)
 

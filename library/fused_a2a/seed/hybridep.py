@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fused_a2a.autograd import run_function
 from fused_a2a.backends import hybridep
 from fused_a2a.backends.base import Shape
 from fused_a2a.backends.hybridep import HAVE_HYBRIDEP, Settings
@@ -224,9 +225,9 @@ def hybrid_ep_dispatch(
         ValueError: a token count HybridEP cannot take (see :func:`fused_a2a.backends.hybridep.shape_problem`).
     """
     hybridep.require("hybrid_ep_dispatch")
-    return HybridEPDispatch.apply(x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api,
-                                  num_sms_combine_api, num_permuted_tokens, pad_multiple, num_blocks_permute,
-                                  num_blocks_unpermute, fused, num_sms_preprocessing_api)
+    return run_function(HybridEPDispatch, x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api,
+                        num_sms_combine_api, num_permuted_tokens, pad_multiple, num_blocks_permute,
+                        num_blocks_unpermute, fused, num_sms_preprocessing_api)
 
 
 def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None, *, fused=False):
@@ -245,4 +246,4 @@ def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None, *,
         ``[num_tokens, hidden]``.
     """
     hybridep.require("hybrid_ep_combine")
-    return HybridEPCombine.apply(x, handle, num_permuted_tokens, pad_multiple, fused)
+    return run_function(HybridEPCombine, x, handle, num_permuted_tokens, pad_multiple, fused)

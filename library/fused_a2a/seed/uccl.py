@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward
+from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import uccl
 from fused_a2a.backends.uccl import HAVE_UCCL_EP, SM_ENV_VARS, UCCL_EP, UCCLBuffer
 from fused_a2a.seed.handles import comm_of, remember
@@ -134,8 +134,9 @@ def uccl_fused_dispatch(x, token_indices, token_probs, num_experts, group, async
         recv_token_probs [R, topk] float32, tokens_per_expert [num_local_experts] int64 (CPU), handle)``.
     """
     UCCL_EP.require("uccl_fused_dispatch")
-    return UCCLFusedDispatch.apply(
-        x.contiguous(), token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
+    return run_function(
+        UCCLFusedDispatch, x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+        allocate_on_comm_stream,
     )
 
 
@@ -152,4 +153,4 @@ def uccl_fused_combine(x, group, handle, async_finish=False, allocate_on_comm_st
         ``(combined_x [num_tokens, hidden], None)``.
     """
     UCCL_EP.require("uccl_fused_combine")
-    return UCCLFusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+    return run_function(UCCLFusedCombine, x, group, handle, async_finish, allocate_on_comm_stream)

@@ -1,0 +1,52 @@
+"""The benchmark commands ``overhead`` and ``breakdown`` run end to end on 2 CPU ranks (gloo), with the
+fake DeepEP for ``overhead``'s DeepEP rows: one row per backend, path and grad mode, every figure a
+number, ``added`` = ``through fused_a2a`` - ``buffer directly`` per batch (so never above the first)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FAKES = str(Path(__file__).parent / "fakes")
+FIGURE = r"(\d+\.\d) \((\d+\.\d)–(\d+\.\d)\)"  # median (p10–p90)
+
+
+def a2a_bench(*args: str, fakes: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    if fakes:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (FAKES, env.get("PYTHONPATH"))))
+    return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def figures(line: str) -> list[tuple[float, float, float]]:
+    return [tuple(map(float, match)) for match in re.findall(FIGURE, line)]
+
+
+def test_overhead_prints_each_path_with_and_without_grad() -> None:
+    proc = a2a_bench("overhead", "--nproc", "2", "--backends", "torch,deepep", "--hidden", "64", "--tokens", "16",
+                     "--topk", "2", "--experts", "4", "--iters", "3", fakes=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if len(cells) == 6 and cells[0] in ("torch", "deepep"):
+            rows[tuple(cells[:3])] = figures(line)
+    assert set(rows) == {("torch", "api", "yes"), ("torch", "api", "no"), ("deepep", "api", "yes"),
+                         ("deepep", "api", "no"), ("deepep", "seed", "yes"), ("deepep", "seed", "no")}
+    for (wrapped, direct, added) in rows.values():
+        assert all(low <= median <= high for median, low, high in (wrapped, direct, added))
+        assert direct[0] > 0 and added[0] < wrapped[0]
+
+
+def test_breakdown_prints_each_stage_and_the_ratio() -> None:
+    proc = a2a_bench("breakdown", "--nproc", "2", "--hidden", "64", "--tokens", "16", "--topk", "2", "--experts", "4",
+                     "--dtype", "fp32", "--warmup", "1", "--iters", "3")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if "fp32 h64 n16 k2 e4" in line)
+    assert len(figures(row)) == 6  # plan, sync, tokens, routing, api dispatch, kernel dispatch
+    api, kernel = figures(row)[4][0], figures(row)[5][0]
+    printed = float(re.search(r"(\d+\.\d\d)x", row).group(1))
+    assert abs(printed - api / kernel) < 0.02, row  # the ratio of the medians (printed to 0.1 µs)
