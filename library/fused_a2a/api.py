@@ -9,12 +9,9 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm, run_function
-from fused_a2a.checks import check_dispatch_inputs
+from fused_a2a.checks import check_dispatch_inputs, dtype_name
 from fused_a2a.fp8 import is_fp8_pair
 from fused_a2a.tuning.agreement import agreed_comm
-
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
 
 @dataclass(frozen=True)
 class DispatchHandle:
@@ -91,7 +88,7 @@ def dispatch(
         dtype, hidden, num_tokens = "fp8", x[0].size(1), x[0].size(0)
     else:
         x = x.contiguous()
-        dtype, hidden, num_tokens = DTYPE_NAMES[x.dtype], x.size(1), x.size(0)
+        dtype, hidden, num_tokens = dtype_name(x.dtype), x.size(1), x.size(0)
     comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk_idx.size(1), num_experts, knobs,
                        num_sms_budget, routing).comm
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = run_function(

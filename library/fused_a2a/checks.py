@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name tuning tables and backend limits give a token dtype: ``bf16``, ``fp16``, ``fp32``;
+    any other as torch names it without its prefix (``float64``)."""
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def check_dispatch_inputs(

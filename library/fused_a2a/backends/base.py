@@ -11,7 +11,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch.distributed as dist
+
 from fused_a2a.autograd import Comm
+
+
+def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``group``, or the default group for ``None``."""
+    return dist.group.WORLD if group is None else group
+
+
+def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
+                  fit: Callable[[dist.ProcessGroup, int], Any]) -> Callable[[dist.ProcessGroup | None, int], Any]:
+    """A :attr:`Comm.get_buffer` over a process-wide buffer.
+
+    ``fit(group, hidden_bytes)`` returns the process-wide buffer, (re)created to fit; the getter calls it
+    for a new group or row size, and again once ``current()`` no longer returns the buffer it fitted
+    (freed or replaced). A warm call asks nothing more.
+
+    Raises:
+        ValueError: the group's size is not ``num_ranks`` (what the configs were resolved for).
+    """
+    last = [None, 0, None]  # group, row bytes, buffer
+
+    def get_buffer(group: dist.ProcessGroup | None, hidden_bytes: int) -> Any:
+        group = group_or_world(group)
+        if last[2] is not None and last[2] is current() and last[0] is group and last[1] == hidden_bytes:
+            return last[2]
+        if group.size() != num_ranks:
+            raise ValueError(f"{backend}: these configs were resolved for {num_ranks} ranks, but the group has {group.size()}")
+        last[:] = group, hidden_bytes, fit(group, hidden_bytes)
+        return last[2]
+
+    return get_buffer
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
-from fused_a2a.backends.base import BackendSpec, Knob
+from fused_a2a.backends.base import BackendSpec, Knob, buffer_getter
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
     CHUNK_KNOBS,
@@ -150,23 +150,10 @@ def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, An
         for op, knobs, config in (("dispatch", dispatch_knobs, dispatch), ("combine", combine_knobs, combine))
     )
     in_use, values = (deep_dispatch, deep_combine), (dispatch, combine)
-    last = [None, 0, None]  # the group, row bytes and buffer of the last call: a warm call asks nothing more
-
-    def get_buffer_for(group: dist.ProcessGroup | None, hidden_bytes: int):
-        group = group_or_world(group)
-        if last[2] is not None and last[2] is _buffer and last[0] is group and last[1] == hidden_bytes:
-            return _buffer
-        if group.size() != num_ranks:
-            raise ValueError(f"deepep: these configs were resolved for {num_ranks} ranks, but the group has {group.size()}")
-        last[:] = group, hidden_bytes, ensure_buffer(group, hidden_bytes, in_use, values)
-        return last[2]
-
-    return Comm(name="deepep", get_buffer=get_buffer_for, dispatch_config=deep_dispatch, combine_config=deep_combine,
+    get_buffer = buffer_getter("deepep", num_ranks, current_buffer,
+                               lambda group, hidden_bytes: ensure_buffer(group, hidden_bytes, in_use, values))
+    return Comm(name="deepep", get_buffer=get_buffer, dispatch_config=deep_dispatch, combine_config=deep_combine,
                 new_event=new_event)
-
-
-def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return dist.group.WORLD if group is None else group
 
 
 def is_nvshmem_available() -> bool:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, Shape
 from fused_a2a.backends.optional import distribution_version, try_import
-from fused_a2a.checks import check_topk_range
+from fused_a2a.checks import check_topk_range, dtype_name
 
 HYBRID_EP = try_import("deep_ep", "build DeepEP's hybrid-ep branch from source (scripts/install_backends.sh)")
 HAVE_HYBRIDEP = HYBRID_EP.available and hasattr(HYBRID_EP.module, "HybridEPBuffer")
@@ -458,8 +458,7 @@ class HybridEPAdapter:
         check_topk_range(topk_idx, num_experts)
         buffer = ensure_buffer(self.group, hidden, num_experts // world, num_tokens, self.settings)
         per_node = ranks_per_node(buffer)
-        dtype = "bf16" if x.dtype == torch.bfloat16 else str(x.dtype).removeprefix("torch.")
-        problem = shape_problem(Shape(world, (num_tokens,), hidden, topk_idx.size(1), num_experts, dtype, per_node))
+        problem = shape_problem(Shape(world, (num_tokens,), hidden, topk_idx.size(1), num_experts, dtype_name(x.dtype), per_node))
         if problem is not None:
             raise ValueError(f"hybridep: {problem}")
         routing_map, probs = dense_routing(topk_idx, topk_weights, num_experts)

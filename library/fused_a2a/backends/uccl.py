@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
-from fused_a2a.backends.base import BackendSpec, Knob, Shape
+from fused_a2a.backends.base import BackendSpec, Knob, Shape, buffer_getter
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
     ChunkConfig,
@@ -62,10 +62,6 @@ def num_sms_from_env(environ: Mapping[str, str]) -> int:
 UCCLBuffer.num_sms = num_sms_from_env(os.environ)
 
 KNOBS: tuple[Knob, ...] = chunk_knobs("UCCL-EP", DEFAULT_NUM_SMS)
-
-
-def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return dist.group.WORLD if group is None else group
 
 
 def current_buffer() -> UCCLBuffer | None:
@@ -179,18 +175,9 @@ def make_uccl_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any]
         raise ValueError(f"uccl: {err}") from None
     ep = UCCL_EP.require("the uccl backend")
     configs = (ep.Config(*dispatch.args()), ep.Config(*combine.args()))
-    last = [None, 0, None]  # the group, row bytes and buffer of the last call: a warm call asks nothing more
-
-    def get_buffer_for(group: dist.ProcessGroup | None, hidden_bytes: int) -> UCCLBuffer:
-        group = group_or_world(group)
-        if last[2] is not None and last[2] is _uccl_buffer and last[0] is group and last[1] == hidden_bytes:
-            return _uccl_buffer
-        if group.size() != num_ranks:
-            raise ValueError(f"uccl: these configs were resolved for {num_ranks} ranks, but the group has {group.size()}")
-        last[:] = group, hidden_bytes, ensure_buffer(group, hidden_bytes, configs)
-        return last[2]
-
-    return Comm(name="uccl", get_buffer=get_buffer_for, dispatch_config=configs[0], combine_config=configs[1],
+    get_buffer = buffer_getter("uccl", num_ranks, current_buffer,
+                               lambda group, hidden_bytes: ensure_buffer(group, hidden_bytes, configs))
+    return Comm(name="uccl", get_buffer=get_buffer, dispatch_config=configs[0], combine_config=configs[1],
                 new_event=EventOverlap.capture)
 
 

@@ -15,7 +15,9 @@ import torch
 
 from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import deepep
+from fused_a2a.backends.base import group_or_world
 from fused_a2a.backends.deepep import DEEP_EP, HAVE_DEEP_EP, KNOBS, handle_layout, is_nvshmem_available
+from fused_a2a.checks import dtype_name
 from fused_a2a.seed.handles import comm_of, remember
 from fused_a2a.tuning.agreement import agreed_comm
 from fused_a2a.tuning.resolve import env_var
@@ -25,7 +27,6 @@ __all__ = [
     "is_nvshmem_available", "set_deepep_num_sms",
 ]
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 _num_sms: int | None = None  # set by set_deepep_num_sms: an explicit argument for every seed call
 
@@ -66,7 +67,7 @@ def get_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int):
     """
     DEEP_EP.require("get_buffer")
     knobs = _untuned_knobs()
-    group = deepep.group_or_world(group)
+    group = group_or_world(group)
     return deepep.make_deepep_comm(knobs, knobs, group.size()).get_buffer(group, hidden_bytes)
 
 
@@ -94,7 +95,7 @@ def set_deepep_num_sms(num_sms: int | None) -> None:
 
 def dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
     """The agreed ``deepep`` :class:`~fused_a2a.autograd.Comm` of a seed dispatch. Collective at a shape's first call."""
-    dtype = DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch."))
+    dtype = dtype_name(x.dtype)
     return agreed_comm("deepep", group, dtype, x.size(1), x.size(0), token_indices.size(1), num_experts,
                        explicit_knobs()).comm
 
@@ -105,7 +106,7 @@ def combine_comm(group, x: torch.Tensor, handle: tuple):
     comm = comm_of(handle)
     if comm is None:
         num_sms, num_tokens = handle_layout(handle)
-        dtype = DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch."))
+        dtype = dtype_name(x.dtype)
         comm = agreed_comm("deepep", group, dtype, x.size(1), num_tokens, None, None, {"num_sms": num_sms}).comm
     return comm
 

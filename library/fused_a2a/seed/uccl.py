@@ -15,7 +15,9 @@ import torch
 
 from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import uccl
+from fused_a2a.backends.base import group_or_world
 from fused_a2a.backends.uccl import HAVE_UCCL_EP, SM_ENV_VARS, UCCL_EP, UCCLBuffer
+from fused_a2a.checks import dtype_name
 from fused_a2a.seed.handles import comm_of, remember
 from fused_a2a.tuning.agreement import agreed_comm
 
@@ -24,7 +26,6 @@ __all__ = [
     "uccl_fused_combine", "uccl_fused_dispatch",
 ]
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 _set_by_caller = False  # set_uccl_num_sms was called
 
@@ -51,7 +52,7 @@ def get_uccl_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int):
         UCCLBuffer: the communication buffer.
     """
     UCCL_EP.require("get_uccl_buffer")
-    group = uccl.group_or_world(group)
+    group = group_or_world(group)
     size = group.size()
     configs = (UCCLBuffer.get_dispatch_config(size), UCCLBuffer.get_combine_config(size))
     return uccl.ensure_buffer(group, hidden_bytes, configs)
@@ -69,7 +70,7 @@ def set_uccl_num_sms(num_sms: int | None) -> None:
 
 
 def _dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
-    dtype = DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch."))
+    dtype = dtype_name(x.dtype)
     return agreed_comm("uccl", group, dtype, x.size(1), x.size(0), token_indices.size(1), num_experts,
                        explicit_knobs()).comm
 
@@ -77,7 +78,7 @@ def _dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_expe
 def _combine_comm(group, x: torch.Tensor, handle):
     comm = comm_of(handle)
     if comm is None:
-        dtype = DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch."))
+        dtype = dtype_name(x.dtype)
         comm = agreed_comm("uccl", group, dtype, x.size(1), handle.num_tokens, None, None,
                            {"num_sms": handle.num_sms}).comm
     return comm

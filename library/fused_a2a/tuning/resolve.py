@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fused_a2a.autograd import Comm
-from fused_a2a.backends import BACKENDS, Knob, get_backend, make_comm
+from fused_a2a.backends import BACKENDS, Knob, check_knobs, get_backend, make_comm
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.tuning.table import (
     ROUTING_RE,
@@ -246,11 +246,7 @@ def resolve(
         TuningFileError: in strict mode, an unusable tuning file or an entry of another build.
     """
     spec = get_backend(backend)
-    for name, value in explicit.items():
-        try:
-            spec.knob(name).validate(value)
-        except ValueError as err:
-            raise ValueError(f"backend {backend!r}: {err}") from None
+    check_knobs(backend, explicit)
     routing = declared_routing(routing)
     cluster = cluster or detect_cluster(world_size).id
     build = spec.version()
