@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from a2a_bench.cli import main
+from cli_runs import run_cli
 from runfiles import ok_row, run_info, tuning_json, write_run
 
 ROOT_WRITES_ANYWHERE = os.geteuid() == 0
@@ -205,7 +205,7 @@ def test_a_wrong_input_gets_one_line_and_its_status(name: str, tmp_path: Path, m
             assert err.count(fragment) == 1, err  # once, from rank 0
             assert "exitcode  : 2" in err, err
         else:
-            code, err = _in_process(argv, monkeypatch, capsys)
+            code, _, err = run_cli(monkeypatch, capsys, *argv)
             lines = err.strip().splitlines()
             assert len(lines) == 1, err
             assert lines[0].startswith("a2a-bench: error: ") and fragment in lines[0], lines[0]
@@ -214,13 +214,6 @@ def test_a_wrong_input_gets_one_line_and_its_status(name: str, tmp_path: Path, m
         (tmp / "ro").chmod(0o755) if (tmp / "ro").exists() else None
     if c.untouched:
         assert snapshot(tmp) == before
-
-
-def _in_process(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["a2a-bench", *argv])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err
 
 
 def _torchrun(argv: list[str], cwd: Path) -> tuple[int, str]:

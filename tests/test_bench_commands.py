@@ -7,18 +7,18 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+from cli_runs import run_child
 
 FAKES = str(Path(__file__).parent / "fakes")
 FIGURE = r"(\d+\.\d) \((\d+\.\d)–(\d+\.\d)\)"  # median (p10–p90)
 
 
 def a2a_bench(*args: str, fakes: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}
-    if fakes:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (FAKES, env.get("PYTHONPATH"))))
-    return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300, env=env)
+    """The CLI as a child process; ``fakes``: with the CPU fakes of the fused libraries importable."""
+    path = os.pathsep.join(filter(None, (FAKES, os.environ.get("PYTHONPATH"))))
+    return run_child(*args, env={"PYTHONPATH": path} if fakes else None)
 
 
 def figures(line: str) -> list[tuple[float, float, float]]:

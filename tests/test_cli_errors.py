@@ -9,21 +9,7 @@ from pathlib import Path
 import pytest
 
 from a2a_bench.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["a2a-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, pattern: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("a2a-bench: error: ")
-    assert pattern in lines[0], lines[0]
+from cli_runs import assert_one_line_error, run_cli
 
 
 SWEEP_CASES = [
@@ -55,7 +41,7 @@ SWEEP_CASES = [
 @pytest.mark.parametrize("args, pattern", SWEEP_CASES, ids=[" ".join(a) for a, _ in SWEEP_CASES])
 def test_sweep_rejects_bad_options(monkeypatch, capsys, tmp_path: Path, args, pattern) -> None:
     out = tmp_path / "run"
-    code, err = run_cli(monkeypatch, capsys, "sweep", "--out", str(out), *args)
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--out", str(out), *args)
     assert_one_line_error(code, err, pattern)
     assert not out.exists()
 
@@ -74,32 +60,32 @@ def test_sweep_rejects_bad_spec_files(monkeypatch, capsys, tmp_path: Path, text:
     spec = tmp_path / "spec.toml"
     spec.write_text(text)
     out = tmp_path / "run"
-    code, err = run_cli(monkeypatch, capsys, "sweep", "--spec", str(spec), "--out", str(out))
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--spec", str(spec), "--out", str(out))
     assert_one_line_error(code, err, pattern)
     assert not out.exists()
 
 
 def test_sweep_rejects_missing_spec_file(monkeypatch, capsys, tmp_path: Path) -> None:
-    code, err = run_cli(monkeypatch, capsys, "sweep", "--spec", str(tmp_path / "none.toml"), "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--spec", str(tmp_path / "none.toml"), "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "cannot read spec file")
 
 
 def test_sweep_refuses_to_overwrite_results_without_resume(monkeypatch, capsys, tmp_path: Path) -> None:
     (tmp_path / "results.csv").write_text("point_id\n")
-    code, err = run_cli(monkeypatch, capsys, "sweep", "--quick", "--out", str(tmp_path))
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--quick", "--out", str(tmp_path))
     assert_one_line_error(code, err, "already exists: pass --resume")
     assert (tmp_path / "results.csv").read_text() == "point_id\n"
 
 
 def test_tune_rejects_a_folder_without_results(monkeypatch, capsys, tmp_path: Path) -> None:
-    code, err = run_cli(monkeypatch, capsys, "tune", str(tmp_path), "--out", str(tmp_path / "tables"))
+    code, _, err = run_cli(monkeypatch, capsys, "tune", str(tmp_path), "--out", str(tmp_path / "tables"))
     assert_one_line_error(code, err, "no results.csv in")
     assert not (tmp_path / "tables").exists()
 
 
 def test_tune_rejects_results_of_another_format(monkeypatch, capsys, tmp_path: Path) -> None:
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
-    code, err = run_cli(monkeypatch, capsys, "tune", str(tmp_path), "--out", str(tmp_path / "tables"))
+    code, _, err = run_cli(monkeypatch, capsys, "tune", str(tmp_path), "--out", str(tmp_path / "tables"))
     assert_one_line_error(code, err, "unexpected columns")
 
 
@@ -112,7 +98,7 @@ def test_tune_rejects_results_of_another_format(monkeypatch, capsys, tmp_path: P
 )
 def test_table_rejects_bad_tuning_files(monkeypatch, capsys, tmp_path: Path, content: str, pattern: str) -> None:
     (tmp_path / "tuning.json").write_text(content)
-    code, err = run_cli(monkeypatch, capsys, "table", str(tmp_path))
+    code, _, err = run_cli(monkeypatch, capsys, "table", str(tmp_path))
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "TABLE.md").exists()
 
@@ -127,7 +113,7 @@ def test_table_rejects_bad_tuning_files(monkeypatch, capsys, tmp_path: Path, con
     ],
 )
 def test_show_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
-    code, err = run_cli(monkeypatch, capsys, "show", "--hidden", "1024", "--tokens", "128", "--world-size", "2", *args)
+    code, _, err = run_cli(monkeypatch, capsys, "show", "--hidden", "1024", "--tokens", "128", "--world-size", "2", *args)
     assert_one_line_error(code, err, pattern)
 
 
@@ -141,12 +127,12 @@ def test_show_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
     ],
 )
 def test_speedup_rejects_bad_options(monkeypatch, capsys, args, pattern) -> None:
-    code, err = run_cli(monkeypatch, capsys, "speedup", *args)
+    code, _, err = run_cli(monkeypatch, capsys, "speedup", *args)
     assert_one_line_error(code, err, pattern)
 
 
 def test_sweep_rejects_fp8_with_hidden_not_divisible_by_128(monkeypatch, capsys, tmp_path: Path) -> None:
-    code, err = run_cli(monkeypatch, capsys, "sweep", "--dtype", "fp8", "--hidden", "1000", "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", "--dtype", "fp8", "--hidden", "1000", "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "fp8 dispatch needs hidden sizes divisible by 128")
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import fused_a2a
 from a2a_bench.engine.results import COLUMNS, read_results
 from fused_a2a.tuning import resolve as resolve_mod
 from fused_a2a.tuning.table import read_table, write_table
+from cli_runs import run_child
 from ranks import spawn
 
 GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8", "--knob",
@@ -25,10 +25,8 @@ GRID = ["--hidden", "256,512", "--tokens", "64", "--topk", "2", "--experts", "8"
 
 
 def a2a_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI with its output in pipes (not a terminal), as in a Slurm log."""
-    base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300,
-                          env={**base, **(env or {})})
+    """The CLI as in a Slurm log: output in pipes, no ``COLUMNS`` (tables must still come out whole)."""
+    return run_child(*args, env={"COLUMNS": None, **(env or {})})
 
 
 @pytest.fixture(scope="module")

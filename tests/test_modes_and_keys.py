@@ -4,9 +4,6 @@ tables, lookups, show and export, and the imbalance figures against a routing co
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +12,7 @@ import pytest
 
 from a2a_bench.engine.measure import imbalance
 from a2a_bench.engine.results import read_results
+from cli_runs import run_child
 from fused_a2a.backends import BACKENDS
 from fused_a2a.tuning import resolve as resolve_mod
 from fused_a2a.tuning.resolve import TuningWarning, resolve
@@ -24,15 +22,10 @@ GRID = ["--backends", "torch", "--hidden", "256", "--tokens", "64", "--topk", "2
         "--routing", "uniform,zipf:1.5", "--warmup", "1", "--iters", "2"]
 
 
-def a2a_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "a2a_bench", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "250", **(env or {})})
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("modes") / "run"
-    proc = a2a_bench("sweep", "--nproc", "2", "--out", str(out), *GRID)
+    proc = run_child("sweep", "--nproc", "2", "--out", str(out), *GRID)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -51,7 +44,7 @@ def test_rows_carry_the_build_the_graph_status_and_the_imbalance(swept: Path) ->
 
 def test_tune_keys_entries_by_routing_and_build_and_show_and_export_pick_them(swept: Path, tmp_path: Path) -> None:
     tables = tmp_path / "tables"
-    proc = a2a_bench("tune", str(swept), "--out", str(tables), "--by", "api")
+    proc = run_child("tune", str(swept), "--out", str(tables), "--by", "api")
     assert proc.returncode == 0, proc.stderr
     cluster_dir = next(tables.iterdir())
     table = read_table(cluster_dir / "tuning.json")
@@ -59,19 +52,19 @@ def test_tune_keys_entries_by_routing_and_build_and_show_and_export_pick_them(sw
     assert {e.build for e in table.entries} == {BACKENDS["torch"].version()} and {e.selected_by for e in table.entries} == {"api"}
     assert all("dispatch_kernel_us" in e.measured and "dispatch_api_us" in e.measured for e in table.entries)
     env = {"FUSED_A2A_TUNING_DIR": str(tables), "FUSED_A2A_CLUSTER_ID": cluster_dir.name}
-    shown = a2a_bench("show", "--backend", "torch", "--hidden", "256", "--tokens", "64", "--world-size", "2",
+    shown = run_child("show", "--backend", "torch", "--hidden", "256", "--tokens", "64", "--world-size", "2",
                       "--routing", "hot:0.5", env=env)
     assert shown.returncode == 0, shown.stderr
     assert "table (uniform routing)" in shown.stdout  # no hot entry: the uniform one, and show says so
-    skewed = a2a_bench("show", "--backend", "torch", "--hidden", "256", "--tokens", "64", "--world-size", "2",
+    skewed = run_child("show", "--backend", "torch", "--hidden", "256", "--tokens", "64", "--world-size", "2",
                        "--routing", "zipf:1.5", env=env)
     assert "zipf:1.5 routing, hidden 256" in skewed.stdout and "table (uniform routing)" not in skewed.stdout
-    exported = a2a_bench("export", "--format", "env", "--backend", "torch", "--hidden", "256", "--tokens", "64",
+    exported = run_child("export", "--format", "env", "--backend", "torch", "--hidden", "256", "--tokens", "64",
                          "--world-size", "2", "--routing", "zipf:1.5", "--cluster-dir", str(cluster_dir))
     assert exported.returncode == 0 and "zipf:1.5 routing, build " in exported.stdout
-    listed = a2a_bench("table", str(cluster_dir))
+    listed = run_child("table", str(cluster_dir))
     assert listed.returncode == 0 and "zipf:1.5" in listed.stdout and BACKENDS["torch"].version() in listed.stdout
-    bad = a2a_bench("tune", str(swept), "--out", str(tables), "--by", "fast")
+    bad = run_child("tune", str(swept), "--out", str(tables), "--by", "fast")
     assert bad.returncode == 2 and "--by must be one of kernel, api, seed, graph" in bad.stderr
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from rich.console import Console
 
-from a2a_bench.cli import main
+from cli_runs import assert_one_line_error, run_cli
 from a2a_bench.reports.compare import compare_rows, compare_table, shape_rows
 from a2a_bench.reports.export import env_lines, find_entry, render, sglang_config
 from a2a_bench.reports.plot import plot_run, sms_series, tokens_series
@@ -21,22 +20,6 @@ from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, write_table
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLUSTER = {"id": "test-export-x2", "gpu": None, "gpus_per_node": 2, "nodes": 1, "intranode_link": None, "internode": None}
 DEEPEP_DEFAULT = {"num_sms": 20, "nvl_send": 0, "nvl_recv": 0, "rdma_send": 0, "rdma_recv": 0}
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["a2a-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, pattern: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("a2a-bench: error: ")
-    assert pattern in lines[0], lines[0]
 
 
 def row(backend: str, knobs: dict, disp_us: float, comb_us: float, hidden: int = 4096, num_tokens: int = 1024,

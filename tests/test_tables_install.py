@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from a2a_bench.cli import main
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.tuning import resolve as resolve_mod
+from cli_runs import run_cli
 from runfiles import tuning_json, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,14 +24,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["a2a-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.fixture
