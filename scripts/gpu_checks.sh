@@ -5,7 +5,7 @@
 #   scripts/gpu_checks.sh OUT_DIR STAGE...
 #
 # Stages:
-#   tests1  one process per GPU (NCCL): the torch backend and graph capture of the torch backend
+#   tests1  one process per GPU (NCCL): the torch backend, its Triton routing kernels, graph capture of the torch backend
 #   tests2  two processes (they may share one GPU: gloo group, tokens through CUDA IPC): DeepEP, UCCL-EP,
 #           HybridEP and graph capture of the fused backends, in one pytest command
 #   compat  two processes: the compat modules on the real libraries
@@ -35,7 +35,7 @@ for stage in "$@"; do
     case $stage in
     tests1)
         run tests1 $launch --nproc-per-node 1 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
-            tests/test_gpu_torch_backend.py tests/test_gpu_graph.py ;;
+            tests/test_gpu_torch_backend.py tests/test_gpu_torch_routing.py tests/test_gpu_graph.py ;;
     tests2)
         run tests2 $launch --nproc-per-node 2 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
             tests/test_gpu_deepep.py tests/test_gpu_uccl.py tests/test_gpu_hybridep.py tests/test_gpu_graph.py ;;

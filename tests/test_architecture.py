@@ -16,7 +16,11 @@ BELOW_BACKENDS = {
     "fused_a2a.backends.optional", "fused_a2a.backends.chunk_config",
 }
 # a backend's own helper modules
-OWN_HELPERS = {"uccl.py": {"fused_a2a.backends.uccl_buffer"}, "torch_a2a.py": {"fused_a2a.backends.torch_routing"}}
+OWN_HELPERS = {
+    "uccl.py": {"fused_a2a.backends.uccl_buffer"},
+    "torch_a2a.py": {"fused_a2a.backends.torch_routing"},
+    "torch_routing.py": {"fused_a2a.backends.torch_routing_kernels"},
+}
 
 
 def fused_a2a_imports(path: Path) -> set[str]:

@@ -1,12 +1,13 @@
 """Where the torch backend's ``api`` dispatch spends its time: each stage timed on its own.
 
 Stages of ``TorchBuffer.dispatch`` (a fresh dispatch): ``plan`` (the routing computed from top-k and
-the count exchange, :mod:`fused_a2a.backends.torch_routing`: one CUDA-graph replay on a GPU with NCCL,
-else some thirty kernels), ``sync`` (the same plus the host synchronisation and reading the counts),
-``tokens`` (the token exchange: all a cached, ``kernel``-mode dispatch does) and ``routing`` (the ids and
-weights in one exchange); then the whole ``fused_a2a.dispatch`` and the ``kernel`` dispatch, timed
-alternately so their ratio compares like with like. Each figure is the slowest rank's time per call
-(CUDA events on GPU).
+exchanged with the counts, :mod:`fused_a2a.backends.torch_routing`: one CUDA-graph replay on a GPU with
+NCCL, Triton kernels where Triton runs), ``sync`` (the same plus the host synchronisation and reading
+the counts), ``copy`` (the copy of a replayed graph's buffer that the dispatch keeps), ``tokens`` (the
+token exchange: all a cached, ``kernel``-mode dispatch does) and ``routing again`` (the routing rows
+exchanged once more, which only a dispatch where some rank holds more tokens than the capacity pays);
+then the whole ``fused_a2a.dispatch`` and the ``kernel`` dispatch, timed alternately so their ratio
+compares like with like. Each figure is the slowest rank's time per call (CUDA events on GPU).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch.distributed as dist
 import fused_a2a
 from a2a_bench.engine.measure import Stats, time_alternating, time_op
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
+import fused_a2a.backends.torch_routing_kernels as kernels
 from fused_a2a.backends.torch_a2a import TorchConfig, get_torch_buffer
-from fused_a2a.backends.torch_routing import read_counts
+from fused_a2a.backends.torch_routing import read_counts, routing_rows
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class Breakdown:
     Attributes:
         workload: what was dispatched.
         impl: the torch backend's ``impl`` knob.
-        plan: ``graph`` when the routing plan was a replayed CUDA graph, else ``eager``.
+        plan: how the routing plan ran: ``graph`` (a replayed CUDA graph) or ``eager``, computed by
+            ``triton`` kernels or ``torch ops``.
         stages: stage name -> its time per call.
         api, kernel: the whole ``fused_a2a.dispatch`` and the cached dispatch, timed alternately.
     """
@@ -65,14 +68,14 @@ def measure_breakdown(workload: WorkloadSpec, impl: str, warmup: int, iters: int
         return read_counts(plan.host, buffer.group_size, num_experts)
 
     counts = planned()
-    rows = sum(counts.send)
-    routing = plan.routing[:rows].clone()
+    rows = routing_rows(idx, weights, handle.send_token_idx, counts.send, num_experts // buffer.group_size)
     timed = lambda fn: time_op(fn, warmup, iters, device, group)  # noqa: E731
     stages = {
         "plan": timed(lambda: buffer.plan(idx, weights, num_experts)),
         "sync": timed(planned),
+        "copy": timed(plan.out.clone),
         "tokens": timed(lambda: buffer.exchange_tokens(x, handle.send_token_idx, counts.send, counts.recv, config)),
-        "routing": timed(lambda: buffer.exchange_routing(routing, workload.topk, counts, config)),
+        "routing again": timed(lambda: buffer.exchange_routing(rows, workload.topk, counts, config)),
     }
 
     def api():
@@ -83,4 +86,5 @@ def measure_breakdown(workload: WorkloadSpec, impl: str, warmup: int, iters: int
         buffer.dispatch(x, handle=handle, config=config)
 
     api_stats, kernel_stats = time_alternating([api, kernel], warmup, iters, device, group)
-    return Breakdown(workload, impl, "graph" if shared else "eager", stages, api_stats, kernel_stats)
+    how = f"{'graph' if shared else 'eager'}, {'triton' if kernels.usable(idx) else 'torch ops'}"
+    return Breakdown(workload, impl, how, stages, api_stats, kernel_stats)

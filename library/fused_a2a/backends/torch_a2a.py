@@ -16,6 +16,7 @@ Semantics (identical to DeepEP's intranode normal mode):
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
-from fused_a2a.backends.torch_routing import Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts
+from fused_a2a.backends.torch_routing import (
+    Capacity, Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts, routing_rows,
+)
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
 
@@ -57,7 +60,6 @@ class TorchHandle:
         send_counts: rows sent to each rank (length = group size).
         recv_counts: rows received from each rank (length = group size).
         num_tokens: ``N``, the number of tokens of this rank before dispatch.
-        is_token_in_rank: ``[N, W]`` bool, which ranks received each token.
     """
 
     group: dist.ProcessGroup | None
@@ -65,11 +67,19 @@ class TorchHandle:
     send_counts: tuple[int, ...]
     recv_counts: tuple[int, ...]
     num_tokens: int
-    is_token_in_rank: torch.Tensor
 
     @property
     def num_recv_tokens(self) -> int:
         return sum(self.recv_counts)
+
+    @property
+    def is_token_in_rank(self) -> torch.Tensor:
+        """``[N, W]`` bool, which ranks received each token."""
+        device = self.send_token_idx.device
+        dest = torch.repeat_interleave(torch.arange(len(self.send_counts), device=device),
+                                       torch.tensor(self.send_counts, device=device), output_size=self.send_token_idx.numel())
+        in_rank = torch.zeros(self.num_tokens, len(self.send_counts), dtype=torch.bool, device=device)
+        return in_rank.index_put_((self.send_token_idx, dest), torch.ones_like(dest, dtype=torch.bool))
 
 
 class TorchBuffer:
@@ -90,6 +100,7 @@ class TorchBuffer:
         self.rank = dist.get_rank(group)
         self._graphs = RoutingGraphs(group, self.group_size)
         self._captures = dist.get_backend(group) == "nccl"
+        self.capacity = Capacity()
 
     def get_dispatch_layout(
         self,
@@ -186,30 +197,35 @@ class TorchBuffer:
         if topk_idx.is_cuda:
             torch.cuda.current_stream(topk_idx.device).synchronize()
         counts = read_counts(plan.host, self.group_size, num_experts)
-        rows = sum(counts.send)
-        send_token_idx, in_rank = plan.token[:rows], plan.in_rank
-        if shared:  # the graph's tensors: the handle keeps its own copies
-            send_token_idx, in_rank = send_token_idx.clone(), in_rank.clone()
+        out = plan.out.clone() if shared else plan.out  # a graph's buffer is overwritten by its next replay
+        carried = counts.max_tokens <= plan.shape.capacity
+        send_token_idx, recv_topk_idx, recv_topk_weights = plan.shape.received(
+            out, sum(counts.send), sum(counts.recv) if carried else 0)
         recv_x = self.exchange_tokens(x, send_token_idx, counts.send, counts.recv, config)
-        recv_topk_idx, recv_topk_weights = self.exchange_routing(plan.routing[:rows], topk_idx.size(1), counts, config)
-        per_expert = (counts.per_local_expert + expert_alignment - 1) // expert_alignment * expert_alignment
+        if not carried:  # the segments could not carry every routing row: exchange them now
+            rows = routing_rows(topk_idx, topk_weights, send_token_idx, counts.send, num_experts // self.group_size)
+            recv_topk_idx, recv_topk_weights = self.exchange_routing(rows, topk_idx.size(1), counts, config)
+        if self.capacity.observe(counts.max_tokens):
+            self._graphs.forget()
+        per_expert = array.array("q", [(count + expert_alignment - 1) // expert_alignment * expert_alignment
+                                       for count in counts.per_local_expert])
         handle = TorchHandle(
             group=self.group,
             send_token_idx=send_token_idx,
             send_counts=counts.send,
             recv_counts=counts.recv,
             num_tokens=topk_idx.size(0),
-            is_token_in_rank=in_rank,
         )
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, None
+        return recv_x, recv_topk_idx, recv_topk_weights, torch.frombuffer(per_expert, dtype=torch.int64), handle, None
 
     def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
         """The routing plan of a fresh dispatch (:func:`~fused_a2a.backends.torch_routing.plan_routing`)
-        and whether its tensors belong to a replayed graph. Collective."""
+        and whether its buffers belong to a replayed graph. Collective."""
         if self._captures and topk_idx.is_cuda:
-            return self._graphs.plan(topk_idx, topk_weights, num_experts)
+            return self._graphs.plan(topk_idx, topk_weights, num_experts, self.capacity.rows)
         host = host_buffer(self.group_size, num_experts, topk_idx.device)
-        return plan_routing(topk_idx, topk_weights, num_experts, self.group, self.group_size, host), False
+        plan = plan_routing(topk_idx, topk_weights, num_experts, self.group, self.group_size, self.capacity.rows, host)
+        return plan, False
 
     def exchange_routing(self, routing: torch.Tensor, topk: int, counts: Counts,
                          config: TorchConfig) -> tuple[torch.Tensor, torch.Tensor]:

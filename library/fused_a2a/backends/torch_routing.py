@@ -1,21 +1,39 @@
 """The routing half of a torch-backend dispatch: everything that depends on ``topk_idx`` alone.
 
-:func:`plan_routing` computes, in fixed shapes (rows padded to ``N * W``), which token each rank sends
-to each rank with which local expert ids and weights, exchanges the counts (one ``all_to_all_single``)
-and copies them to a host buffer: the host then knows how many rows it sends and receives, after one
-synchronisation. Fixed shapes make it capturable: on a GPU with an NCCL group, :class:`RoutingGraphs`
-captures it in one CUDA graph per (tokens, top-k, experts) and replays it, one launch instead of some
-thirty (the torch backend is otherwise bound by the host's launch rate). Elsewhere (CPU, gloo, while
-another graph is being captured) it runs eagerly.
+:func:`plan_routing` computes, in fixed shapes, the order of the rows each rank sends (by destination,
+then token) and sends every destination one segment: the counts (rows, pairs per local expert, the
+smallest and largest id, the sender's token count) followed by the local expert ids and weights of
+its first ``capacity`` rows. One ``all_to_all_single`` moves all segments; the receiver packs the
+received ids and weights by source rank and copies the counts to the host. After one synchronisation
+the host knows every size, and, when no rank held more tokens than ``capacity``, the received ids and
+weights are already in place. ``capacity`` (:class:`Capacity`) follows the most tokens any rank of the
+group held in recent dispatches (every rank reads them from the same segments, so all agree on it); a
+dispatch in which some rank holds more exchanges the routing once more, after the synchronisation.
+
+Fixed shapes make the plan capturable: on a GPU with an NCCL group, :class:`RoutingGraphs` captures it
+in one CUDA graph per shape and replays it, one launch instead of many (the torch backend is otherwise
+bound by the host's launch rate). Its computing steps are two Triton kernels and one after the
+exchange (:mod:`fused_a2a.backends.torch_routing_kernels`) where Triton runs, else torch operations
+that write the same values. Elsewhere (CPU, gloo, while another graph is being captured) it runs
+eagerly.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+import fused_a2a.backends.torch_routing_kernels as kernels
+
+_ALIGN = 16
+
+
+def _round_up(value: int, multiple: int = _ALIGN) -> int:
+    return (value + multiple - 1) // multiple * multiple
 
 
 def layout(topk_idx: torch.Tensor, num_experts: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,28 +52,133 @@ def layout(topk_idx: torch.Tensor, num_experts: int, world: int) -> tuple[torch.
 
 
 @dataclass(frozen=True)
-class RoutingPlan:
-    """What :func:`plan_routing` leaves: device tensors of ``N * W`` padded rows and the host counts.
+class PlanShape:
+    """The sizes of one routing plan (every buffer's layout follows from them).
 
     Attributes:
-        in_rank: ``[N, W]`` bool, which ranks get each token.
-        token: ``[N * W]`` int64, the source token of each sent row, ordered by destination then token
-            (the first ``S`` rows are real).
-        routing: ``[N * W, 12 K]`` uint8, each sent row's ``K`` local expert ids (int64, ``-1``
-            elsewhere) then its ``K`` weights (float32, ``0`` elsewhere).
-        host: the counts on the host (``2 W (E/W + 3)`` int64): the received then the sent table of
-            (rows, rows per local expert, smallest id, largest id) per rank; valid after the stream
-            synchronises.
+        num_tokens: ``N``, tokens of this rank.
+        topk: ``K``.
+        num_experts: ``E``, divisible by ``world``.
+        world: ``W``, ranks of the group.
+        capacity: ``C``, routing rows each segment carries.
     """
 
-    in_rank: torch.Tensor
+    num_tokens: int
+    topk: int
+    num_experts: int
+    world: int
+    capacity: int
+
+    @property
+    def num_local(self) -> int:
+        return self.num_experts // self.world
+
+    @property
+    def meta_len(self) -> int:
+        """int64 counts per segment: rows, pairs per local expert, smallest id, largest id, tokens."""
+        return self.num_local + 4
+
+    @property
+    def segment_bytes(self) -> int:
+        """Bytes per destination: the counts, then ``C x K`` int64 ids, then ``C x K`` float32 weights."""
+        return _round_up(8 * self.meta_len + 12 * self.capacity * self.topk)
+
+    @property
+    def ids_offset(self) -> int:
+        """Byte offset of the ids in a segment."""
+        return 8 * self.meta_len
+
+    @property
+    def weights_offset(self) -> int:
+        """Byte offset of the weights in a segment."""
+        return 8 * self.meta_len + 8 * self.capacity * self.topk
+
+    @property
+    def slots(self) -> int:
+        """Rows of the packed received ids and weights: ``W x C`` and one that absorbs padding."""
+        return self.world * self.capacity + 1
+
+    @cached_property
+    def regions(self) -> dict[str, tuple[int, int]]:
+        """:meth:`out_regions`, computed once."""
+        return self.out_regions()
+
+    def out_regions(self) -> dict[str, tuple[int, int]]:
+        """Byte ``(offset, length)`` of each part of the plan's output buffer: ``token`` (``N W``
+        int64), ``ids`` (``slots x K`` int64), ``weights`` (``slots x K`` float32), ``staging``
+        (``2 x W x meta_len`` int64: the received counts, then the sent ones)."""
+        sizes = {
+            "token": 8 * self.num_tokens * self.world,
+            "ids": 8 * self.slots * self.topk,
+            "weights": 4 * self.slots * self.topk,
+            "staging": 8 * 2 * self.world * self.meta_len,
+        }
+        regions, offset = {}, 0
+        for name, size in sizes.items():
+            regions[name] = (offset, size)
+            offset += _round_up(size)
+        return regions
+
+    @property
+    def out_bytes(self) -> int:
+        offset, size = self.regions["staging"]
+        return offset + _round_up(size)
+
+    def received(self, out: torch.Tensor, rows: int, received: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of a plan's output buffer ``out`` (int64, storage offset 0) once the counts are known:
+        ``(token [rows] int64, ids [received, K] int64, weights [received, K] float32)``."""
+        k = self.topk
+        token = out.as_strided((rows,), (1,), self.regions["token"][0] // 8)
+        ids = out.as_strided((received, k), (k, 1), self.regions["ids"][0] // 8)
+        weights = out.view(torch.float32).as_strided((received, k), (k, 1), self.regions["weights"][0] // 4)
+        return token, ids, weights
+
+
+@dataclass(frozen=True)
+class PlanViews:
+    """Typed views of a plan's output buffer (:meth:`PlanShape.out_regions`)."""
+
     token: torch.Tensor
-    routing: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    staging: torch.Tensor
+
+    @classmethod
+    def of(cls, out: torch.Tensor, shape: PlanShape) -> "PlanViews":
+        raw = out.view(torch.uint8)
+
+        def part(name: str, dtype: torch.dtype) -> torch.Tensor:
+            offset, size = shape.regions[name]
+            return raw[offset:offset + size].view(dtype)
+
+        return cls(
+            token=part("token", torch.int64),
+            ids=part("ids", torch.int64).view(shape.slots, shape.topk),
+            weights=part("weights", torch.float32).view(shape.slots, shape.topk),
+            staging=part("staging", torch.int64).view(2, shape.world, shape.meta_len),
+        )
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """What :func:`plan_routing` leaves.
+
+    Attributes:
+        shape: its sizes.
+        out: the output buffer (int64 on the device, :meth:`PlanShape.out_regions`): the source token
+            of each sent row, ordered by destination then token (the first ``S`` are real); the
+            received local ids (``-1`` elsewhere) and weights (``0`` elsewhere), by source rank (the
+            first ``R`` rows are real when no rank held more than ``capacity`` tokens); the counts.
+        host: the counts on the host (``2 W meta_len`` int64), valid after the stream synchronises.
+    """
+
+    shape: PlanShape
+    out: torch.Tensor
     host: torch.Tensor
 
 
 def plan_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, group, world: int,
-                 host: torch.Tensor) -> RoutingPlan:
+                 capacity: int, host: torch.Tensor) -> RoutingPlan:
     """Compute a dispatch's routing (see the module doc) and start copying its counts into ``host``.
 
     Args:
@@ -64,24 +187,70 @@ def plan_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts
         num_experts: ``E``, divisible by ``world``.
         group: the process group (collective: one ``all_to_all_single``).
         world: its size ``W``.
-        host: ``[2 W (E/W + 3)]`` int64 host tensor (pinned for a CUDA ``topk_idx``).
+        capacity: routing rows per segment (the same on every rank).
+        host: ``[2 W (E/W + 4)]`` int64 host tensor (pinned for a CUDA ``topk_idx``).
     """
-    num_local = num_experts // world
-    in_rank, per_rank, per_expert = layout(topk_idx, num_experts, world)
+    shape = PlanShape(topk_idx.size(0), topk_idx.size(1), num_experts, world, capacity)
+    out = torch.empty(shape.out_bytes // 8, dtype=torch.int64, device=topk_idx.device)
+    views = PlanViews.of(out, shape)
+    use_kernels = kernels.usable(topk_idx)
+    send = (kernels.plan_send if use_kernels else send_with_torch)(topk_idx, topk_weights, shape, views)
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    (kernels.plan_receive if use_kernels else receive_with_torch)(received, shape, views)
+    host.copy_(views.staging.flatten(), non_blocking=True)
+    return RoutingPlan(shape, out, host)
+
+
+def send_with_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor, shape: PlanShape, views: PlanViews) -> torch.Tensor:
+    """Torch operations for the send side: the row order into ``views.token``, the sent counts into
+    ``views.staging[1]``; returns the ``[W, segment_bytes]`` uint8 segments."""
+    n, k, world, num_local, capacity = shape.num_tokens, shape.topk, shape.world, shape.num_local, shape.capacity
+    device = topk_idx.device
+    in_rank, per_rank, per_expert = layout(topk_idx, shape.num_experts, world)
     bounds = torch.stack(torch.aminmax(topk_idx)) if topk_idx.numel() else topk_idx.new_full((2,), -1)
-    bounds = bounds.view(1, 2).expand(world, 2)
-    meta = torch.cat([per_rank.view(world, 1), per_expert.view(world, num_local), bounds], dim=1)
-    received = torch.empty_like(meta)
-    dist.all_to_all_single(received, meta, group=group)
-    host.copy_(torch.cat([received.flatten(), meta.flatten()]), non_blocking=True)
-    pairs = torch.nonzero_static(in_rank.t(), size=in_rank.numel(), fill_value=0)
+    meta = torch.cat([per_rank.view(world, 1), per_expert.view(world, num_local), bounds.view(1, 2).expand(world, 2),
+                      per_rank.new_full((world, 1), n)], dim=1)
+    views.staging[1].copy_(meta)
+    pairs = torch.nonzero_static(in_rank.t(), size=n * world, fill_value=0)
     dest, token = pairs[:, 0], pairs[:, 1]
+    views.token.copy_(token)
+    row = torch.arange(n * world, device=device)
+    first_row = torch.cumsum(per_rank, 0) - per_rank
+    slot_in_dest = row - first_row[dest]
+    carried = (row < per_rank.sum()) & (slot_in_dest < capacity)
+    slot = torch.where(carried, dest * capacity + slot_in_dest, world * capacity)
     local = topk_idx[token] - (dest * num_local).unsqueeze(1)
     mine = (local >= 0) & (local < num_local)
-    local_idx = torch.where(mine, local, -1)
-    weights = torch.where(mine, topk_weights[token].float(), 0.0)
-    routing = torch.cat([local_idx.view(torch.uint8), weights.view(torch.uint8)], dim=1)
-    return RoutingPlan(in_rank, token.contiguous(), routing, host)
+    ids = torch.empty(world * capacity + 1, k, dtype=torch.int64, device=device)
+    ids.index_put_((slot,), torch.where(mine, local, -1))
+    weights = torch.empty(world * capacity + 1, k, dtype=torch.float32, device=device)
+    weights.index_put_((slot,), torch.where(mine, topk_weights[token].float(), 0.0))
+    parts = [meta, ids[:-1], weights[:-1]] if capacity else [meta]
+    segments = torch.cat([part.view(torch.uint8).view(world, -1) for part in parts], dim=1)
+    pad = shape.segment_bytes - segments.size(1)
+    return torch.cat([segments, segments.new_zeros(world, pad)], dim=1) if pad else segments
+
+
+def receive_with_torch(received: torch.Tensor, shape: PlanShape, views: PlanViews) -> None:
+    """Torch operations for the receive side: the received ids and weights packed by source rank into
+    ``views.ids``/``views.weights``, the received counts into ``views.staging[0]``."""
+    world, k, capacity = shape.world, shape.topk, shape.capacity
+    meta = received[:, :shape.ids_offset].contiguous().view(torch.int64)
+    views.staging[0].copy_(meta)
+    if not capacity:
+        return
+    ids = received[:, shape.ids_offset:shape.weights_offset].contiguous().view(torch.int64).view(world * capacity, k)
+    weights = received[:, shape.weights_offset:shape.weights_offset + 4 * capacity * k].contiguous()
+    weights = weights.view(torch.float32).view(world * capacity, k)
+    counts = meta[:, 0]
+    first = torch.cumsum(counts, 0) - counts
+    row = torch.arange(capacity, device=received.device)
+    slot = first.view(world, 1) + row.view(1, capacity)
+    real = (row.view(1, capacity) < counts.view(world, 1)) & (slot < world * capacity)
+    slot = torch.where(real, slot, world * capacity).flatten()
+    views.ids.index_put_((slot,), ids)
+    views.weights.index_put_((slot,), weights)
 
 
 @dataclass(frozen=True)
@@ -91,12 +260,14 @@ class Counts:
     Attributes:
         send: rows this rank sends to each rank.
         recv: rows this rank receives from each rank.
-        per_local_expert: ``[E / W]`` int64 CPU tensor, (token, expert) pairs received for each local expert.
+        per_local_expert: (token, expert) pairs received for each local expert.
+        max_tokens: the most tokens any rank of the group holds in this dispatch.
     """
 
     send: tuple[int, ...]
     recv: tuple[int, ...]
-    per_local_expert: torch.Tensor
+    per_local_expert: tuple[int, ...]
+    max_tokens: int
 
 
 def read_counts(host: torch.Tensor, world: int, num_experts: int) -> Counts:
@@ -106,20 +277,59 @@ def read_counts(host: torch.Tensor, world: int, num_experts: int) -> Counts:
         ValueError: an expert id outside ``[-1, num_experts)`` on any rank (the same on every rank).
     """
     num_local = num_experts // world
-    tables = host.numpy().reshape(2, world, num_local + 3)
-    received, sent = tables[0], tables[1]
-    low, high = int(received[:, num_local + 1].min()), int(received[:, num_local + 2].max())
+    meta_len = num_local + 4
+    values = host.tolist()
+    received = [values[r * meta_len:(r + 1) * meta_len] for r in range(world)]
+    sent = values[world * meta_len::meta_len]
+    low = min(row[num_local + 1] for row in received)
+    high = max(row[num_local + 2] for row in received)
     if low < -1 or high >= num_experts:
-        bad = [r for r in range(world) if received[r, num_local + 1] < -1 or received[r, num_local + 2] >= num_experts]
+        bad = [r for r, row in enumerate(received) if row[num_local + 1] < -1 or row[num_local + 2] >= num_experts]
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}] "
                          f"(rank {', '.join(map(str, bad))})")
-    per_expert = torch.from_numpy(np.ascontiguousarray(received[:, 1:num_local + 1].sum(axis=0)))
-    return Counts(tuple(sent[:, 0].tolist()), tuple(received[:, 0].tolist()), per_expert)
+    per_expert = tuple(map(sum, zip(*[row[1:num_local + 1] for row in received])))
+    return Counts(tuple(sent[:world]), tuple(row[0] for row in received), per_expert,
+                  max(row[num_local + 3] for row in received))
+
+
+def routing_rows(topk_idx: torch.Tensor, topk_weights: torch.Tensor, token: torch.Tensor,
+                 send: tuple[int, ...], num_local: int) -> torch.Tensor:
+    """``[S, 12 K]`` uint8: each sent row's ``K`` local expert ids (int64, ``-1`` elsewhere) then its
+    ``K`` weights (float32, ``0`` elsewhere), for rows ``token`` sent ``send[r]`` to rank ``r``."""
+    dest = torch.repeat_interleave(torch.arange(len(send), device=token.device),
+                                   torch.tensor(send, device=token.device), output_size=token.numel())
+    local = topk_idx[token] - (dest * num_local).unsqueeze(1)
+    mine = (local >= 0) & (local < num_local)
+    weights = torch.where(mine, topk_weights[token].float(), 0.0)
+    return torch.cat([torch.where(mine, local, -1).view(torch.uint8), weights.view(torch.uint8)], dim=1)
+
+
+class Capacity:
+    """The routing rows each segment carries: the next power of two of the most tokens any rank of the
+    group held in the last ``window`` dispatches (``0`` before the first). Every rank observes the same
+    values in the same order, so every rank holds the same capacity.
+
+    Args:
+        window: how many dispatches a peak is remembered (after a long prefill, decode steps stop
+            paying for its padding after that many).
+    """
+
+    def __init__(self, window: int = 64) -> None:
+        self._recent: deque[int] = deque(maxlen=window)
+        self.rows = 0
+
+    def observe(self, max_tokens: int) -> bool:
+        """Record a dispatch's largest token count; whether the capacity changed."""
+        self._recent.append(max_tokens)
+        peak = max(self._recent)
+        rows = 1 << (peak - 1).bit_length() if peak else 0
+        changed, self.rows = rows != self.rows, rows
+        return changed
 
 
 def host_buffer(world: int, num_experts: int, device: torch.device) -> torch.Tensor:
     """A host buffer for :func:`plan_routing`'s counts (pinned when the plan runs on a GPU)."""
-    size = 2 * world * (num_experts // world + 3)
+    size = 2 * world * (num_experts // world + 4)
     return torch.empty(size, dtype=torch.int64, pin_memory=device.type == "cuda")
 
 
@@ -134,7 +344,7 @@ class _Captured:
 
 
 class RoutingGraphs:
-    """:func:`plan_routing` captured in a CUDA graph per (tokens, top-k, experts) and replayed.
+    """:func:`plan_routing` captured in a CUDA graph per (tokens, top-k, experts, capacity) and replayed.
 
     Only for CUDA tensors on an NCCL group. A shape is captured once the group's communicator has run
     (after the first, eager, plan of this object); a shape whose capture fails runs eagerly from then
@@ -148,33 +358,38 @@ class RoutingGraphs:
         self._graphs: dict[tuple, _Captured | None] = {}
         self._warm = False
 
-    def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> tuple[RoutingPlan, bool]:
-        """The routing plan of this call and whether its tensors are a graph's (to copy before the next call)."""
-        key = (topk_idx.device, tuple(topk_idx.shape), num_experts, topk_weights.dtype)
+    def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+             capacity: int) -> tuple[RoutingPlan, bool]:
+        """The routing plan of this call and whether its buffers are a graph's (to copy before the next call)."""
+        key = (topk_idx.device, tuple(topk_idx.shape), num_experts, topk_weights.dtype, capacity)
         if not self._warm or torch.cuda.is_current_stream_capturing():
             self._warm = True
-            return self._eager(topk_idx, topk_weights, num_experts), False
+            return self._eager(topk_idx, topk_weights, num_experts, capacity), False
         if key not in self._graphs:
-            self._graphs[key] = self._capture(topk_idx, topk_weights, num_experts)
+            self._graphs[key] = self._capture(topk_idx, topk_weights, num_experts, capacity)
         captured = self._graphs[key]
         if captured is None:
-            return self._eager(topk_idx, topk_weights, num_experts), False
+            return self._eager(topk_idx, topk_weights, num_experts, capacity), False
         captured.topk_idx.copy_(topk_idx)
         captured.topk_weights.copy_(topk_weights)
         captured.graph.replay()
         return captured.plan, True
 
-    def _eager(self, topk_idx, topk_weights, num_experts: int) -> RoutingPlan:
-        host = host_buffer(self.world, num_experts, topk_idx.device)
-        return plan_routing(topk_idx, topk_weights, num_experts, self.group, self.world, host)
+    def forget(self) -> None:
+        """Drop every captured graph (their capacity is outgrown)."""
+        self._graphs.clear()
 
-    def _capture(self, topk_idx, topk_weights, num_experts: int) -> _Captured | None:
+    def _eager(self, topk_idx, topk_weights, num_experts: int, capacity: int) -> RoutingPlan:
+        host = host_buffer(self.world, num_experts, topk_idx.device)
+        return plan_routing(topk_idx, topk_weights, num_experts, self.group, self.world, capacity, host)
+
+    def _capture(self, topk_idx, topk_weights, num_experts: int, capacity: int) -> _Captured | None:
         static_idx, static_weights = topk_idx.clone(), topk_weights.clone()
         host = host_buffer(self.world, num_experts, topk_idx.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                plan = plan_routing(static_idx, static_weights, num_experts, self.group, self.world, host)
+                plan = plan_routing(static_idx, static_weights, num_experts, self.group, self.world, capacity, host)
         except RuntimeError:  # an op or a collective that cannot be captured here: eager from now on
             torch.cuda.synchronize(topk_idx.device)
             return None

@@ -313,7 +313,6 @@ class Buffer:
             send_counts=tuple(in_rank.sum(dim=0).tolist()),
             recv_counts=tuple(recv_counts.tolist()),
             num_tokens=in_rank.size(0),
-            is_token_in_rank=in_rank,
         )
 
 

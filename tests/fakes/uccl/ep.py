@@ -470,7 +470,6 @@ class Buffer:
             send_counts=tuple(in_rank.sum(dim=0).tolist()),
             recv_counts=tuple(torch.diff(column, prepend=column.new_zeros(1)).tolist()),
             num_tokens=in_rank.size(0),
-            is_token_in_rank=in_rank,
         )
 
     def _recv_src_idx(self, handle) -> torch.Tensor:
