@@ -151,9 +151,11 @@ class TorchBuffer:
     ):
         """Send each token to the ranks that hold its experts.
 
-        The routing (which rows go where, the count exchange) is computed from ``topk_idx`` in one
-        step (:mod:`fused_a2a.backends.torch_routing`; one CUDA graph replay on a GPU with NCCL), then
-        one host synchronisation, then the token and routing exchanges.
+        The routing (which rows go where; the counts, ids and weights each rank receives, in one
+        exchange) is computed from ``topk_idx`` in one step (:mod:`fused_a2a.backends.torch_routing`;
+        one CUDA graph replay on a GPU with NCCL), then one host synchronisation, then the token
+        exchange. A dispatch in which some rank holds more tokens than the group's routing capacity
+        exchanges the ids and weights once more (every rank of the group does, the same call).
 
         Args:
             x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank, or an FP8 pair
@@ -229,7 +231,7 @@ class TorchBuffer:
 
     def exchange_routing(self, routing: torch.Tensor, topk: int, counts: Counts,
                          config: TorchConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Send each row's local expert ids and weights (``[S, 12 K]`` bytes of a plan) in one exchange;
+        """Send each row's local expert ids and weights (``[S, 12 K]`` bytes of :func:`routing_rows`) in one exchange;
         returns the received ``[R, K]`` int64 ids and float32 weights."""
         received = self._exchange(routing, counts.send, counts.recv, config)
         return received[:, :8 * topk].contiguous().view(torch.int64), received[:, 8 * topk:].contiguous().view(torch.float32)
