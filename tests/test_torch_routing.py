@@ -72,3 +72,32 @@ def _routing_rides_with_the_counts(rank: int, world_size: int) -> None:
 
 def test_after_the_first_dispatch_the_routing_rides_with_the_counts() -> None:
     spawn(_routing_rides_with_the_counts, 2)
+
+
+def _kernels_that_fail(rank: int, world_size: int) -> None:
+    import warnings
+
+    import fused_a2a.backends.torch_routing_kernels as kernels
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed\nmore lines")
+
+    kernels.usable = lambda topk_idx: not kernels._failure  # as on a GPU with Triton
+    kernels.plan_send = kernels.plan_receive = broken
+    inputs = routing_inputs([30], 4, 16, seed=rank, device=torch.device("cpu"))[0]
+    x = torch.randn(30, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [fused_a2a.dispatch(x, *inputs, 16, backend="torch") for _ in range(2)]
+    messages = [str(w.message) for w in caught if "routing kernels" in str(w.message)]
+    assert messages == ["fused_a2a: the torch backend's Triton routing kernels failed (PassManager::run failed); "
+                        "using torch operations instead"]
+    for mine, first in zip(results[1][:4], results[0][:4]):
+        assert torch.equal(mine, first)
+    combined = fused_a2a.combine(results[0][0], results[0][4])
+    copies = results[0][4].raw.is_token_in_rank.sum(dim=1, keepdim=True)
+    assert torch.allclose(combined, x * copies)
+
+
+def test_kernels_that_fail_give_way_to_torch_operations_with_one_warning() -> None:
+    spawn(_kernels_that_fail, 2)

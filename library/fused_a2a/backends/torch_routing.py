@@ -193,13 +193,23 @@ def plan_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts
     shape = PlanShape(topk_idx.size(0), topk_idx.size(1), num_experts, world, capacity)
     out = torch.empty(shape.out_bytes // 8, dtype=torch.int64, device=topk_idx.device)
     views = PlanViews.of(out, shape)
-    use_kernels = kernels.usable(topk_idx)
-    send = (kernels.plan_send if use_kernels else send_with_torch)(topk_idx, topk_weights, shape, views)
+    send = _with_kernels_or_torch(kernels.plan_send, send_with_torch, topk_idx, topk_idx, topk_weights, shape, views)
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
-    (kernels.plan_receive if use_kernels else receive_with_torch)(received, shape, views)
+    _with_kernels_or_torch(kernels.plan_receive, receive_with_torch, topk_idx, received, shape, views)
     host.copy_(views.staging.flatten(), non_blocking=True)
     return RoutingPlan(shape, out, host)
+
+
+def _with_kernels_or_torch(with_kernels, with_torch, topk_idx: torch.Tensor, *args):
+    """``with_kernels(*args)`` where the kernels run for ``topk_idx``, else (or once they fail, e.g.
+    a Triton that cannot compile here: they fail before launching anything) ``with_torch(*args)``."""
+    if kernels.usable(topk_idx):
+        try:
+            return with_kernels(*args)
+        except Exception as error:  # noqa: BLE001 - any failure of the optional kernels falls back
+            kernels.give_up(error)
+    return with_torch(*args)
 
 
 def send_with_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor, shape: PlanShape, views: PlanViews) -> torch.Tensor:

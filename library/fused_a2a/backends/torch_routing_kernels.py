@@ -10,6 +10,8 @@ counts). Used only for CUDA tensors when Triton imports; the torch operations ru
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
@@ -19,9 +21,22 @@ except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
 
+_failure: list[str] = []  # why the kernels stopped being used in this process (empty: they are used)
+
+
 def usable(topk_idx: torch.Tensor) -> bool:
-    """Whether the kernels run for ``topk_idx`` (CUDA, Triton importable, at least one token)."""
-    return triton is not None and topk_idx.is_cuda and topk_idx.size(0) > 0
+    """Whether the kernels run for ``topk_idx`` (CUDA, Triton importable, at least one token, and no
+    kernel has failed in this process)."""
+    return triton is not None and not _failure and topk_idx.is_cuda and topk_idx.size(0) > 0
+
+
+def give_up(error: Exception) -> None:
+    """Stop using the kernels in this process (the torch operations write the same values), with one
+    warning naming ``error`` (e.g. a Triton that cannot compile on this machine)."""
+    if not _failure:
+        _failure.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        warnings.warn(f"fused_a2a: the torch backend's Triton routing kernels failed ({_failure[0]}); "
+                      "using torch operations instead", RuntimeWarning, stacklevel=3)
 
 
 def _pow2(value: int, least: int = 2) -> int:
