@@ -16,17 +16,17 @@ Semantics (identical to DeepEP's intranode normal mode):
 
 from __future__ import annotations
 
-import array
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from fused_a2a.autograd import Comm
+from fused_a2a.autograd import Comm, counts_tensor
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
 from fused_a2a.backends.torch_routing import (
     Capacity, Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts, routing_rows,
+    row_destinations,
 )
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
@@ -75,10 +75,8 @@ class TorchHandle:
     @property
     def is_token_in_rank(self) -> torch.Tensor:
         """``[N, W]`` bool, which ranks received each token."""
-        device = self.send_token_idx.device
-        dest = torch.repeat_interleave(torch.arange(len(self.send_counts), device=device),
-                                       torch.tensor(self.send_counts, device=device), output_size=self.send_token_idx.numel())
-        in_rank = torch.zeros(self.num_tokens, len(self.send_counts), dtype=torch.bool, device=device)
+        dest = row_destinations(self.send_counts, self.send_token_idx)
+        in_rank = torch.zeros(self.num_tokens, len(self.send_counts), dtype=torch.bool, device=dest.device)
         return in_rank.index_put_((self.send_token_idx, dest), torch.ones_like(dest, dtype=torch.bool))
 
 
@@ -209,8 +207,8 @@ class TorchBuffer:
             recv_topk_idx, recv_topk_weights = self.exchange_routing(rows, topk_idx.size(1), counts, config)
         if self.capacity.observe(counts.max_tokens):
             self._graphs.forget()
-        per_expert = array.array("q", [(count + expert_alignment - 1) // expert_alignment * expert_alignment
-                                       for count in counts.per_local_expert])
+        per_expert = counts_tensor([(count + expert_alignment - 1) // expert_alignment * expert_alignment
+                                    for count in counts.per_local_expert])
         handle = TorchHandle(
             group=self.group,
             send_token_idx=send_token_idx,
@@ -218,7 +216,7 @@ class TorchBuffer:
             recv_counts=counts.recv,
             num_tokens=topk_idx.size(0),
         )
-        return recv_x, recv_topk_idx, recv_topk_weights, torch.frombuffer(per_expert, dtype=torch.int64), handle, None
+        return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, None
 
     def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
         """The routing plan of a fresh dispatch (:func:`~fused_a2a.backends.torch_routing.plan_routing`)

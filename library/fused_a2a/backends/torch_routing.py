@@ -100,10 +100,6 @@ class PlanShape:
 
     @cached_property
     def regions(self) -> dict[str, tuple[int, int]]:
-        """:meth:`out_regions`, computed once."""
-        return self.out_regions()
-
-    def out_regions(self) -> dict[str, tuple[int, int]]:
         """Byte ``(offset, length)`` of each part of the plan's output buffer: ``token`` (``N W``
         int64), ``ids`` (``slots x K`` int64), ``weights`` (``slots x K`` float32), ``staging``
         (``2 x W x meta_len`` int64: the received counts, then the sent ones)."""
@@ -136,7 +132,7 @@ class PlanShape:
 
 @dataclass(frozen=True)
 class PlanViews:
-    """Typed views of a plan's output buffer (:meth:`PlanShape.out_regions`)."""
+    """Typed views of a plan's output buffer (:attr:`PlanShape.regions`)."""
 
     token: torch.Tensor
     ids: torch.Tensor
@@ -165,7 +161,7 @@ class RoutingPlan:
 
     Attributes:
         shape: its sizes.
-        out: the output buffer (int64 on the device, :meth:`PlanShape.out_regions`): the source token
+        out: the output buffer (int64 on the device, :attr:`PlanShape.regions`): the source token
             of each sent row, ordered by destination then token (the first ``S`` are real); the
             received local ids (``-1`` elsewhere) and weights (``0`` elsewhere), by source rank (the
             first ``R`` rows are real when no rank held more than ``capacity`` tokens); the counts.
@@ -230,12 +226,11 @@ def send_with_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor, shape: P
     slot_in_dest = row - first_row[dest]
     carried = (row < per_rank.sum()) & (slot_in_dest < capacity)
     slot = torch.where(carried, dest * capacity + slot_in_dest, world * capacity)
-    local = topk_idx[token] - (dest * num_local).unsqueeze(1)
-    mine = (local >= 0) & (local < num_local)
+    row_ids, row_weights = local_routing(topk_idx, topk_weights, token, dest, num_local)
     ids = torch.empty(world * capacity + 1, k, dtype=torch.int64, device=device)
-    ids.index_put_((slot,), torch.where(mine, local, -1))
+    ids.index_put_((slot,), row_ids)
     weights = torch.empty(world * capacity + 1, k, dtype=torch.float32, device=device)
-    weights.index_put_((slot,), torch.where(mine, topk_weights[token].float(), 0.0))
+    weights.index_put_((slot,), row_weights)
     parts = [meta, ids[:-1], weights[:-1]] if capacity else [meta]
     segments = torch.cat([part.view(torch.uint8).view(world, -1) for part in parts], dim=1)
     pad = shape.segment_bytes - segments.size(1)
@@ -306,12 +301,25 @@ def routing_rows(topk_idx: torch.Tensor, topk_weights: torch.Tensor, token: torc
                  send: tuple[int, ...], num_local: int) -> torch.Tensor:
     """``[S, 12 K]`` uint8: each sent row's ``K`` local expert ids (int64, ``-1`` elsewhere) then its
     ``K`` weights (float32, ``0`` elsewhere), for rows ``token`` sent ``send[r]`` to rank ``r``."""
-    dest = torch.repeat_interleave(torch.arange(len(send), device=token.device),
-                                   torch.tensor(send, device=token.device), output_size=token.numel())
+    ids, weights = local_routing(topk_idx, topk_weights, token, row_destinations(send, token), num_local)
+    return torch.cat([ids.view(torch.uint8), weights.view(torch.uint8)], dim=1)
+
+
+def row_destinations(send: tuple[int, ...], token: torch.Tensor) -> torch.Tensor:
+    """``[S]`` int64 on ``token``'s device: the rank each of the ``S`` rows ``token`` goes to, when
+    ``send[r]`` consecutive rows go to rank ``r``."""
+    device = token.device
+    return torch.repeat_interleave(torch.arange(len(send), device=device), torch.tensor(send, device=device),
+                                   output_size=token.numel())
+
+
+def local_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, token: torch.Tensor, dest: torch.Tensor,
+                  num_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of source tokens ``token`` sent to ranks ``dest``: ``[rows, K]`` int64 local expert ids
+    (``-1`` for experts elsewhere) and ``[rows, K]`` float32 weights (``0`` elsewhere)."""
     local = topk_idx[token] - (dest * num_local).unsqueeze(1)
     mine = (local >= 0) & (local < num_local)
-    weights = torch.where(mine, topk_weights[token].float(), 0.0)
-    return torch.cat([torch.where(mine, local, -1).view(torch.uint8), weights.view(torch.uint8)], dim=1)
+    return torch.where(mine, local, -1), torch.where(mine, topk_weights[token].float(), 0.0)
 
 
 class Capacity:

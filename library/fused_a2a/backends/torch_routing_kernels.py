@@ -47,9 +47,9 @@ if triton is not None:
     _BIG = tl.constexpr(1 << 62)  # above any expert id
 
     @triton.jit
-    def _count(idx_ptr, n, k, num_experts, num_local, world, block_counts_ptr, block_bounds_ptr, hist_ptr,
-               B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr):
-        blk = tl.program_id(0)
+    def _block(idx_ptr, blk, n, k, num_experts, num_local, B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr):
+        """Block ``blk``'s tokens ``t`` [B], top-k slots ``kk`` [KP], ranks ``dd`` [WP], the mask of real
+        (token, slot) pairs, their ids, which are valid experts, and which ranks each token goes to [B, WP]."""
         t = blk * B + tl.arange(0, B)
         kk = tl.arange(0, KP)
         dd = tl.arange(0, WP)
@@ -58,6 +58,13 @@ if triton is not None:
         valid = m2 & (ids >= 0) & (ids < num_experts)
         dest = tl.where(valid, ids // num_local, -1)
         in_dest = tl.max((dest[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)
+        return t, kk, dd, m2, ids, valid, in_dest
+
+    @triton.jit
+    def _count(idx_ptr, n, k, num_experts, num_local, world, block_counts_ptr, block_bounds_ptr, hist_ptr,
+               B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr):
+        blk = tl.program_id(0)
+        t, kk, dd, m2, ids, valid, in_dest = _block(idx_ptr, blk, n, k, num_experts, num_local, B, KP, WP)
         tl.store(block_counts_ptr + blk * world + dd, tl.sum(in_dest, axis=0), mask=dd < world)
         tl.atomic_add(hist_ptr + tl.where(valid, ids, 0), valid.to(tl.int32), mask=valid)
         tl.store(block_bounds_ptr + blk * 2, tl.min(tl.where(m2, ids, _BIG)))
@@ -90,14 +97,8 @@ if triton is not None:
             before += tl.sum(tl.where((rows < blk)[:, None], counts, 0), axis=0)
         first = tl.cumsum(totals, axis=0) - totals
 
-        t = blk * B + tl.arange(0, B)
-        kk = tl.arange(0, KP)
-        m2 = (t < n)[:, None] & (kk < k)[None, :]
-        ids = tl.load(idx_ptr + t[:, None] * k + kk[None, :], mask=m2, other=-1)
+        t, kk, dd, m2, ids, valid, in_dest = _block(idx_ptr, blk, n, k, num_experts, num_local, B, KP, WP)
         weights = tl.load(w_ptr + t[:, None] * k + kk[None, :], mask=m2, other=0.0)
-        valid = m2 & (ids >= 0) & (ids < num_experts)
-        dest = tl.where(valid, ids // num_local, -1)
-        in_dest = tl.max((dest[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)
         slot = before[None, :] + tl.cumsum(in_dest, axis=0).to(tl.int64) - 1
         sent = (in_dest > 0) & dmask[None, :]
         tl.store(token_ptr + first[None, :] + slot, t[:, None].to(tl.int64) + tl.zeros([B, WP], dtype=tl.int64), mask=sent)
