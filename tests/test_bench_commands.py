@@ -1,6 +1,7 @@
 """The benchmark commands ``overhead`` and ``breakdown`` run end to end on 2 CPU ranks (gloo), with the
 fake DeepEP for ``overhead``'s DeepEP rows: one row per backend, path and grad mode, every figure a
-number, ``added`` = ``through fused_a2a`` - ``buffer directly`` per batch (so never above the first)."""
+number, ``added`` = ``through fused_a2a`` - ``buffer directly`` per batch (so never above the first),
+and with grad the bare-autograd figures."""
 
 from __future__ import annotations
 
@@ -32,13 +33,18 @@ def test_overhead_prints_each_path_with_and_without_grad() -> None:
     rows = {}
     for line in proc.stdout.splitlines():
         cells = [cell.strip() for cell in line.strip("│ ").split("│")]
-        if len(cells) == 6 and cells[0] in ("torch", "deepep"):
+        if len(cells) == 8 and cells[0] in ("torch", "deepep"):
             rows[tuple(cells[:3])] = figures(line)
     assert set(rows) == {("torch", "api", "yes"), ("torch", "api", "no"), ("deepep", "api", "yes"),
                          ("deepep", "api", "no"), ("deepep", "seed", "yes"), ("deepep", "seed", "no")}
-    for (wrapped, direct, added) in rows.values():
-        assert all(low <= median <= high for median, low, high in (wrapped, direct, added))
+    for (backend, path, grad), row in rows.items():
+        assert len(row) == (5 if grad == "yes" else 3), (backend, path, grad, row)  # bare autograd: with grad only
+        assert all(low <= median <= high for median, low, high in row)
+        wrapped, direct, added = row[:3]
         assert direct[0] > 0 and added[0] < wrapped[0]
+        if grad == "yes":
+            bare, beyond = row[3:]
+            assert bare[0] > 0 and beyond[0] < wrapped[0]
 
 
 def test_breakdown_prints_each_stage_and_the_ratio() -> None:
@@ -46,7 +52,8 @@ def test_breakdown_prints_each_stage_and_the_ratio() -> None:
                      "--dtype", "fp32", "--warmup", "1", "--iters", "3")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     row = next(line for line in proc.stdout.splitlines() if "fp32 h64 n16 k2 e4" in line)
-    assert len(figures(row)) == 7  # plan, sync, copy, tokens, routing again, api dispatch, kernel dispatch
-    api, kernel = figures(row)[5][0], figures(row)[6][0]
+    assert len(figures(row)) == 6  # plan, sync, tokens, routing again, api dispatch, kernel dispatch
+    assert re.search(r"│ +– │", row)  # no copy: on the CPU the plan runs eagerly into a buffer of its own
+    api, kernel = figures(row)[4][0], figures(row)[5][0]
     printed = float(re.search(r"(\d+\.\d\d)x", row).group(1))
     assert abs(printed - api / kernel) < 0.02, row  # the ratio of the medians (printed to 0.1 µs)

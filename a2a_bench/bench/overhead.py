@@ -4,10 +4,12 @@ Each backend's process-wide buffer is replaced by a :class:`Replay` of itself: a
 each kind it answers every call at once with the outputs of that real call. With the backend's own
 work gone, what remains of a ``fused_a2a.dispatch`` + ``combine`` round trip (or the seed functions')
 is our code: input checks, the agreed-knob cache, the autograd Functions, the backend adapter. Each
-path runs twice: with tokens that require grad (a training step: the autograd Functions record a
-graph node) and without (a decode step: their forward alone). That
-time minus the time of the same calls made directly on the replay is the overhead; the two are
-timed alternately in batches (``perf_counter_ns``), slowest rank per batch.
+path runs twice: without grad (a decode step: the Functions' forward alone) and with tokens that
+require grad (a training step: the Functions record a graph node). That time minus the time of the
+same calls made directly on the replay is the overhead. With grad, the direct calls are also timed
+inside a bare ``autograd.Function.apply`` each: what torch's autograd costs any wrapper, which
+fused_a2a cannot go below. The round trips are timed alternately in batches (``perf_counter_ns``),
+slowest rank per batch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Replay:
     def __init__(self, real: Any) -> None:
         self._real = real
         self._answers: dict[str, Any] = {}
+        self.needs_layout = getattr(real, "needs_layout", True)  # read on every call: no __getattr__ detour
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -66,6 +69,9 @@ class Overhead:
         wrapped: the round trip through fused_a2a (buffer answering at once).
         direct: the same buffer calls made directly.
         added: ``wrapped - direct`` per batch (its median is the overhead).
+        bare: with grad only: the direct calls, dispatch and combine each inside a bare
+            ``torch.autograd.Function.apply`` (what any autograd wrapper of the buffer pays).
+        beyond_bare: with grad only: ``wrapped - bare`` per batch (what fused_a2a adds beyond that).
     """
 
     backend: str
@@ -74,6 +80,17 @@ class Overhead:
     wrapped: Stats
     direct: Stats
     added: Stats
+    bare: Stats | None = None
+    beyond_bare: Stats | None = None
+
+
+class _Bare(torch.autograd.Function):
+    """``apply`` around one direct buffer call: ``forward(ctx, tokens, call, *args)`` returns
+    ``call(tokens, *args)`` and saves nothing (its backward is never run)."""
+
+    @staticmethod
+    def forward(ctx, tokens, call, *args):
+        return call(tokens, *args)
 
 
 def _install(backend: str, group, buffer: Replay) -> None:
@@ -118,26 +135,57 @@ def _paths(backend: str, x, idx, weights, num_experts: int, group) -> dict[str, 
     return paths
 
 
-def _direct(backend: str, buffer: Replay, comm, x, idx, weights, num_experts: int) -> Callable[[], Any]:
-    """The buffer calls of one round trip, made directly (HybridEP's own API for hybridep, with the
-    routing map its callers build)."""
+def _direct_calls(backend: str, buffer: Replay, comm, idx, weights, num_experts: int) -> tuple[Callable, Callable]:
+    """The buffer calls of one round trip, made directly: ``dispatch(tokens) -> (rows, handle)``
+    (layout + dispatch; no layout for a buffer that routes from top-k itself, as fused_a2a calls
+    it; HybridEP's own API for hybridep, with the routing map its callers build) and
+    ``combine(rows, handle)``."""
     if backend == "hybridep":
         routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
 
-        def run_hybridep():
-            rows, _, _, handle = buffer.dispatch(hidden=x, routing_map=routing_map, probs=probs, num_of_experts=num_experts)
-            return buffer.combine(hidden=rows, handle=handle)
+        def dispatch_hybridep(tokens):
+            rows, _, _, handle = buffer.dispatch(hidden=tokens, routing_map=routing_map, probs=probs,
+                                                 num_of_experts=num_experts)
+            return rows, handle
 
-        return run_hybridep
+        return dispatch_hybridep, lambda rows, handle: buffer.combine(hidden=rows, handle=handle)
 
-    def run():
+    def combine(rows, handle):
+        return buffer.combine(rows, handle, config=comm.combine_config)
+
+    if not buffer.needs_layout:
+
+        def dispatch_routing(tokens):
+            out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=weights, num_experts=num_experts,
+                                  config=comm.dispatch_config)
+            return out[0], out[4]
+
+        return dispatch_routing, combine
+
+    def dispatch(tokens):
         per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
-        out = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
+        out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
                               num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
                               num_tokens_per_expert=per_expert, config=comm.dispatch_config)
-        return buffer.combine(out[0], out[4], config=comm.combine_config)
+        return out[0], out[4]
 
-    return run
+    return dispatch, combine
+
+
+def _round_trips(calls: tuple[Callable, Callable], tokens) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The direct round trip of ``calls`` on ``tokens``, and the same with each call in a bare
+    autograd ``apply``."""
+    dispatch, combine = calls
+
+    def direct():
+        rows, handle = dispatch(tokens)
+        return combine(rows, handle)
+
+    def bare():
+        rows, handle = _Bare.apply(tokens, dispatch)
+        return _Bare.apply(rows, combine, handle)
+
+    return direct, bare
 
 
 def _batch_us(fn: Callable[[], Any]) -> float:
@@ -157,7 +205,9 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     x = inputs.x.to(device)
     idx, weights = inputs.topk_idx.to(device), inputs.topk_weights.to(device)
     trained = x.detach().requires_grad_(True)
-    paths = {(path, grad): run for grad, tokens in ((True, trained), (False, x))
+    # no grad first: an autograd Function marks the tensors its forward returns, so once a grad path
+    # has run, the replayed answers require grad and a no-grad combine would record a graph node
+    paths = {(path, grad): run for grad, tokens in ((False, x), (True, trained))
              for path, run in _paths(backend, tokens, idx, weights, workload.num_experts, group).items()}
     for run in paths.values():
         run()  # agree on the knobs, build the buffer
@@ -168,17 +218,24 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     replay = Replay(real)
     _install(backend, group, replay)
     try:
-        direct = _direct(backend, replay, comm, x, idx, weights, workload.num_experts)
-        direct()
+        calls = _direct_calls(backend, replay, comm, idx, weights, workload.num_experts)
         results = []
         for (path, grad), run in paths.items():
-            run()
-            local = torch.empty(2, iters, dtype=torch.float64)
+            direct, bare = _round_trips(calls, trained if grad else x)
+            timed = (run, direct, bare) if grad else (run, direct)
+            for fn in timed:
+                fn()
+            local = torch.empty(len(timed), iters, dtype=torch.float64)
             for i in range(iters):
-                local[0, i], local[1, i] = _batch_us(run), _batch_us(direct)
+                for row, fn in enumerate(timed):
+                    local[row, i] = _batch_us(fn)
             local = slowest(local, device, group)
-            results.append(Overhead(backend, path, grad, summarize(local[0].tolist()), summarize(local[1].tolist()),
-                                    summarize((local[0] - local[1]).tolist())))
+            wrapped, direct_us = local[0], local[1]
+            extra = {}
+            if grad:
+                extra = dict(bare=summarize(local[2].tolist()), beyond_bare=summarize((wrapped - local[2]).tolist()))
+            results.append(Overhead(backend, path, grad, summarize(wrapped.tolist()), summarize(direct_us.tolist()),
+                                    summarize((wrapped - direct_us).tolist()), **extra))
     finally:
         _install(backend, group, real)
     return results

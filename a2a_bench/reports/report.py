@@ -110,7 +110,7 @@ def _num(value, ok: bool, fmt: str = "{:.1f}") -> str:
 
 
 def _stats(s) -> str:
-    return f"{s.median:.1f} ({s.p10:.1f}–{s.p90:.1f})"
+    return "–" if s is None else f"{s.median:.1f} ({s.p10:.1f}–{s.p90:.1f})"
 
 
 def breakdown_table(rows) -> Table:
@@ -129,9 +129,12 @@ def breakdown_table(rows) -> Table:
 def overhead_table(rows) -> Table:
     """Host time fused_a2a adds per dispatch + combine (:class:`a2a_bench.bench.overhead.Overhead`), µs."""
     table = Table(title="host µs per dispatch + combine over calling the buffer directly "
-                        "(buffer answering at once; slowest rank; median (p10–p90) of 50-call batches)")
-    for column in ("backend", "path", "grad", "through fused_a2a", "buffer directly", "added"):
+                        "(buffer answering at once; slowest rank; median (p10–p90) of 50-call batches; "
+                        "with grad, also the direct calls in a bare autograd.Function.apply each)")
+    for column in ("backend", "path", "grad", "through fused_a2a", "buffer directly", "added", "bare autograd",
+                   "added beyond bare"):
         table.add_column(column, justify="left" if column in ("backend", "path", "grad") else "right")
     for r in rows:
-        table.add_row(r.backend, r.path, "yes" if r.grad else "no", _stats(r.wrapped), _stats(r.direct), _stats(r.added))
+        table.add_row(r.backend, r.path, "yes" if r.grad else "no", _stats(r.wrapped), _stats(r.direct), _stats(r.added),
+                      _stats(r.bare), _stats(r.beyond_bare))
     return table

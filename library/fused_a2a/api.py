@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm, run_function
-from fused_a2a.checks import check_dispatch_inputs, dtype_name
+from fused_a2a.checks import dispatch_shape
 from fused_a2a.fp8 import is_fp8_pair
 from fused_a2a.tuning.agreement import agreed_comm
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)  # not frozen: a cheaper __init__
 class DispatchHandle:
     """The handle of a backend-neutral dispatch: the backend's own handle and how to reach it again.
 
@@ -82,15 +82,10 @@ def dispatch(
             backend's kernels do not take, or knobs that differ between the ranks.
         RuntimeError: the backend's library is not installed.
     """
-    check_dispatch_inputs(x, topk_idx, topk_weights, num_experts, dist.get_world_size(group))
-    if is_fp8_pair(x):
-        x = tuple(t.contiguous() for t in x)
-        dtype, hidden, num_tokens = "fp8", x[0].size(1), x[0].size(0)
-    else:
-        x = x.contiguous()
-        dtype, hidden, num_tokens = dtype_name(x.dtype), x.size(1), x.size(0)
-    comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk_idx.size(1), num_experts, knobs,
-                       num_sms_budget, routing).comm
+    dtype, num_tokens, hidden, topk = dispatch_shape(x, topk_idx, topk_weights, num_experts)
+    x = tuple(t.contiguous() for t in x) if is_fp8_pair(x) else x.contiguous()
+    comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk, num_experts, knobs, num_sms_budget,
+                       routing).comm  # checks num_experts against the group size at the key's first call
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = run_function(
         BufferDispatch, x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
     )

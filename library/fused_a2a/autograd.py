@@ -28,7 +28,8 @@ def get_hidden_bytes(x) -> int:
     """
     if isinstance(x, tuple):
         x = x[0]
-    return x.size(1) * max(x.element_size(), 2)
+    size = x.element_size()
+    return x.shape[1] * (size if size > 2 else 2)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Comm:
     new_event: Callable[[], Any] | None = None
 
     def previous_event(self, async_finish: bool):
+        """An event of the current stream when ``async_finish`` and the backend makes events, else ``None``."""
         return self.new_event() if async_finish and self.new_event is not None else None
 
 
@@ -70,7 +72,12 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
     """
     buffer = comm.get_buffer(group, get_hidden_bytes(x))
     event = comm.previous_event(async_finish)
-    if getattr(buffer, "needs_layout", True):
+    if not getattr(buffer, "needs_layout", True):  # the buffer routes from top-k itself (torch, HybridEP)
+        out = buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts, config=comm.dispatch_config,
+            previous_event=event, async_finish=async_finish, allocate_on_comm_stream=on_comm_stream,
+        )
+    else:
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = (
             buffer.get_dispatch_layout(
                 topk_idx,
@@ -80,20 +87,20 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
                 allocate_on_comm_stream=on_comm_stream,
             )
         )
-        layout = dict(num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
-                      is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert)
-    else:  # the buffer routes from top-k itself (HybridEP)
-        layout = dict(num_experts=num_experts)
-    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, after = buffer.dispatch(
-        x,
-        topk_idx=topk_idx,
-        topk_weights=topk_weights,
-        **layout,
-        config=comm.dispatch_config,
-        previous_event=event,
-        async_finish=async_finish,
-        allocate_on_comm_stream=on_comm_stream,
-    )
+        out = buffer.dispatch(
+            x,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+            config=comm.dispatch_config,
+            previous_event=event,
+            async_finish=async_finish,
+            allocate_on_comm_stream=on_comm_stream,
+        )
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, after = out
     _wait(after, async_finish)
     ctx.comm, ctx.group, ctx.handle = comm, group, handle
     ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
@@ -108,11 +115,13 @@ def counts_tensor(counts) -> torch.Tensor:
 
 
 def run_function(function: type[torch.autograd.Function], *args):
-    """``function.apply(*args)``; when autograd would record nothing (grad mode off, or no tensor
-    argument requires grad) its ``forward`` alone, which returns the same outputs without the
-    cost of building a graph node (a decode step's dispatch and combine)."""
+    """``function.apply(*args)``; when autograd would record nothing (grad mode off, or none of the
+    arguments at the positions ``function.differentiable`` names is a tensor that requires grad)
+    its ``forward`` alone, which returns the same outputs without the cost of building a graph
+    node (a decode step's dispatch and combine)."""
     if torch.is_grad_enabled():
-        for arg in args:
+        for position in function.differentiable:
+            arg = args[position]
             if isinstance(arg, torch.Tensor) and arg.requires_grad:
                 return function.apply(*args)
     return function.forward(SimpleNamespace(), *args)
@@ -176,6 +185,8 @@ def combine_backward(ctx, grad_combined):
 class BufferDispatch(torch.autograd.Function):
     """Dispatch through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.dispatch` applies."""
 
+    differentiable = (0, 2)  # x, topk_weights (for run_function)
+
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weights, num_experts, group, comm, async_finish=False, allocate_on_comm_stream=False):
         return dispatch_forward(ctx, comm, x, topk_idx, topk_weights, num_experts, group, async_finish, allocate_on_comm_stream)
@@ -188,6 +199,8 @@ class BufferDispatch(torch.autograd.Function):
 
 class BufferCombine(torch.autograd.Function):
     """Combine through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.combine` applies."""
+
+    differentiable = (0,)  # x (for run_function)
 
     @staticmethod
     def forward(ctx, x, group, handle, comm, async_finish=False, allocate_on_comm_stream=False):

@@ -37,6 +37,39 @@ def check_dispatch_inputs(
         num_experts: total number of experts across the group.
         group_size: number of ranks in the expert-parallel group.
     """
+    dispatch_shape(x, topk_idx, topk_weights, num_experts)
+    check_experts_divisible(num_experts, group_size)
+
+
+def check_experts_divisible(num_experts: int, group_size: int) -> None:
+    """Raise ``ValueError`` unless ``num_experts`` splits evenly over ``group_size`` ranks."""
+    if num_experts % group_size != 0:
+        raise ValueError(f"num_experts ({num_experts}) is not divisible by the group size ({group_size})")
+
+
+def dispatch_shape(x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                   num_experts: int) -> tuple[str, int, int, int]:
+    """``(dtype, num_tokens, hidden, topk)`` of a dispatch's arguments (``dtype`` as
+    :func:`dtype_name` names it, ``"fp8"`` for an FP8 pair), after the checks of
+    :func:`check_dispatch_inputs` but the group size's. Raises ``ValueError`` naming the mistake."""
+    try:  # the common call (tensors, no FP8 pair), each piece of metadata read once
+        x_shape, idx_shape = x.shape, topk_idx.shape
+        name = DTYPE_NAMES.get(x.dtype)
+        if (name is not None and len(x_shape) == 2 and len(idx_shape) == 2 and x_shape[0] == idx_shape[0]
+                and topk_idx.dtype is torch.int64
+                and (topk_weights is None or (topk_weights.dtype is torch.float32 and topk_weights.shape == idx_shape))
+                and type(num_experts) is int and num_experts > 0
+                and isinstance(x, torch.Tensor) and isinstance(topk_idx, torch.Tensor)):
+            return name, x_shape[0], x_shape[1], idx_shape[1]
+    except (AttributeError, TypeError):
+        pass
+    _explain(x, topk_idx, topk_weights, num_experts)
+    tokens = x[0] if isinstance(x, tuple) else x
+    return ("fp8" if isinstance(x, tuple) else dtype_name(tokens.dtype)), tokens.size(0), tokens.size(1), topk_idx.size(1)
+
+
+def _explain(x, topk_idx, topk_weights, num_experts) -> None:
+    """Raise the ``ValueError`` that names the first mistake in a dispatch's arguments, if any."""
     if isinstance(x, tuple):
         x = _check_fp8_pair(x)
     elif not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -60,8 +93,6 @@ def check_dispatch_inputs(
             )
     if not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if num_experts % group_size != 0:
-        raise ValueError(f"num_experts ({num_experts}) is not divisible by the group size ({group_size})")
 
 
 def check_topk_range(topk_idx: torch.Tensor, num_experts: int) -> None:

@@ -114,6 +114,8 @@ def combine_comm(group, x: torch.Tensor, handle: tuple):
 class FusedDispatch(torch.autograd.Function):
     """Fused dispatch operation for MoE routing combining computation and communication."""
 
+    differentiable = (0, 2)  # x, token_probs (for run_function)
+
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass of fused dispatch (see :func:`fused_dispatch`)."""
@@ -132,6 +134,8 @@ class FusedDispatch(torch.autograd.Function):
 
 class FusedCombine(torch.autograd.Function):
     """Fused combine operation for MoE output combining computation and communication."""
+
+    differentiable = (0,)  # x (for run_function)
 
     @staticmethod
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):

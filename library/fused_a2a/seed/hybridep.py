@@ -123,6 +123,8 @@ def _fused_supported(fused: bool, blocks: tuple) -> bool:
 class HybridEPDispatch(torch.autograd.Function):
     """Fused dispatch operation for permute + dispatch a2a + permute using the HybridEP backend."""
 
+    differentiable = (0, 2)  # x, probs (for run_function)
+
     @staticmethod
     def forward(ctx, x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api=None,
                 num_sms_combine_api=None, num_permuted_tokens=None, pad_multiple=None, num_blocks_permute=None,
@@ -162,6 +164,8 @@ class HybridEPDispatch(torch.autograd.Function):
 
 class HybridEPCombine(torch.autograd.Function):
     """Fused combine operation for permute + combine a2a + permute using the HybridEP backend."""
+
+    differentiable = (0,)  # x (for run_function)
 
     @staticmethod
     def forward(ctx, x, handle, num_permuted_tokens=None, pad_multiple=None, fused=False):

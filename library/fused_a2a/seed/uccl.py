@@ -87,6 +87,8 @@ def _combine_comm(group, x: torch.Tensor, handle):
 class UCCLFusedDispatch(torch.autograd.Function):
     """Fused dispatch using UCCL-EP instead of DeepEP."""
 
+    differentiable = (0, 2)  # x, token_probs (for run_function)
+
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass: layout + dispatch (see :func:`uccl_fused_dispatch`)."""
@@ -105,6 +107,8 @@ class UCCLFusedDispatch(torch.autograd.Function):
 
 class UCCLFusedCombine(torch.autograd.Function):
     """Fused combine using UCCL-EP instead of DeepEP."""
+
+    differentiable = (0,)  # x (for run_function)
 
     @staticmethod
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):

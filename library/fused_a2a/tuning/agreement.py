@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends import BACKENDS, Shape, get_backend
+from fused_a2a.checks import check_experts_divisible
 from fused_a2a.cluster import CLUSTER_ID_ENV, detect_cluster
 from fused_a2a.tuning import resolve as resolution
 
@@ -101,14 +102,11 @@ def agreed_comm(
             ``FUSED_A2A_*`` overrides that differ between the ranks (raised on every rank).
         RuntimeError: the backend's library is not installed.
     """
-    key = (group, backend, dtype, hidden, topk, num_experts, routing, _frozen(explicit), num_sms_budget)
+    key = (group, backend, dtype, hidden, topk, num_experts, routing,
+           tuple(sorted(explicit.items())) if explicit else (), num_sms_budget)
     agreed = _cache.get(key)
     if agreed is not None:
-        agreed.calls[0] += 1
-        look_at_files = agreed.calls[0] >= STAT_EVERY
-        if _env_stamp(agreed.watch) == agreed.stamp[0] and not (look_at_files and _file_stamp(agreed.watch) != agreed.stamp[1]):
-            if look_at_files:
-                agreed.calls[0] = 0
+        if _unchanged(agreed):
             _stats["hits"] += 1
             return agreed
         _stats["refreshes"] += 1
@@ -116,11 +114,26 @@ def agreed_comm(
     else:
         if backend != "auto":
             get_backend(backend)
+        if num_experts is not None:
+            check_experts_divisible(num_experts, dist.get_world_size(group))
         _stats["agreements"] += 1
         lookup_tokens, use_table = _agree(key, group, num_tokens, explicit)
         agreed = _resolve(key, lookup_tokens, use_table)
     _cache[key] = agreed
     return agreed
+
+
+def _unchanged(agreed: Agreed) -> bool:
+    """Whether the watched variables still hold the entry's values (and, at every
+    :data:`STAT_EVERY`-th call, its table files too)."""
+    if tuple(map(_ENV_GET, agreed.watch[0])) != agreed.stamp[0]:
+        return False
+    calls = agreed.calls
+    calls[0] += 1
+    if calls[0] < STAT_EVERY:
+        return True
+    calls[0] = 0
+    return _file_stamp(agreed.watch) == agreed.stamp[1]
 
 
 def _frozen(explicit: dict[str, Any]) -> tuple:
@@ -141,18 +154,19 @@ def _table_paths(world_size: int) -> tuple[Path, ...]:
 
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
+_RAW_ENV = _ENV_DATA is not None and _ENCODE is not None  # CPython: read the encoded dict, skip decoding
+_ENV_GET = _ENV_DATA.get if _RAW_ENV else os.environ.get
 
 
 def _watch(backend: str, world_size: int) -> tuple:
     names = _env_names(backend)
-    encoded = tuple(_ENCODE(name) for name in names) if _ENV_DATA is not None and _ENCODE else names
+    encoded = tuple(_ENCODE(name) for name in names) if _RAW_ENV else names
     return encoded, _table_paths(world_size)
 
 
 def _env_stamp(watch: tuple) -> tuple:
     """The values of the watched variables."""
-    data = _ENV_DATA if _ENV_DATA is not None and _ENCODE else os.environ
-    return tuple(data.get(name) for name in watch[0])
+    return tuple(map(_ENV_GET, watch[0]))
 
 
 def _file_stamp(watch: tuple) -> tuple:
