@@ -79,7 +79,7 @@ def _kernels_that_fail(rank: int, world_size: int) -> None:
 
     import fused_a2a.backends.torch_routing_kernels as kernels
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed\nmore lines")
 
     kernels.usable = lambda topk_idx: not kernels._failure  # as on a GPU with Triton

@@ -3,7 +3,8 @@
 Stages of ``TorchBuffer.dispatch`` (a fresh dispatch): ``plan`` (the routing computed from top-k and
 exchanged with the counts, :mod:`fused_a2a.backends.torch_routing`: one CUDA-graph replay on a GPU with
 NCCL, Triton kernels where Triton runs), ``sync`` (the same plus the host synchronisation and reading
-the counts), ``copy`` (the copy of a replayed graph's buffer that the dispatch keeps), ``tokens`` (the
+the counts), ``copy`` (the copy of a replayed graph's buffer that the dispatch keeps; none where the
+graph's Triton kernels write a new buffer each call, or the plan runs eagerly), ``tokens`` (the
 token exchange: all a cached, ``kernel``-mode dispatch does) and ``routing again`` (the routing rows
 exchanged once more, which only a dispatch where some rank holds more tokens than the capacity pays);
 then the whole ``fused_a2a.dispatch`` and the ``kernel`` dispatch, timed alternately so their ratio
@@ -34,14 +35,14 @@ class Breakdown:
         impl: the torch backend's ``impl`` knob.
         plan: how the routing plan ran: ``graph`` (a replayed CUDA graph) or ``eager``, computed by
             ``triton`` kernels or ``torch ops``.
-        stages: stage name -> its time per call.
+        stages: stage name -> its time per call (``None``: a stage this dispatch does not run).
         api, kernel: the whole ``fused_a2a.dispatch`` and the cached dispatch, timed alternately.
     """
 
     workload: WorkloadSpec
     impl: str
     plan: str
-    stages: dict[str, Stats]
+    stages: dict[str, Stats | None]
     api: Stats
     kernel: Stats
 
@@ -73,7 +74,7 @@ def measure_breakdown(workload: WorkloadSpec, impl: str, warmup: int, iters: int
     stages = {
         "plan": timed(lambda: buffer.plan(idx, weights, num_experts)),
         "sync": timed(planned),
-        "copy": timed(plan.out.clone),
+        "copy": timed(plan.out.clone) if shared else None,
         "tokens": timed(lambda: buffer.exchange_tokens(x, handle.send_token_idx, counts.send, counts.recv, config)),
         "routing again": timed(lambda: buffer.exchange_routing(rows, workload.topk, counts, config)),
     }

@@ -50,7 +50,7 @@ class TorchConfig:
             raise ValueError(f"torch backend: impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: a cheaper __init__; takes attributes (fused_a2a.seed.handles)
 class TorchHandle:
     """What a torch-backend dispatch leaves for its combine and for cached dispatches.
 
@@ -195,20 +195,25 @@ class TorchBuffer:
 
         plan, shared = self.plan(topk_idx, topk_weights, num_experts)
         if topk_idx.is_cuda:
-            torch.cuda.current_stream(topk_idx.device).synchronize()
+            torch.cuda.current_stream(topk_idx.get_device()).synchronize()
         counts = read_counts(plan.host, self.group_size, num_experts)
-        out = plan.out.clone() if shared else plan.out  # a graph's buffer is overwritten by its next replay
-        carried = counts.max_tokens <= plan.shape.capacity
-        send_token_idx, recv_topk_idx, recv_topk_weights = plan.shape.received(
-            out, sum(counts.send), sum(counts.recv) if carried else 0)
+        rows, carried = sum(counts.send), counts.max_tokens <= plan.shape.capacity
+        # the tokens first, from the plan's own buffer: the GPU waits for them, not for the host work below
+        send_token_idx = plan.shape.sent(plan.out, rows)
         recv_x = self.exchange_tokens(x, send_token_idx, counts.send, counts.recv, config)
+        out = plan.out
+        if shared:  # a graph's buffer is overwritten by its next replay
+            out = out.clone()
+            send_token_idx = plan.shape.sent(out, rows)
+        recv_topk_idx, recv_topk_weights = plan.shape.received(out, sum(counts.recv) if carried else 0)
         if not carried:  # the segments could not carry every routing row: exchange them now
-            rows = routing_rows(topk_idx, topk_weights, send_token_idx, counts.send, num_experts // self.group_size)
-            recv_topk_idx, recv_topk_weights = self.exchange_routing(rows, topk_idx.size(1), counts, config)
+            routing = routing_rows(topk_idx, topk_weights, send_token_idx, counts.send, num_experts // self.group_size)
+            recv_topk_idx, recv_topk_weights = self.exchange_routing(routing, topk_idx.size(1), counts, config)
         if self.capacity.observe(counts.max_tokens):
             self._graphs.forget()
-        per_expert = counts_tensor([(count + expert_alignment - 1) // expert_alignment * expert_alignment
-                                    for count in counts.per_local_expert])
+        per_expert = counts.per_local_expert
+        if expert_alignment > 1:
+            per_expert = [(count + expert_alignment - 1) // expert_alignment * expert_alignment for count in per_expert]
         handle = TorchHandle(
             group=self.group,
             send_token_idx=send_token_idx,
@@ -216,7 +221,7 @@ class TorchBuffer:
             recv_counts=counts.recv,
             num_tokens=topk_idx.size(0),
         )
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, None
+        return recv_x, recv_topk_idx, recv_topk_weights, counts_tensor(per_expert), handle, None
 
     def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
         """The routing plan of a fresh dispatch (:func:`~fused_a2a.backends.torch_routing.plan_routing`)
@@ -332,9 +337,10 @@ _buffers: dict[object, TorchBuffer] = {}
 def get_torch_buffer(group: dist.ProcessGroup | None, hidden_bytes: int = 0) -> TorchBuffer:
     """The torch buffer of ``group`` (``None``: the default group), created on first use."""
     key = group if group is not None else dist.group.WORLD
-    if key not in _buffers:
-        _buffers[key] = TorchBuffer(group)
-    return _buffers[key]
+    buffer = _buffers.get(key)
+    if buffer is None:
+        buffer = _buffers[key] = TorchBuffer(group)
+    return buffer
 
 
 def set_torch_buffer(group: dist.ProcessGroup | None, buffer) -> None:

@@ -20,9 +20,12 @@ eagerly.
 
 from __future__ import annotations
 
+import ctypes
+import operator
 from collections import deque
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -120,14 +123,18 @@ class PlanShape:
         offset, size = self.regions["staging"]
         return offset + _round_up(size)
 
-    def received(self, out: torch.Tensor, rows: int, received: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sent(self, out: torch.Tensor, rows: int) -> torch.Tensor:
+        """``[rows]`` int64 view of a plan's output buffer ``out`` (int64, storage offset 0): the source
+        token of each sent row, ordered by destination rank."""
+        return out.as_strided((rows,), (1,), self.regions["token"][0] // 8)
+
+    def received(self, out: torch.Tensor, received: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of a plan's output buffer ``out`` (int64, storage offset 0) once the counts are known:
-        ``(token [rows] int64, ids [received, K] int64, weights [received, K] float32)``."""
+        ``(ids [received, K] int64, weights [received, K] float32)``."""
         k = self.topk
-        token = out.as_strided((rows,), (1,), self.regions["token"][0] // 8)
         ids = out.as_strided((received, k), (k, 1), self.regions["ids"][0] // 8)
         weights = out.view(torch.float32).as_strided((received, k), (k, 1), self.regions["weights"][0] // 4)
-        return token, ids, weights
+        return ids, weights
 
 
 @dataclass(frozen=True)
@@ -155,8 +162,7 @@ class PlanViews:
         )
 
 
-@dataclass(frozen=True)
-class RoutingPlan:
+class RoutingPlan(NamedTuple):
     """What :func:`plan_routing` leaves.
 
     Attributes:
@@ -174,7 +180,7 @@ class RoutingPlan:
 
 
 def plan_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, group, world: int,
-                 capacity: int, host: torch.Tensor) -> RoutingPlan:
+                 capacity: int, host: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingPlan:
     """Compute a dispatch's routing (see the module doc) and start copying its counts into ``host``.
 
     Args:
@@ -185,14 +191,18 @@ def plan_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts
         world: its size ``W``.
         capacity: routing rows per segment (the same on every rank).
         host: ``[2 W (E/W + 4)]`` int64 host tensor (pinned for a CUDA ``topk_idx``).
+        inputs: ``None``, or a pinned ``[3]`` int64 host tensor through which the Triton kernels, where
+            they run, read the addresses of top-k, weights and the output buffer (``kernels.plan_send``).
     """
     shape = PlanShape(topk_idx.size(0), topk_idx.size(1), num_experts, world, capacity)
     out = torch.empty(shape.out_bytes // 8, dtype=torch.int64, device=topk_idx.device)
     views = PlanViews.of(out, shape)
-    send = _with_kernels_or_torch(kernels.plan_send, send_with_torch, topk_idx, topk_idx, topk_weights, shape, views)
+    send = _with_kernels_or_torch(partial(kernels.plan_send, inputs=inputs), send_with_torch, topk_idx,
+                                  topk_idx, topk_weights, shape, views)
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
-    _with_kernels_or_torch(kernels.plan_receive, receive_with_torch, topk_idx, received, shape, views)
+    _with_kernels_or_torch(partial(kernels.plan_receive, inputs=inputs), receive_with_torch, topk_idx,
+                           received, shape, views)
     host.copy_(views.staging.flatten(), non_blocking=True)
     return RoutingPlan(shape, out, host)
 
@@ -258,8 +268,7 @@ def receive_with_torch(received: torch.Tensor, shape: PlanShape, views: PlanView
     views.weights.index_put_((slot,), weights)
 
 
-@dataclass(frozen=True)
-class Counts:
+class Counts(NamedTuple):
     """What the count exchange tells a rank (host values).
 
     Attributes:
@@ -283,18 +292,19 @@ def read_counts(host: torch.Tensor, world: int, num_experts: int) -> Counts:
     """
     num_local = num_experts // world
     meta_len = num_local + 4
-    values = host.tolist()
-    received = [values[r * meta_len:(r + 1) * meta_len] for r in range(world)]
-    sent = values[world * meta_len::meta_len]
-    low = min(row[num_local + 1] for row in received)
-    high = max(row[num_local + 2] for row in received)
+    end = world * meta_len
+    values = host.tolist()  # [W, meta_len] received metadata (one row per source rank), then the sent rows
+    lows, highs = values[num_local + 1:end:meta_len], values[num_local + 2:end:meta_len]
+    low, high = min(lows), max(highs)
     if low < -1 or high >= num_experts:
-        bad = [r for r, row in enumerate(received) if row[num_local + 1] < -1 or row[num_local + 2] >= num_experts]
+        bad = [r for r in range(world) if lows[r] < -1 or highs[r] >= num_experts]
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}] "
                          f"(rank {', '.join(map(str, bad))})")
-    per_expert = tuple(map(sum, zip(*[row[1:num_local + 1] for row in received])))
-    return Counts(tuple(sent[:world]), tuple(row[0] for row in received), per_expert,
-                  max(row[num_local + 3] for row in received))
+    per_expert = values[1:num_local + 1]
+    for start in range(meta_len + 1, end, meta_len):
+        per_expert = list(map(operator.add, per_expert, values[start:start + num_local]))
+    return Counts(tuple(values[end:2 * end:meta_len]), tuple(values[0:end:meta_len]), tuple(per_expert),
+                  max(values[num_local + 3:end:meta_len]))
 
 
 def routing_rows(topk_idx: torch.Tensor, topk_weights: torch.Tensor, token: torch.Tensor,
@@ -353,12 +363,20 @@ def host_buffer(world: int, num_experts: int, device: torch.device) -> torch.Ten
 
 @dataclass
 class _Captured:
-    """One shape's graph: its static inputs, the plan its replay refreshes, the graph."""
+    """One shape's graph: its static inputs, the plan its replay refreshes, the graph, and where its
+    Triton kernels read the addresses of their inputs (``None``: they read the static inputs).
+
+    Attributes:
+        inputs: the pinned ``[3]`` int64 tensor of those addresses (top-k, weights, output buffer), or ``None``.
+        addresses: a ``ctypes`` view of ``inputs`` (what a replay writes), or ``None``.
+    """
 
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
     plan: RoutingPlan
     graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor | None
+    addresses: ctypes.Array | None
 
 
 class RoutingGraphs:
@@ -368,6 +386,11 @@ class RoutingGraphs:
     (after the first, eager, plan of this object); a shape whose capture fails runs eagerly from then
     on. Capturing launches nothing, so every rank still exchanges counts once per call whatever the
     others do. The returned plan's tensors are overwritten by the next replay of the same shape.
+
+    Where the Triton kernels run, a replay copies nothing in or out: the host writes the addresses of
+    this call's top-k and weights and of a new output buffer into pinned memory that the graph's
+    kernels read when they start. So a plan must be called again only once the previous replay is
+    done (a dispatch synchronises with it before returning).
     """
 
     def __init__(self, group, world: int) -> None:
@@ -378,7 +401,8 @@ class RoutingGraphs:
 
     def plan(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
              capacity: int) -> tuple[RoutingPlan, bool]:
-        """The routing plan of this call and whether its buffers are a graph's (to copy before the next call)."""
+        """The routing plan of this call and whether its output buffer is a graph's (overwritten by the
+        next replay: copy what must outlive it)."""
         key = (topk_idx.device, tuple(topk_idx.shape), num_experts, topk_weights.dtype, capacity)
         if not self._warm or torch.cuda.is_current_stream_capturing():
             self._warm = True
@@ -388,10 +412,18 @@ class RoutingGraphs:
         captured = self._graphs[key]
         if captured is None:
             return self._eager(topk_idx, topk_weights, num_experts, capacity), False
-        captured.topk_idx.copy_(topk_idx)
-        captured.topk_weights.copy_(topk_weights)
+        plan = captured.plan
+        if captured.addresses is None:
+            captured.topk_idx.copy_(topk_idx)
+            captured.topk_weights.copy_(topk_weights)
+            captured.graph.replay()
+            return plan, True
+        topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.float().contiguous()
+        out = torch.empty(plan.out.numel(), dtype=torch.int64, device=topk_idx.device)
+        addresses = captured.addresses
+        addresses[0], addresses[1], addresses[2] = topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr()
         captured.graph.replay()
-        return captured.plan, True
+        return RoutingPlan(plan.shape, out, plan.host), False
 
     def forget(self) -> None:
         """Drop every captured graph (their capacity is outgrown)."""
@@ -402,13 +434,21 @@ class RoutingGraphs:
         return plan_routing(topk_idx, topk_weights, num_experts, self.group, self.world, capacity, host)
 
     def _capture(self, topk_idx, topk_weights, num_experts: int, capacity: int) -> _Captured | None:
-        static_idx, static_weights = topk_idx.clone(), topk_weights.clone()
+        static_idx, static_weights = topk_idx.contiguous().clone(), topk_weights.float().contiguous().clone()
         host = host_buffer(self.world, num_experts, topk_idx.device)
+        inputs = addresses = None
+        if kernels.usable(static_idx):  # the output buffer's address is written before each replay
+            inputs = torch.zeros(3, dtype=torch.int64, pin_memory=True)
+            addresses = (ctypes.c_int64 * 3).from_address(inputs.data_ptr())
+            addresses[0], addresses[1] = static_idx.data_ptr(), static_weights.data_ptr()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                plan = plan_routing(static_idx, static_weights, num_experts, self.group, self.world, capacity, host)
+                plan = plan_routing(static_idx, static_weights, num_experts, self.group, self.world, capacity, host,
+                                    inputs)
         except RuntimeError:  # an op or a collective that cannot be captured here: eager from now on
             torch.cuda.synchronize(topk_idx.device)
             return None
-        return _Captured(static_idx, static_weights, plan, graph)
+        if not kernels.usable(static_idx):  # the kernels gave way to torch operations, which read the static inputs
+            inputs = addresses = None
+        return _Captured(static_idx, static_weights, plan, graph, inputs, addresses)

@@ -2,7 +2,7 @@
 
 Three kernels write exactly what the plan's torch operations write, in three launches instead of
 some thirty: ``_count`` (per block of tokens: the tokens it sends to each rank, its smallest and
-largest id, and the (token, expert) pairs per expert, added atomically), ``_send`` (each token's row
+largest id, and its histogram of (token, expert) pairs per expert, added atomically), ``_send`` (each token's row
 in the send order, the routing rows of the segments and, in block 0, the counts of every segment) and
 ``_receive`` (after the exchange: the received routing rows packed by source rank, the received
 counts). Used only for CUDA tensors when Triton imports; the torch operations run everywhere else.
@@ -61,12 +61,17 @@ if triton is not None:
         return t, kk, dd, m2, ids, valid, in_dest
 
     @triton.jit
-    def _count(idx_ptr, n, k, num_experts, num_local, world, block_counts_ptr, block_bounds_ptr, hist_ptr,
-               B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr):
+    def _count(idx_ptr, inputs_ptr, n, k, num_experts, num_local, world, block_counts_ptr, block_bounds_ptr, hist_ptr,
+               B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr, EP: tl.constexpr, INDIRECT: tl.constexpr):
+        if INDIRECT:  # the address of top-k comes from the host at each launch (a graph's replay)
+            idx_ptr = tl.load(inputs_ptr).to(tl.pointer_type(tl.int64))
         blk = tl.program_id(0)
         t, kk, dd, m2, ids, valid, in_dest = _block(idx_ptr, blk, n, k, num_experts, num_local, B, KP, WP)
         tl.store(block_counts_ptr + blk * world + dd, tl.sum(in_dest, axis=0), mask=dd < world)
-        tl.atomic_add(hist_ptr + tl.where(valid, ids, 0), valid.to(tl.int32), mask=valid)
+        # the block's histogram first (bin num_experts collects the pairs of no expert), then one add per expert
+        bins = tl.histogram(tl.reshape(tl.where(valid, ids, num_experts).to(tl.int32), [B * KP]), EP)
+        ee = tl.arange(0, EP)
+        tl.atomic_add(hist_ptr + ee, bins, mask=(ee < num_experts) & (bins > 0))
         tl.store(block_bounds_ptr + blk * 2, tl.min(tl.where(m2, ids, _BIG)))
         tl.store(block_bounds_ptr + blk * 2 + 1, tl.max(tl.where(m2, ids, -_BIG)))
 
@@ -80,10 +85,15 @@ if triton is not None:
         tl.store(base + dd * stride + num_local + 3, zero + n, mask=dmask)
 
     @triton.jit
-    def _send(idx_ptr, w_ptr, n, k, num_experts, num_local, world, capacity, num_blocks,
-              block_counts_ptr, block_bounds_ptr, hist_ptr, token_ptr, words_ptr, floats_ptr, staging_ptr,
+    def _send(idx_ptr, w_ptr, inputs_ptr, n, k, num_experts, num_local, world, capacity, num_blocks,
+              block_counts_ptr, block_bounds_ptr, hist_ptr, token_ptr, token_offset, words_ptr, floats_ptr, staging_ptr,
               segment_words, meta_len, weights_float_offset,
-              B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr, LP: tl.constexpr, CH: tl.constexpr):
+              B: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr, LP: tl.constexpr, CH: tl.constexpr,
+              INDIRECT: tl.constexpr):
+        if INDIRECT:  # top-k, weights and the output buffer at the addresses the host wrote for this launch
+            idx_ptr = tl.load(inputs_ptr).to(tl.pointer_type(tl.int64))
+            w_ptr = tl.load(inputs_ptr + 1).to(tl.pointer_type(tl.float32))
+            token_ptr = (tl.load(inputs_ptr + 2) + token_offset).to(tl.pointer_type(tl.int64))
         blk = tl.program_id(0)
         dd = tl.arange(0, WP)
         dmask = dd < world
@@ -126,9 +136,13 @@ if triton is not None:
             _store_counts(staging_ptr, meta_len, dd, ee, dmask, hmask, totals, hist, low, high, n, num_local, WP)
 
     @triton.jit
-    def _receive(words_ptr, floats_ptr, ids_ptr, weights_ptr, staging_ptr, world, k, capacity,
-                 segment_words, meta_len, weights_float_offset,
-                 BR: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr, MP: tl.constexpr):
+    def _receive(words_ptr, floats_ptr, ids_ptr, weights_ptr, inputs_ptr, ids_offset, weights_offset, staging_ptr,
+                 world, k, capacity, segment_words, meta_len, weights_float_offset,
+                 BR: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr, MP: tl.constexpr, INDIRECT: tl.constexpr):
+        if INDIRECT:
+            out = tl.load(inputs_ptr + 2)
+            ids_ptr = (out + ids_offset).to(tl.pointer_type(tl.int64))
+            weights_ptr = (out + weights_offset).to(tl.pointer_type(tl.float32))
         src = tl.program_id(0)
         chunk = tl.program_id(1)
         dd = tl.arange(0, WP)
@@ -150,35 +164,49 @@ if triton is not None:
             tl.store(staging_ptr + src * meta_len + mm, meta, mask=mm < meta_len)
 
 
-def plan_send(topk_idx: torch.Tensor, topk_weights: torch.Tensor, shape, views) -> torch.Tensor:
+def plan_send(topk_idx: torch.Tensor, topk_weights: torch.Tensor, shape, views,
+              inputs: torch.Tensor | None = None) -> torch.Tensor:
     """The send side of :func:`~fused_a2a.backends.torch_routing.plan_routing` (same outputs as its
     torch operations): fills ``views.token`` and ``views.staging[1]``, returns the ``[W,
-    segment_bytes]`` uint8 segments."""
+    segment_bytes]`` uint8 segments.
+
+    ``inputs``: ``None``, or a pinned ``[3]`` int64 host tensor from which the kernels read, when they
+    run, the addresses of a contiguous int64 top-k, of float32 weights shaped like ``topk_idx``, and
+    of an output buffer laid out as :attr:`PlanShape.regions` whose token region they fill instead of
+    ``views.token`` (only shapes are read from ``topk_idx``/``topk_weights`` then): a captured graph
+    replays on new tensors without copying them in or out.
+    """
     n, k, world = shape.num_tokens, shape.topk, shape.world
     kp, wp = _pow2(k), _pow2(world)
     block = max(16, min(256, 4096 // (kp * wp)))
     num_blocks = triton.cdiv(n, block)
     device = topk_idx.device
     topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.float().contiguous()
+    indirect = inputs is not None
+    inputs = inputs if indirect else topk_idx  # not read without INDIRECT
     block_counts = torch.empty(num_blocks, world, dtype=torch.int32, device=device)
     block_bounds = torch.empty(num_blocks, 2, dtype=torch.int64, device=device)
     hist = torch.zeros(shape.num_experts, dtype=torch.int32, device=device)
-    _count[(num_blocks,)](topk_idx, n, k, shape.num_experts, shape.num_local, world, block_counts, block_bounds, hist,
-                          B=block, KP=kp, WP=wp)
+    _count[(num_blocks,)](topk_idx, inputs, n, k, shape.num_experts, shape.num_local, world, block_counts, block_bounds,
+                          hist, B=block, KP=kp, WP=wp, EP=_pow2(shape.num_experts + 1), INDIRECT=indirect)
     send = torch.empty(world, shape.segment_bytes, dtype=torch.uint8, device=device)
-    _send[(num_blocks,)](topk_idx, topk_weights, n, k, shape.num_experts, shape.num_local, world, shape.capacity,
-                         num_blocks, block_counts, block_bounds, hist, views.token, send.view(torch.int64),
-                         send.view(torch.float32), views.staging[1], shape.segment_bytes // 8, shape.meta_len,
-                         shape.weights_offset // 4, B=block, KP=kp, WP=wp, LP=_pow2(shape.num_local), CH=64)
+    _send[(num_blocks,)](topk_idx, topk_weights, inputs, n, k, shape.num_experts, shape.num_local, world, shape.capacity,
+                         num_blocks, block_counts, block_bounds, hist, views.token, shape.regions["token"][0],
+                         send.view(torch.int64), send.view(torch.float32), views.staging[1], shape.segment_bytes // 8,
+                         shape.meta_len, shape.weights_offset // 4, B=block, KP=kp, WP=wp, LP=_pow2(shape.num_local),
+                         CH=64, INDIRECT=indirect)
     return send
 
 
-def plan_receive(received: torch.Tensor, shape, views) -> None:
+def plan_receive(received: torch.Tensor, shape, views, inputs: torch.Tensor | None = None) -> None:
     """The receive side of :func:`~fused_a2a.backends.torch_routing.plan_routing` (same outputs as its
-    torch operations): fills ``views.ids``, ``views.weights`` and ``views.staging[0]``."""
+    torch operations): fills ``views.ids``, ``views.weights`` (or, with ``inputs`` as for
+    :func:`plan_send`, the ids and weights regions of the buffer at ``inputs[2]``) and ``views.staging[0]``."""
     rows = 64
     grid = (shape.world, max(1, triton.cdiv(shape.capacity, rows)))
+    indirect = inputs is not None
     _receive[grid](received.view(torch.int64), received.view(torch.float32), views.ids, views.weights,
+                   inputs if indirect else received, shape.regions["ids"][0], shape.regions["weights"][0],
                    views.staging[0], shape.world, shape.topk, shape.capacity, shape.segment_bytes // 8,
                    shape.meta_len, shape.weights_offset // 4, BR=rows, KP=_pow2(shape.topk), WP=_pow2(shape.world),
-                   MP=_pow2(shape.meta_len))
+                   MP=_pow2(shape.meta_len), INDIRECT=indirect)
