@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -138,8 +139,6 @@ class StandInBuffer:
     created: list[StandInBuffer] = []
 
     def __init__(self, **kwargs) -> None:
-        import os
-
         self.kwargs = kwargs
         self.env = {var: os.environ.get(var) for var in CHUNK_VARS}
         StandInBuffer.created.append(self)
@@ -157,6 +156,8 @@ def stand_in(monkeypatch):
     hybridep.free_buffers()
     yield StandInBuffer.created
     hybridep.free_buffers()
+    for var in CHUNK_VARS:  # set by ensure_buffer, not through monkeypatch: ranks spawned later would inherit them
+        os.environ.pop(var, None)
 
 
 SETTINGS = hybridep.Settings()
@@ -211,8 +212,6 @@ def test_a_handle_keeps_the_buffer_that_made_it(stand_in) -> None:
 
 
 def test_chunk_settings_set_their_variables_before_the_buffer_is_built(stand_in) -> None:
-    import os
-
     group = object()
     first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
     assert first.env == {var: None for var in CHUNK_VARS}
