@@ -13,7 +13,7 @@ from pathlib import Path
 from cli_runs import run_child
 
 FAKES = str(Path(__file__).parent / "fakes")
-FIGURE = r"(\d+\.\d) \((\d+\.\d)–(\d+\.\d)\)"  # median (p10–p90)
+FIGURE = r"(-?\d+\.\d) \((-?\d+\.\d)–(-?\d+\.\d)\)"  # median (p10–p90); a difference may be negative
 
 
 def a2a_bench(*args: str, fakes: bool = False) -> subprocess.CompletedProcess:

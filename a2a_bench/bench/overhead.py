@@ -24,7 +24,6 @@ import torch.distributed as dist
 import fused_a2a
 from a2a_bench.engine.measure import Stats, slowest, summarize
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
-from fused_a2a.autograd import get_hidden_bytes
 from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
 from fused_a2a.tuning.agreement import agreed_comm
 
@@ -33,7 +32,8 @@ BATCH = 50  # calls per timed batch: perf_counter's resolution is far below one 
 
 class Replay:
     """A stand-in for a buffer: it forwards attributes to the real one and answers each call kind
-    (layout, fresh dispatch, cached dispatch, combine) with the outputs of the first such call."""
+    (layout, fresh dispatch, cached dispatch, combine; HybridEP's permuting dispatch and combine)
+    with the outputs of the first such call."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -58,13 +58,21 @@ class Replay:
     def combine(self, *args, **kwargs):
         return self._answer("combine", self._real.combine, *args, **kwargs)
 
+    def dispatch_with_permute(self, **kwargs):
+        kind = "permute" if kwargs.get("handle") is None else "cached permute"
+        return self._answer(kind, self._real.dispatch_with_permute, **kwargs)
+
+    def combine_with_unpermute(self, **kwargs):
+        return self._answer("unpermute", self._real.combine_with_unpermute, **kwargs)
+
 
 @dataclass(frozen=True)
 class Overhead:
     """One backend and call path: host µs per dispatch + combine round trip.
 
     Attributes:
-        backend, path: ``api`` (``fused_a2a.dispatch``/``combine``) or ``seed`` (the seed functions).
+        backend, path: ``api`` (``fused_a2a.dispatch``/``combine``) or ``seed`` (the seed functions:
+            ``fused_dispatch``/``fused_combine``, UCCL's, ``hybrid_ep_dispatch``/``hybrid_ep_combine``).
         grad: whether the tokens required grad.
         wrapped: the round trip through fused_a2a (buffer answering at once).
         direct: the same buffer calls made directly.
@@ -85,12 +93,12 @@ class Overhead:
 
 
 class _Bare(torch.autograd.Function):
-    """``apply`` around one direct buffer call: ``forward(ctx, tokens, call, *args)`` returns
+    """``apply`` around one direct buffer call: ``forward(ctx, tokens, (call, *args))`` returns
     ``call(tokens, *args)`` and saves nothing (its backward is never run)."""
 
     @staticmethod
-    def forward(ctx, tokens, call, *args):
-        return call(tokens, *args)
+    def forward(ctx, tokens, call):
+        return call[0](tokens, *call[1:])
 
 
 def _install(backend: str, group, buffer: Replay) -> None:
@@ -116,12 +124,22 @@ def _current(backend: str, group) -> Any:
 
 
 def _paths(backend: str, x, idx, weights, num_experts: int, group) -> dict[str, Callable[[], Any]]:
-    """The round trips to time: the backend-neutral one, and the seed functions' where they exist."""
+    """The round trips to time: the backend-neutral one, and the seed functions' where they exist
+    (HybridEP's with the routing map and probabilities its callers build)."""
     def api():
         out = fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)
         return fused_a2a.combine(out[0], out[4])
 
     paths = {"api": api}
+    if backend == "hybridep":
+        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+        num_local = num_experts // dist.get_world_size(group)
+
+        def hybridep_seed():
+            out = fused_a2a.hybrid_ep_dispatch(x, routing_map, probs, group, num_local)
+            return fused_a2a.hybrid_ep_combine(out[0], out[4])
+
+        paths["seed"] = hybridep_seed
     seed = {"deepep": (fused_a2a.fused_dispatch, fused_a2a.fused_combine),
             "uccl": (fused_a2a.uccl_fused_dispatch, fused_a2a.uccl_fused_combine)}.get(backend)
     if seed is not None:
@@ -135,11 +153,25 @@ def _paths(backend: str, x, idx, weights, num_experts: int, group) -> dict[str, 
     return paths
 
 
-def _direct_calls(backend: str, buffer: Replay, comm, idx, weights, num_experts: int) -> tuple[Callable, Callable]:
-    """The buffer calls of one round trip, made directly: ``dispatch(tokens) -> (rows, handle)``
-    (layout + dispatch; no layout for a buffer that routes from top-k itself, as fused_a2a calls
-    it; HybridEP's own API for hybridep, with the routing map its callers build) and
-    ``combine(rows, handle)``."""
+def _direct_calls(backend: str, path: str, buffer: Replay, comm, idx, weights, num_experts: int,
+                  num_local_experts: int) -> tuple[Callable, Callable]:
+    """The buffer calls of one round trip of ``path``, made directly with the arguments fused_a2a
+    passes: ``dispatch(tokens) -> (rows, handle)`` (layout + dispatch; no layout for a buffer that
+    routes from top-k itself, as fused_a2a calls it; for hybridep HybridEP's own API, with the
+    routing map its callers build: ``dispatch``/``combine`` for ``api``, the permuting ones for
+    ``seed``) and ``combine(rows, handle)``."""
+    if backend == "hybridep" and path == "seed":
+        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+
+        def dispatch_permute(tokens):
+            out = buffer.dispatch_with_permute(
+                hidden=tokens, routing_map=routing_map, probs=probs, scaling_factor=None,
+                num_of_experts_per_rank=num_local_experts, pad_multiple=None, num_permuted_tokens=None,
+                non_blocking=False)
+            return out[0], out[4]
+
+        return dispatch_permute, lambda rows, handle: buffer.combine_with_unpermute(hidden=rows, handle=handle,
+                                                                                    pad_multiple=None)
     if backend == "hybridep":
         routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
 
@@ -151,22 +183,26 @@ def _direct_calls(backend: str, buffer: Replay, comm, idx, weights, num_experts:
         return dispatch_hybridep, lambda rows, handle: buffer.combine(hidden=rows, handle=handle)
 
     def combine(rows, handle):
-        return buffer.combine(rows, handle, config=comm.combine_config)
+        return buffer.combine(rows, handle=handle, config=comm.combine_config,
+                              previous_event=None, async_finish=False, allocate_on_comm_stream=False)
 
     if not buffer.needs_layout:
 
         def dispatch_routing(tokens):
             out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=weights, num_experts=num_experts,
-                                  config=comm.dispatch_config)
+                                  config=comm.dispatch_config, previous_event=None, async_finish=False,
+                                  allocate_on_comm_stream=False)
             return out[0], out[4]
 
         return dispatch_routing, combine
 
     def dispatch(tokens):
-        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+            idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False)
         out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
                               num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, config=comm.dispatch_config)
+                              num_tokens_per_expert=per_expert, config=comm.dispatch_config,
+                              previous_event=None, async_finish=False, allocate_on_comm_stream=False)
         return out[0], out[4]
 
     return dispatch, combine
@@ -182,8 +218,8 @@ def _round_trips(calls: tuple[Callable, Callable], tokens) -> tuple[Callable[[],
         return combine(rows, handle)
 
     def bare():
-        rows, handle = _Bare.apply(tokens, dispatch)
-        return _Bare.apply(rows, combine, handle)
+        rows, handle = _Bare.apply(tokens, (dispatch,))
+        return _Bare.apply(rows, (combine, handle))
 
     return direct, bare
 
@@ -213,14 +249,15 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
         run()  # agree on the knobs, build the buffer
     comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
                        workload.num_experts, {}).comm
-    comm.get_buffer(group, get_hidden_bytes(x))
+    comm.get_buffer(group, x)
     real = _current(backend, group)
     replay = Replay(real)
     _install(backend, group, replay)
     try:
-        calls = _direct_calls(backend, replay, comm, idx, weights, workload.num_experts)
+        num_local = workload.num_experts // dist.get_world_size(group)
         results = []
         for (path, grad), run in paths.items():
+            calls = _direct_calls(backend, path, replay, comm, idx, weights, workload.num_experts, num_local)
             direct, bare = _round_trips(calls, trained if grad else x)
             timed = (run, direct, bare) if grad else (run, direct)
             for fn in timed:
