@@ -96,7 +96,7 @@ def buffer_lifecycle(rank: int, world_size: int) -> None:
     for dispatch_recv, combine_recv in ((512, 128), (128, 1024)):
         comm = deepep.make_deepep_comm(_knobs(nvl_recv=dispatch_recv), _knobs(nvl_recv=combine_recv), world_size)
         fused_a2a.free_buffer()
-        sized = comm.get_buffer(group, hidden_bytes)
+        sized = comm.get_buffer(group, torch.empty(0, hidden_bytes // 2, dtype=torch.bfloat16))
         assert sized.num_nvl_bytes == max(size_hint(comm.dispatch_config), size_hint(comm.combine_config))
         assert sized.num_nvl_bytes == size_hint(deep_ep.Config(20, 6, max(dispatch_recv, combine_recv), 6, 128))
         # a smaller need keeps the buffer
@@ -217,7 +217,7 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     with pytest.raises(ValueError, match="dispatch config: nvl_send \\(300\\) must be smaller than nvl_recv \\(256\\)"):
         make_comm("deepep", {"nvl_send": 300})
     with pytest.raises(ValueError, match="resolved for 4 ranks, but the group has 2"):
-        make_deepep_comm(_knobs(), _knobs(), 4).get_buffer(group, 64)
+        make_deepep_comm(_knobs(), _knobs(), 4).get_buffer(group, torch.empty(0, 32, dtype=torch.bfloat16))
 
     # an operation whose chunk knobs are all 0 runs the installed DeepEP's own default Config, at our SM count
     calls = []
@@ -243,7 +243,7 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     assert isinstance(comm.previous_event(True), deep_ep.EventOverlap)
 
     x, idx, weights = _dispatch_inputs(rank)
-    buffer = comm.get_buffer(None, fused_a2a.get_hidden_bytes(x))
+    buffer = comm.get_buffer(None, x)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 8)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                   topk_idx=idx, topk_weights=weights)

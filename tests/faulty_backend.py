@@ -44,7 +44,7 @@ def _comm(dispatch: dict, combine: dict, num_ranks: int | None) -> Comm:
     fault = dispatch["fault"]
     if fault == "invalid":
         raise ValueError("faulty: the installed library rejects fault=invalid")
-    return Comm(name="faulty", get_buffer=lambda group, hidden_bytes: FaultyBuffer(group, fault),
+    return Comm(name="faulty", get_buffer=lambda group, tokens: FaultyBuffer(group, fault),
                 dispatch_config=TorchConfig(), combine_config=TorchConfig())
 
 

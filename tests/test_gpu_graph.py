@@ -15,7 +15,6 @@ import torch.distributed as dist
 import fused_a2a
 from a2a_bench.engine.measure import NotCapturable, capture
 from a2a_bench.engine.workload import WorkloadSpec
-from fused_a2a.autograd import get_hidden_bytes
 from fused_a2a.backends import BACKENDS, make_comm
 from gpu import gpu_ready, shares_gpus
 from reference import Case, expected_dispatch
@@ -43,7 +42,7 @@ def test_replayed_cached_dispatch_and_combine_match_the_reference(gpu_device, ba
     idx, weights = mine.topk_idx.to(gpu_device), mine.topk_weights.to(gpu_device)
     out = fused_a2a.dispatch(x, idx, weights, CASE.spec.num_experts, backend=backend)
     comm = make_comm(backend, {}, num_ranks=world)
-    buffer = comm.get_buffer(None, get_hidden_bytes(x))
+    buffer = comm.get_buffer(None, x)
     handle, rows = out[4].raw, out[0]
     held: dict[str, torch.Tensor] = {}
 

@@ -117,7 +117,7 @@ def buffer_lifecycle(rank: int, world_size: int) -> None:
     for dispatch_recv, combine_recv in ((512, 128), (128, 1024)):
         comm = uccl.make_uccl_comm({**knobs, "nvl_recv": dispatch_recv}, {**knobs, "nvl_recv": combine_recv}, world_size)
         uccl.free_uccl_buffer()
-        sized = comm.get_buffer(group, hidden_bytes)
+        sized = comm.get_buffer(group, torch.empty(0, hidden_bytes // 2, dtype=torch.bfloat16))
         assert sized.num_nvl_bytes == max(size_hint(comm.dispatch_config), size_hint(comm.combine_config))
         assert sized.num_nvl_bytes == size_hint(ep.Config(20, 6, max(dispatch_recv, combine_recv), 6, 128))
         assert fused_a2a.get_uccl_buffer(group, hidden_bytes) is sized  # a smaller need keeps the buffer
@@ -244,7 +244,7 @@ def env_default(rank: int, world_size: int, environ: dict[str, str], expected: i
 def comm_and_fake_contract(rank: int, world_size: int) -> None:
     """The spec's Comm (uccl.ep.Config objects at UCCL-EP's defaults, one num_sms, its group size) and the
     fake's enforcement of the contract (so the adapter tests above mean something)."""
-    fused_a2a = _fused_a2a()
+    _fused_a2a()
     from uccl import ep
 
     from fused_a2a.backends import BackendSpec
@@ -260,7 +260,7 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     with pytest.raises(ValueError, match="uccl: combine config: nvl_send \\(300\\) must be smaller than nvl_recv \\(256\\)"):
         spec.make_comm(knobs, {**knobs, "nvl_send": 300})
     with pytest.raises(ValueError, match="resolved for 4 ranks, but the group has 2"):
-        make_uccl_comm(knobs, knobs, 4).get_buffer(group, 64)
+        make_uccl_comm(knobs, knobs, 4).get_buffer(group, torch.empty(0, 32, dtype=torch.bfloat16))
 
     comm = spec.make_comm({**knobs, "num_sms": 24, "nvl_send": 8}, {**knobs, "num_sms": 24})
     dispatch, combine = comm.dispatch_config, comm.combine_config
@@ -273,7 +273,7 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     event.current_stream_wait()
 
     x, idx, weights = _dispatch_inputs(rank)
-    buffer = comm.get_buffer(None, fused_a2a.get_hidden_bytes(x))
+    buffer = comm.get_buffer(None, x)
     per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 8)
     assert per_rdma_rank is None and per_rank.dtype == per_expert.dtype == torch.int32 and in_rank.dtype == torch.bool
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,

@@ -136,8 +136,8 @@ def measure_speedup(backend: str, workload: WorkloadSpec, warmup: int, iters: in
 def _round_trip(comm, x, idx, weights, workload: WorkloadSpec):
     def run():
         with torch.no_grad():
-            out = BufferDispatch.apply(x, idx, weights, workload.num_experts, None, comm, False, False)
-            BufferCombine.apply(out[0], None, out[4], comm, False, False)
+            out = BufferDispatch.apply(x, idx, weights, (workload.num_experts, None, comm, False, False))
+            BufferCombine.apply(out[0], (None, out[4], comm, False, False))
     return run
 
 

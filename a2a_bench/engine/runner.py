@@ -29,7 +29,6 @@ from a2a_bench.engine.seedpath import seed_path
 from a2a_bench.engine.spec import Point
 from a2a_bench.engine.verify import verify
 from a2a_bench.engine.workload import dispatch_input, make_inputs
-from fused_a2a.autograd import get_hidden_bytes
 from fused_a2a.backends import Shape, get_backend, make_comm
 from fused_a2a.backends.torch_a2a import get_torch_buffer
 from fused_a2a.fp8 import dequantize_fp8, is_fp8_pair
@@ -150,7 +149,7 @@ def _time_modes(point: Point, ctx: RunContext, x, topk_idx, weights) -> tuple[di
     w, group, device = point.workload, ctx.group, ctx.device
     timed = lambda fn: time_op(fn, ctx.warmup, ctx.iters, device, group)  # noqa: E731
     comm = make_comm(point.backend, point.knob_dict, num_ranks=point.world_size)
-    buffer = comm.get_buffer(group, get_hidden_bytes(x))
+    buffer = comm.get_buffer(group, x)
     with torch.no_grad():
         fresh = fused_a2a.dispatch(x, topk_idx, weights, w.num_experts, group, backend=point.backend, **point.knob_dict)
     handle, recv_rows = fresh[4].raw, _combinable(fresh[0])

@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm, run_function
 from fused_a2a.checks import dispatch_shape
-from fused_a2a.fp8 import is_fp8_pair
 from fused_a2a.tuning.agreement import agreed_comm
 
 @dataclass(slots=True, eq=False)  # not frozen: a cheaper __init__
@@ -83,11 +82,11 @@ def dispatch(
         RuntimeError: the backend's library is not installed.
     """
     dtype, num_tokens, hidden, topk = dispatch_shape(x, topk_idx, topk_weights, num_experts)
-    x = tuple(t.contiguous() for t in x) if is_fp8_pair(x) else x.contiguous()
+    x = x.contiguous() if dtype != "fp8" else tuple(t.contiguous() for t in x)
     comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk, num_experts, knobs, num_sms_budget,
                        routing).comm  # checks num_experts against the group size at the key's first call
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = run_function(
-        BufferDispatch, x, topk_idx, topk_weights, num_experts, group, comm, async_finish, allocate_on_comm_stream
+        BufferDispatch, x, topk_idx, topk_weights, (num_experts, group, comm, async_finish, allocate_on_comm_stream)
     )
     return recv_x, recv_idx, recv_weights, tokens_per_expert, DispatchHandle(comm, group, raw)
 
@@ -109,4 +108,4 @@ def combine(
     """
     if not isinstance(handle, DispatchHandle):
         raise ValueError(f"combine needs the handle returned by fused_a2a.dispatch, got {type(handle).__name__}")
-    return run_function(BufferCombine, y, handle.group, handle.raw, handle.comm, async_finish, allocate_on_comm_stream)
+    return run_function(BufferCombine, y, (handle.group, handle.raw, handle.comm, async_finish, allocate_on_comm_stream))

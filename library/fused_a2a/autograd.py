@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -26,9 +25,9 @@ def get_hidden_bytes(x) -> int:
     Returns:
         int: the number of hidden bytes.
     """
-    if isinstance(x, tuple):
+    if type(x) is tuple:
         x = x[0]
-    size = x.element_size()
+    size = x.itemsize
     return x.shape[1] * (size if size > 2 else 2)
 
 
@@ -38,14 +37,16 @@ class Comm:
 
     Attributes:
         name: backend name (``torch``, ``deepep``, ``uccl``).
-        get_buffer: ``(group, hidden_bytes) -> buffer`` with the ``deep_ep.Buffer`` methods.
+        get_buffer: ``(group, tokens) -> buffer`` with the ``deep_ep.Buffer`` methods, able to move
+            rows like ``tokens`` (an ``[N, H]`` tensor or FP8 pair; :func:`get_hidden_bytes` of it
+            sizes a buffer that depends on the row size).
         dispatch_config: passed as ``config=`` to ``buffer.dispatch`` (``None``: the buffer's default).
         combine_config: passed as ``config=`` to ``buffer.combine`` (``None``: the buffer's default).
         new_event: ``() -> previous_event`` capturing the current stream, used when ``async_finish``.
     """
 
     name: str
-    get_buffer: Callable[[Any, int], Any]
+    get_buffer: Callable[[Any, Any], Any]
     dispatch_config: Any = None
     combine_config: Any = None
     new_event: Callable[[], Any] | None = None
@@ -55,13 +56,14 @@ class Comm:
         return self.new_event() if async_finish and self.new_event is not None else None
 
 
-def _wait(event, async_finish: bool) -> None:
-    if async_finish and event is not None:
+def _wait(event) -> None:
+    """Make the current stream wait for ``event`` (an ``async_finish`` call's), if any."""
+    if event is not None:
         event.current_stream_wait()
 
 
 def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, group, async_finish, on_comm_stream):
-    """Layout + dispatch; saves what the backward needs on ``ctx``.
+    """Layout + dispatch; saves what the backward needs on ``ctx`` (``None``: saves nothing).
 
     A buffer whose ``needs_layout`` is ``False`` routes from top-k itself: it gets ``num_experts``
     instead of the layout of ``get_dispatch_layout``.
@@ -70,8 +72,8 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
         ``(recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle)`` where
         ``tokens_per_expert`` is a CPU int64 tensor with one count per local expert.
     """
-    buffer = comm.get_buffer(group, get_hidden_bytes(x))
-    event = comm.previous_event(async_finish)
+    buffer = comm.get_buffer(group, x)
+    event = comm.previous_event(True) if async_finish else None
     if not getattr(buffer, "needs_layout", True):  # the buffer routes from top-k itself (torch, HybridEP)
         out = buffer.dispatch(
             x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts, config=comm.dispatch_config,
@@ -101,9 +103,10 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
             allocate_on_comm_stream=on_comm_stream,
         )
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, after = out
-    _wait(after, async_finish)
-    ctx.comm, ctx.group, ctx.handle = comm, group, handle
-    ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
+    if async_finish:
+        _wait(after)
+    if ctx is not None:
+        _save(ctx, comm, group, handle, async_finish, on_comm_stream)
     return recv_x, recv_topk_idx, recv_topk_weights, counts_tensor(counts), handle
 
 
@@ -114,17 +117,25 @@ def counts_tensor(counts) -> torch.Tensor:
     return torch.frombuffer(array.array("q", counts), dtype=torch.int64) if counts else torch.zeros(0, dtype=torch.int64)
 
 
+def _save(ctx, comm: Comm, group, handle, async_finish: bool, on_comm_stream: bool) -> None:
+    ctx.comm, ctx.group, ctx.handle = comm, group, handle
+    ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
+
+
+_grad_enabled = torch.is_grad_enabled
+
+
 def run_function(function: type[torch.autograd.Function], *args):
     """``function.apply(*args)``; when autograd would record nothing (grad mode off, or none of the
     arguments at the positions ``function.differentiable`` names is a tensor that requires grad)
-    its ``forward`` alone, which returns the same outputs without the cost of building a graph
-    node (a decode step's dispatch and combine)."""
-    if torch.is_grad_enabled():
+    ``function.forward(None, *args)``: the same outputs without the cost of building a graph node
+    (a decode step's dispatch and combine). Every forward run this way saves nothing on a ``None`` ctx."""
+    if _grad_enabled():
         for position in function.differentiable:
             arg = args[position]
             if isinstance(arg, torch.Tensor) and arg.requires_grad:
                 return function.apply(*args)
-    return function.forward(SimpleNamespace(), *args)
+    return function.forward(None, *args)
 
 
 def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):
@@ -134,7 +145,7 @@ def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):
         ``(grad_x [N, H], grad_topk_weights [N, K] float32)``.
     """
     comm: Comm = ctx.comm
-    buffer = comm.get_buffer(ctx.group, get_hidden_bytes(grad_recv_x))
+    buffer = comm.get_buffer(ctx.group, grad_recv_x)
     grad_x, grad_topk_weights, after = buffer.combine(
         grad_recv_x.contiguous(),
         ctx.handle,
@@ -144,31 +155,34 @@ def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):
         async_finish=ctx.async_finish,
         allocate_on_comm_stream=ctx.on_comm_stream,
     )
-    _wait(after, ctx.async_finish)
+    if ctx.async_finish:
+        _wait(after)
     return grad_x, grad_topk_weights
 
 
 def combine_forward(ctx, comm: Comm, x, group, handle, async_finish, on_comm_stream):
-    """Combine; saves what the backward needs on ``ctx``. Returns ``[N, H]`` in ``x``'s dtype."""
-    buffer = comm.get_buffer(group, get_hidden_bytes(x))
+    """Combine; saves what the backward needs on ``ctx`` (``None``: saves nothing). Returns
+    ``[N, H]`` in ``x``'s dtype."""
+    buffer = comm.get_buffer(group, x)
     combined_x, _, after = buffer.combine(
         x,
         handle=handle,
         config=comm.combine_config,
-        previous_event=comm.previous_event(async_finish),
+        previous_event=comm.previous_event(True) if async_finish else None,
         async_finish=async_finish,
         allocate_on_comm_stream=on_comm_stream,
     )
-    _wait(after, async_finish)
-    ctx.comm, ctx.group, ctx.handle = comm, group, handle
-    ctx.async_finish, ctx.on_comm_stream = async_finish, on_comm_stream
+    if async_finish:
+        _wait(after)
+    if ctx is not None:
+        _save(ctx, comm, group, handle, async_finish, on_comm_stream)
     return combined_x
 
 
 def combine_backward(ctx, grad_combined):
     """Dispatch the gradient with the forward's handle. Returns ``[R, H]``."""
     comm: Comm = ctx.comm
-    buffer = comm.get_buffer(ctx.group, get_hidden_bytes(grad_combined))
+    buffer = comm.get_buffer(ctx.group, grad_combined)
     grad_x, _, _, _, _, after = buffer.dispatch(
         grad_combined.contiguous(),
         handle=ctx.handle,
@@ -177,35 +191,46 @@ def combine_backward(ctx, grad_combined):
         async_finish=ctx.async_finish,
         allocate_on_comm_stream=ctx.on_comm_stream,
     )
-    _wait(after, ctx.async_finish)
+    if ctx.async_finish:
+        _wait(after)
     return grad_x
 
 
 
 class BufferDispatch(torch.autograd.Function):
-    """Dispatch through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.dispatch` applies."""
+    """Dispatch through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.dispatch` applies.
+
+    ``apply(x, topk_idx, topk_weights, call)`` with ``call = (num_experts, group, comm, async_finish,
+    allocate_on_comm_stream)``: one argument for the five, as ``apply``'s cost grows with each.
+    """
 
     differentiable = (0, 2)  # x, topk_weights (for run_function)
 
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weights, num_experts, group, comm, async_finish=False, allocate_on_comm_stream=False):
+    def forward(ctx, x, topk_idx, topk_weights, call):
+        num_experts, group, comm, async_finish, allocate_on_comm_stream = call
         return dispatch_forward(ctx, comm, x, topk_idx, topk_weights, num_experts, group, async_finish, allocate_on_comm_stream)
 
     @staticmethod
     def backward(ctx, grad_output, grad_topk_idx, grad_topk_weights, grad_tokens_per_expert, grad_handle):
         grad_x, grad_weights = dispatch_backward(ctx, grad_output, grad_topk_weights)
-        return grad_x, None, grad_weights, None, None, None, None, None
+        return grad_x, None, grad_weights, None
 
 
 class BufferCombine(torch.autograd.Function):
-    """Combine through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.combine` applies."""
+    """Combine through any :class:`Comm`; what the backend-neutral :func:`fused_a2a.combine` applies.
+
+    ``apply(x, call)`` with ``call = (group, handle, comm, async_finish, allocate_on_comm_stream)``
+    (``handle``: the backend's own, of the dispatch).
+    """
 
     differentiable = (0,)  # x (for run_function)
 
     @staticmethod
-    def forward(ctx, x, group, handle, comm, async_finish=False, allocate_on_comm_stream=False):
+    def forward(ctx, x, call):
+        group, handle, comm, async_finish, allocate_on_comm_stream = call
         return combine_forward(ctx, comm, x, group, handle, async_finish, allocate_on_comm_stream)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return combine_backward(ctx, grad_output), None, None, None, None, None
+        return combine_backward(ctx, grad_output), None

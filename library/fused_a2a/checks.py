@@ -53,15 +53,14 @@ def dispatch_shape(x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
     :func:`dtype_name` names it, ``"fp8"`` for an FP8 pair), after the checks of
     :func:`check_dispatch_inputs` but the group size's. Raises ``ValueError`` naming the mistake."""
     try:  # the common call (tensors, no FP8 pair), each piece of metadata read once
-        x_shape, idx_shape = x.shape, topk_idx.shape
-        name = DTYPE_NAMES.get(x.dtype)
-        if (name is not None and len(x_shape) == 2 and len(idx_shape) == 2 and x_shape[0] == idx_shape[0]
-                and topk_idx.dtype is torch.int64
+        num_tokens, hidden = x.shape
+        idx_shape = topk_idx.shape
+        name = DTYPE_NAMES.get(x.dtype)  # None for anything but a torch dtype of tokens
+        if (name is not None and topk_idx.dtype is torch.int64 and len(idx_shape) == 2 and idx_shape[0] == num_tokens
                 and (topk_weights is None or (topk_weights.dtype is torch.float32 and topk_weights.shape == idx_shape))
-                and type(num_experts) is int and num_experts > 0
-                and isinstance(x, torch.Tensor) and isinstance(topk_idx, torch.Tensor)):
-            return name, x_shape[0], x_shape[1], idx_shape[1]
-    except (AttributeError, TypeError):
+                and type(num_experts) is int and num_experts > 0):
+            return name, num_tokens, hidden, idx_shape[1]
+    except (AttributeError, TypeError, ValueError):
         pass
     _explain(x, topk_idx, topk_weights, num_experts)
     tokens = x[0] if isinstance(x, tuple) else x

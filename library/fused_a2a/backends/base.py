@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from fused_a2a.autograd import Comm
+from fused_a2a.autograd import Comm, get_hidden_bytes
 
 
 def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -22,10 +22,11 @@ def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
 
 def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
-                  fit: Callable[[dist.ProcessGroup, int], Any]) -> Callable[[dist.ProcessGroup | None, int], Any]:
+                  fit: Callable[[dist.ProcessGroup, int], Any]) -> Callable[[dist.ProcessGroup | None, Any], Any]:
     """A :attr:`Comm.get_buffer` over a process-wide buffer.
 
-    ``fit(group, hidden_bytes)`` returns the process-wide buffer, (re)created to fit; the getter calls it
+    ``fit(group, hidden_bytes)`` returns the process-wide buffer, (re)created to fit rows of
+    ``hidden_bytes`` (:func:`~fused_a2a.autograd.get_hidden_bytes` of the getter's tokens); the getter calls it
     for a new group or row size, and again once ``current()`` no longer returns the buffer it fitted
     (freed or replaced). A warm call asks nothing more.
 
@@ -34,8 +35,9 @@ def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
     """
     last = [None, 0, None]  # group, row bytes, buffer
 
-    def get_buffer(group: dist.ProcessGroup | None, hidden_bytes: int) -> Any:
+    def get_buffer(group: dist.ProcessGroup | None, tokens) -> Any:
         group = group_or_world(group)
+        hidden_bytes = get_hidden_bytes(tokens)
         if last[2] is not None and last[2] is current() and last[0] is group and last[1] == hidden_bytes:
             return last[2]
         if group.size() != num_ranks:

@@ -127,9 +127,8 @@ def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, An
             process group's). The Comm's ``get_buffer`` refuses a group of another size.
 
     Returns:
-        a Comm whose ``dispatch_config``/``combine_config`` are ``deep_ep.Config`` objects (an operation
-        whose chunk knobs are all 0 gets the installed DeepEP's own default, :func:`installed_default`)
-        and whose ``get_buffer(group, hidden_bytes)`` sizes the process-wide buffer for both.
+        a Comm whose ``dispatch_config``/``combine_config`` are those of :func:`deep_configs` and whose
+        ``get_buffer(group, tokens)`` sizes the process-wide buffer for both.
 
     Raises:
         ValueError: see :func:`configs`.
@@ -139,21 +138,35 @@ def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, An
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("the deepep backend needs an initialised process group to size its configs")
         num_ranks = dist.get_world_size()
+    in_use, values = deep_configs(dispatch_knobs, combine_knobs, num_ranks)
+    get_buffer = buffer_getter("deepep", num_ranks, current_buffer,
+                               lambda group, hidden_bytes: ensure_buffer(group, hidden_bytes, in_use, values))
+    return Comm(name="deepep", get_buffer=get_buffer, dispatch_config=in_use[0], combine_config=in_use[1],
+                new_event=new_event)
+
+
+def deep_configs(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int) -> tuple[tuple, tuple]:
+    """The ``deep_ep.Config`` objects of two full knob dicts, and their values.
+
+    Returns:
+        ``((dispatch, combine) deep_ep.Config, (dispatch, combine) ChunkConfig)``; an operation whose
+        chunk knobs are all 0 gets the installed DeepEP's own default (:func:`installed_default`).
+
+    Raises:
+        ValueError: see :func:`configs` (prefixed ``deepep:``).
+        RuntimeError: deep_ep is missing.
+    """
     try:
         dispatch, combine = configs(dispatch_knobs, combine_knobs, num_ranks)
     except ValueError as err:
         raise ValueError(f"deepep: {err}") from None
     deep_ep = DEEP_EP.require("the deepep backend")
-    deep_dispatch, deep_combine = (
+    in_use = tuple(
         (all(knobs[name] == 0 for name in CHUNK_KNOBS) and installed_default(op, num_ranks, config.num_sms))
         or deep_ep.Config(*config.args())
         for op, knobs, config in (("dispatch", dispatch_knobs, dispatch), ("combine", combine_knobs, combine))
     )
-    in_use, values = (deep_dispatch, deep_combine), (dispatch, combine)
-    get_buffer = buffer_getter("deepep", num_ranks, current_buffer,
-                               lambda group, hidden_bytes: ensure_buffer(group, hidden_bytes, in_use, values))
-    return Comm(name="deepep", get_buffer=get_buffer, dispatch_config=deep_dispatch, combine_config=deep_combine,
-                new_event=new_event)
+    return in_use, (dispatch, combine)
 
 
 def is_nvshmem_available() -> bool:

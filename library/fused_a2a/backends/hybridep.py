@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import fused_a2a.environment as environment
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, Shape
 from fused_a2a.backends.optional import distribution_version, try_import
@@ -268,11 +269,19 @@ def set_current_buffer(buffer, key: Any = _KEEP) -> None:
         _current.key = key
 
 
+_applied: list = [None, (), ()]  # the settings applied last, their variables (encoded) and the values they got
+
+
 def apply_environment(settings: Settings) -> None:
     """Set the chunk variables ``settings`` fixes (HybridEP reads them at every call)."""
-    for var, value in settings.environment().items():
+    if settings is _applied[0] and environment.values(_applied[1]) == _applied[2]:
+        return  # the variables still hold what these settings set
+    wanted = settings.environment()
+    for var, value in wanted.items():
         if os.environ.get(var) != value:
             os.environ[var] = value
+    names = environment.encode(tuple(wanted))
+    _applied[:] = settings, names, environment.values(names)
 
 
 def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, settings: Settings, fp8: bool = False):
@@ -508,7 +517,7 @@ def make_hybridep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, 
     settings = Settings.from_knobs(dispatch_knobs, combine_knobs)
     adapters: dict = {}
 
-    def get_buffer_for(group, hidden_bytes: int) -> HybridEPAdapter:
+    def get_buffer_for(group, tokens) -> HybridEPAdapter:
         group = dist.group.WORLD if group is None else group
         if group not in adapters:
             adapters[group] = HybridEPAdapter(group, settings)

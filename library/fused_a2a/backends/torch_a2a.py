@@ -334,8 +334,9 @@ def _bias_terms(bias) -> tuple[torch.Tensor, ...]:
 _buffers: dict[object, TorchBuffer] = {}
 
 
-def get_torch_buffer(group: dist.ProcessGroup | None, hidden_bytes: int = 0) -> TorchBuffer:
-    """The torch buffer of ``group`` (``None``: the default group), created on first use."""
+def get_torch_buffer(group: dist.ProcessGroup | None, tokens=None) -> TorchBuffer:
+    """The torch buffer of ``group`` (``None``: the default group), created on first use (one
+    buffer moves tokens of any size: ``tokens``, what :attr:`Comm.get_buffer` passes, is unused)."""
     key = group if group is not None else dist.group.WORLD
     buffer = _buffers.get(key)
     if buffer is None:

@@ -158,7 +158,7 @@ def make_uccl_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any]
             Comm's ``get_buffer`` refuses a group of another size.
 
     Returns:
-        a Comm whose configs are ``uccl.ep.Config`` objects and whose ``get_buffer(group, hidden_bytes)``
+        a Comm whose configs are ``uccl.ep.Config`` objects and whose ``get_buffer(group, tokens)``
         sizes the process-wide buffer for both.
 
     Raises:

@@ -68,7 +68,7 @@ def get_buffer(group: torch.distributed.ProcessGroup, hidden_bytes: int):
     DEEP_EP.require("get_buffer")
     knobs = _untuned_knobs()
     group = group_or_world(group)
-    return deepep.make_deepep_comm(knobs, knobs, group.size()).get_buffer(group, hidden_bytes)
+    return deepep.ensure_buffer(group, hidden_bytes, *deepep.deep_configs(knobs, knobs, group.size()))
 
 
 def free_buffer() -> None:
@@ -95,8 +95,8 @@ def set_deepep_num_sms(num_sms: int | None) -> None:
 
 def dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
     """The agreed ``deepep`` :class:`~fused_a2a.autograd.Comm` of a seed dispatch. Collective at a shape's first call."""
-    dtype = dtype_name(x.dtype)
-    return agreed_comm("deepep", group, dtype, x.size(1), x.size(0), token_indices.size(1), num_experts,
+    shape = x.shape
+    return agreed_comm("deepep", group, dtype_name(x.dtype), shape[1], shape[0], token_indices.shape[1], num_experts,
                        explicit_knobs()).comm
 
 

@@ -103,12 +103,22 @@ def _buffer_for(x: torch.Tensor, routing_map: torch.Tensor, group, num_local_exp
     return hybridep.ensure_buffer(group, hidden, num_local_experts, num_tokens, settings), settings
 
 
+_checked: list = [None]  # the last (id of the buffer, group, tokens, hidden, experts) found fine (no reference kept)
+
+
 def _check_shape(buffer, x: torch.Tensor, routing_map: torch.Tensor, group) -> None:
+    """Raise ``ValueError`` where HybridEP's kernels cannot take this call's shape (a repeat of the
+    last shape found fine is not checked again)."""
+    (num_tokens, hidden), num_experts = x.shape, routing_map.shape[1]
+    key = (id(buffer), group, num_tokens, hidden, num_experts)
+    if key == _checked[0]:
+        return
     world = torch.distributed.get_world_size(group)
-    shape = Shape(world, (x.size(0),), x.size(1), 1, routing_map.size(1), "bf16", hybridep.ranks_per_node(buffer))
+    shape = Shape(world, (num_tokens,), hidden, 1, num_experts, "bf16", hybridep.ranks_per_node(buffer))
     problem = hybridep.shape_problem(shape)
     if problem is not None:
         raise ValueError(f"hybridep: {problem}")
+    _checked[0] = key
 
 
 def _fused_supported(fused: bool, blocks: tuple) -> bool:
@@ -136,9 +146,7 @@ class HybridEPDispatch(torch.autograd.Function):
                      num_blocks_unpermute=num_blocks_unpermute, fused=fused or None)
         buffer, settings = _buffer_for(x, routing_map, group, num_local_experts, given)
         _check_shape(buffer, x, routing_map, group)
-        fused = settings.fused if settings is not None else fused
-        if settings is not None:
-            hybridep.apply_environment(settings)
+        fused = settings.fused if settings is not None else fused  # ensure_buffer applied settings' variables
         num_permuted = None if num_permuted_tokens is None else int(num_permuted_tokens)
         hidden, out_probs, scaling_factor, tokens_per_expert, handle = buffer.dispatch_with_permute(
             hidden=x, routing_map=routing_map, probs=probs, scaling_factor=None,
@@ -147,7 +155,8 @@ class HybridEPDispatch(torch.autograd.Function):
         )
         hybridep.remember_buffer(handle, buffer)
         setattr(handle[0], _FUSED_ATTRIBUTE, fused)
-        ctx.buffer, ctx.settings, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, settings, handle, pad_multiple, fused
+        if ctx is not None:
+            ctx.buffer, ctx.settings, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, settings, handle, pad_multiple, fused
         return hidden, out_probs, scaling_factor, tokens_per_expert, handle
 
     @staticmethod
@@ -174,8 +183,9 @@ class HybridEPCombine(torch.autograd.Function):
         fused = getattr(handle[0], _FUSED_ATTRIBUTE, fused and hybridep.has_fused_permute())
         combined, _ = buffer.combine_with_unpermute(hidden=x, handle=handle, pad_multiple=pad_multiple,
                                                     **({"fuse_unpermute_combine": True} if fused else {}))
-        ctx.buffer, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, handle, pad_multiple, fused
-        ctx.num_permuted_tokens = None if num_permuted_tokens is None else int(num_permuted_tokens)
+        if ctx is not None:
+            ctx.buffer, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, handle, pad_multiple, fused
+            ctx.num_permuted_tokens = None if num_permuted_tokens is None else int(num_permuted_tokens)
         return combined
 
     @staticmethod

@@ -8,11 +8,11 @@ defaults, agreed by the group. A combine runs with the configs of the dispatch t
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from fused_a2a import environment
 from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import uccl
 from fused_a2a.backends.base import group_or_world
@@ -28,11 +28,13 @@ __all__ = [
 
 
 _set_by_caller = False  # set_uccl_num_sms was called
+_SM_ENV = environment.encode(SM_ENV_VARS)
+_UNSET = (None,) * len(SM_ENV_VARS)
 
 
 def explicit_knobs() -> dict[str, Any]:
     """``num_sms`` when the caller fixed it (:func:`set_uccl_num_sms` or NeMo's SM variables)."""
-    if _set_by_caller or any(name in os.environ for name in SM_ENV_VARS):
+    if _set_by_caller or environment.values(_SM_ENV) != _UNSET:
         return {"num_sms": UCCLBuffer.num_sms}
     return {}
 
@@ -70,8 +72,8 @@ def set_uccl_num_sms(num_sms: int | None) -> None:
 
 
 def _dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
-    dtype = dtype_name(x.dtype)
-    return agreed_comm("uccl", group, dtype, x.size(1), x.size(0), token_indices.size(1), num_experts,
+    shape = x.shape
+    return agreed_comm("uccl", group, dtype_name(x.dtype), shape[1], shape[0], token_indices.shape[1], num_experts,
                        explicit_knobs()).comm
 
 

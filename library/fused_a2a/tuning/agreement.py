@@ -26,6 +26,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from fused_a2a import environment
 from fused_a2a.autograd import Comm
 from fused_a2a.backends import BACKENDS, Shape, get_backend
 from fused_a2a.checks import check_experts_divisible
@@ -106,7 +107,7 @@ def agreed_comm(
            tuple(sorted(explicit.items())) if explicit else (), num_sms_budget)
     agreed = _cache.get(key)
     if agreed is not None:
-        if _unchanged(agreed):
+        if environment.values(agreed.watch[0]) == agreed.stamp[0] and _files_unchanged(agreed):
             _stats["hits"] += 1
             return agreed
         _stats["refreshes"] += 1
@@ -123,11 +124,9 @@ def agreed_comm(
     return agreed
 
 
-def _unchanged(agreed: Agreed) -> bool:
-    """Whether the watched variables still hold the entry's values (and, at every
-    :data:`STAT_EVERY`-th call, its table files too)."""
-    if tuple(map(_ENV_GET, agreed.watch[0])) != agreed.stamp[0]:
-        return False
+def _files_unchanged(agreed: Agreed) -> bool:
+    """Counts a warm call of ``agreed``; at every :data:`STAT_EVERY`-th, whether its table files
+    still have the ``stat`` they had when it was resolved (``True`` at the other calls)."""
     calls = agreed.calls
     calls[0] += 1
     if calls[0] < STAT_EVERY:
@@ -152,21 +151,8 @@ def _table_paths(world_size: int) -> tuple[Path, ...]:
     return tuple(folder / cluster / resolution.TABLE_NAME for folder in resolution.tuning_dirs())
 
 
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENCODE = getattr(os.environ, "encodekey", None)
-_RAW_ENV = _ENV_DATA is not None and _ENCODE is not None  # CPython: read the encoded dict, skip decoding
-_ENV_GET = _ENV_DATA.get if _RAW_ENV else os.environ.get
-
-
 def _watch(backend: str, world_size: int) -> tuple:
-    names = _env_names(backend)
-    encoded = tuple(_ENCODE(name) for name in names) if _RAW_ENV else names
-    return encoded, _table_paths(world_size)
-
-
-def _env_stamp(watch: tuple) -> tuple:
-    """The values of the watched variables."""
-    return tuple(map(_ENV_GET, watch[0]))
+    return environment.encode(_env_names(backend)), _table_paths(world_size)
 
 
 def _file_stamp(watch: tuple) -> tuple:
@@ -182,7 +168,7 @@ def _file_stamp(watch: tuple) -> tuple:
 
 
 def _stamp(watch: tuple) -> tuple:
-    return _env_stamp(watch), _file_stamp(watch)
+    return environment.values(watch[0]), _file_stamp(watch)
 
 
 def _table_digest(world_size: int) -> str | None:
