@@ -33,16 +33,17 @@ def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
     Raises:
         ValueError: the group's size is not ``num_ranks`` (what the configs were resolved for).
     """
-    last = [None, 0, None]  # group, row bytes, buffer
+    last = [None, 0, None]  # group as the caller named it (None: the default group), row bytes, buffer
 
     def get_buffer(group: dist.ProcessGroup | None, tokens) -> Any:
-        group = group_or_world(group)
         hidden_bytes = get_hidden_bytes(tokens)
-        if last[2] is not None and last[2] is current() and last[0] is group and last[1] == hidden_bytes:
-            return last[2]
-        if group.size() != num_ranks:
-            raise ValueError(f"{backend}: these configs were resolved for {num_ranks} ranks, but the group has {group.size()}")
-        last[:] = group, hidden_bytes, fit(group, hidden_bytes)
+        buffer = last[2]
+        if buffer is not None and last[0] is group and last[1] == hidden_bytes and buffer is current():
+            return buffer
+        world = group_or_world(group)
+        if world.size() != num_ranks:
+            raise ValueError(f"{backend}: these configs were resolved for {num_ranks} ranks, but the group has {world.size()}")
+        last[:] = group, hidden_bytes, fit(world, hidden_bytes)
         return last[2]
 
     return get_buffer
