@@ -160,20 +160,19 @@ def _direct_calls(backend: str, path: str, buffer: Replay, comm, idx, weights, n
     routes from top-k itself, as fused_a2a calls it; for hybridep HybridEP's own API, with the
     routing map its callers build: ``dispatch``/``combine`` for ``api``, the permuting ones for
     ``seed``) and ``combine(rows, handle)``."""
-    if backend == "hybridep" and path == "seed":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
-
-        def dispatch_permute(tokens):
-            out = buffer.dispatch_with_permute(
-                hidden=tokens, routing_map=routing_map, probs=probs, scaling_factor=None,
-                num_of_experts_per_rank=num_local_experts, pad_multiple=None, num_permuted_tokens=None,
-                non_blocking=False)
-            return out[0], out[4]
-
-        return dispatch_permute, lambda rows, handle: buffer.combine_with_unpermute(hidden=rows, handle=handle,
-                                                                                    pad_multiple=None)
     if backend == "hybridep":
         routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+        if path == "seed":
+
+            def dispatch_permute(tokens):
+                out = buffer.dispatch_with_permute(
+                    hidden=tokens, routing_map=routing_map, probs=probs, scaling_factor=None,
+                    num_of_experts_per_rank=num_local_experts, pad_multiple=None, num_permuted_tokens=None,
+                    non_blocking=False)
+                return out[0], out[4]
+
+            return dispatch_permute, lambda rows, handle: buffer.combine_with_unpermute(hidden=rows, handle=handle,
+                                                                                        pad_multiple=None)
 
         def dispatch_hybridep(tokens):
             rows, _, _, handle = buffer.dispatch(hidden=tokens, routing_map=routing_map, probs=probs,

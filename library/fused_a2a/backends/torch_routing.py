@@ -385,7 +385,8 @@ class RoutingGraphs:
     Only for CUDA tensors on an NCCL group. A shape is captured once the group's communicator has run
     (after the first, eager, plan of this object); a shape whose capture fails runs eagerly from then
     on. Capturing launches nothing, so every rank still exchanges counts once per call whatever the
-    others do. The returned plan's tensors are overwritten by the next replay of the same shape.
+    others do. Where the graph's buffers are static (the torch operations), the returned plan's tensors
+are overwritten by the next replay of the same shape.
 
     Where the Triton kernels run, a replay copies nothing in or out: the host writes the addresses of
     this call's top-k and weights and of a new output buffer into pinned memory that the graph's

@@ -103,8 +103,7 @@ def agreed_comm(
             ``FUSED_A2A_*`` overrides that differ between the ranks (raised on every rank).
         RuntimeError: the backend's library is not installed.
     """
-    key = (group, backend, dtype, hidden, topk, num_experts, routing,
-           tuple(sorted(explicit.items())) if explicit else (), num_sms_budget)
+    key = (group, backend, dtype, hidden, topk, num_experts, routing, _frozen(explicit), num_sms_budget)
     agreed = _cache.get(key)
     if agreed is not None:
         if environment.values(agreed.watch[0]) == agreed.stamp[0] and _files_unchanged(agreed):
