@@ -26,6 +26,9 @@ from a2a_bench.engine.spec import (
 )
 from fused_a2a.tuning.table import TuningFileError
 
+SHARE_GPU_HELP = ("When ranks outnumber a node's GPUs: mps (the default: an MPS daemon serves them; --nproc starts one "
+                  "when none runs) or timeslice (they take turns: timings marked not comparable).")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
 # a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
@@ -71,10 +74,13 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Skip points already in RUN_DIR/results.csv."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks through torchrun's launcher."),
     max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
+    from a2a_bench.engine.sharing import launcher_sharing, parse_share_gpu
     from a2a_bench.engine.sweep import claim_run_folder, launch_local, run_sweep
 
+    share = parse_share_gpu(share_gpu)
     base = QUICK if quick else SweepSpec()
     if spec is not None:
         base = merge(base, load_spec_file(spec))
@@ -102,12 +108,13 @@ def sweep(
             argv = _argv_for_ranks(sys.argv[1:], out)
             if max_restarts and "--resume" not in argv:
                 argv.append("--resume")
-            code = launch_local(nproc, argv, max_restarts)
+            with launcher_sharing(nproc, share):
+                code = launch_local(nproc, argv, max_restarts)
         finally:
             if lock is not None:
                 lock.release()
         raise typer.Exit(code)
-    run_sweep(sweep_spec, out, resume, ["a2a-bench", *sys.argv[1:]])
+    run_sweep(sweep_spec, out, resume, ["a2a-bench", *sys.argv[1:]], share)
 
 
 def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
@@ -138,6 +145,7 @@ def speedup(
     iters: int = typer.Option(5, help="Timed round trips of each config per block."),
     blocks: int = typer.Option(8, help="Blocks of each config, alternating (>= 2): the ratio's interval is over them."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
     the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
@@ -152,28 +160,38 @@ def speedup(
     if blocks < 2:
         raise SpecError(f"--blocks must be >= 2, got {blocks}")
     _run_benchmark("speedup", spec, nproc, check_backends, lambda where: run_speedups(spec, blocks, where.device),
-                   speedup_table)
+                   speedup_table, share_gpu)
 
 
-def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table) -> None:
+def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table,
+                   share_gpu: Optional[str]) -> None:
     """A benchmark command's body: with ``--nproc`` outside torchrun, check ``spec`` on ``nproc`` ranks
-    and relaunch this command on them; else join the group, ``measure(where)`` the rows and print
-    ``table(rows)`` on rank 0. ``check(spec)`` raises a user error before any group is joined."""
+    and relaunch this command on them (under MPS when they share GPUs, :mod:`a2a_bench.engine.sharing`);
+    else join the group, ``measure(where)`` the rows and print ``table(rows)`` on rank 0.
+    ``check(spec)`` raises a user error before any group is joined."""
+    from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank, launcher_sharing, parse_share_gpu
     from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
 
+    share = parse_share_gpu(share_gpu)
     if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         validate(spec, nproc)
         check(spec)
-        raise typer.Exit(launch_local(nproc, [command, *_without(sys.argv[2:], "--nproc")]))
+        with launcher_sharing(nproc, share):
+            code = launch_local(nproc, [command, *_without(sys.argv[2:], "--nproc")])
+        raise typer.Exit(code)
     where = placement_from_env()
     validate(spec, where.world_size)
     check(spec)
+    sharing = check_rank(share, where.rank)
     with process_group(where):
         rows = measure(where)
     if where.rank == 0:
         make_console().print(table(rows))
+        if sharing is not None and sharing.mode == "timeslice":
+            print(f"a2a-bench: warning: {sharing.describe()} by time slices: every time in the table is {NOT_COMPARABLE}",
+                  file=sys.stderr)
 
 
 def _without(argv: list[str], option: str) -> list[str]:
@@ -200,6 +218,7 @@ def breakdown(
     warmup: int = typer.Option(5, help="Untimed iterations per stage."),
     iters: int = typer.Option(20, help="Timed iterations per stage."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: where the torch backend's api dispatch spends its time, stage by stage, against kernel mode."""
     from a2a_bench.bench.breakdown import measure_breakdown
@@ -214,7 +233,7 @@ def breakdown(
     def measure(where):
         return [measure_breakdown(point.workload, impl, warmup, iters, where.device) for point in expand(spec, where.world_size)]
 
-    _run_benchmark("breakdown", spec, nproc, lambda checked: None, measure, breakdown_table)
+    _run_benchmark("breakdown", spec, nproc, lambda checked: None, measure, breakdown_table, share_gpu)
 
 
 @app.command()
@@ -226,6 +245,7 @@ def overhead(
     experts: int = typer.Option(64, help="Number of experts."),
     iters: int = typer.Option(30, help="Timed batches (50 calls each) per path."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: host time fused_a2a adds per dispatch + combine over calling each backend's buffer directly."""
     from a2a_bench.bench.overhead import measure_overhead
@@ -246,7 +266,7 @@ def overhead(
         return [row for point in expand(spec, where.world_size)
                 for row in measure_overhead(point.backend, point.workload, iters, where.device)]
 
-    _run_benchmark("overhead", spec, nproc, installed, measure, overhead_table)
+    _run_benchmark("overhead", spec, nproc, installed, measure, overhead_table, share_gpu)
 
 
 @app.command()
@@ -395,8 +415,8 @@ def env(
     world_size: Optional[int] = typer.Option(None, help="World size for the cluster id (default: GPUs of this node)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Installed backends (version, or why not), GPUs, link topology and cluster id."""
-    from a2a_bench.reports.environment import describe
+    """Installed backends (version, or why not), GPUs, link topology, MPS and cluster id."""
+    from a2a_bench.reports.environment import describe, mps_line
 
     if world_size is not None and world_size < 1:
         raise SpecError(f"--world-size must be >= 1, got {world_size}")
@@ -409,6 +429,7 @@ def env(
     console.print(f"cluster id: [bold]{c['id']}[/bold]  gpu: {c['gpu'] or 'none'}  gpus/node: {c['gpus_per_node']}  "
                   f"nodes: {c['nodes']}  intranode link: {c['intranode_link'] or 'n/a'}  internode: {c['internode'] or 'n/a'}")
     console.print(f"GPUs: {', '.join(info['gpus']) or 'none'}")
+    console.print(mps_line(info["mps"]), markup=False, highlight=False)
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     out = Table(title="backends")
     for column in ("backend", "available", "version or reason"):

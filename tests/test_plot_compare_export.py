@@ -29,7 +29,7 @@ def row(backend: str, knobs: dict, disp_us: float, comb_us: float, hidden: int =
         "point_id": f"{backend}-{json.dumps(knobs, sort_keys=True)}-{hidden}-{num_tokens}", "status": status,
         "verified": status == "ok", "backend": backend, "knobs": json.dumps(knobs, sort_keys=True),
         "is_default": is_default, "num_sms": knobs.get("num_sms", ""), "world_size": 2, "cluster": CLUSTER["id"],
-        "dtype": "bf16", "hidden": hidden, "num_tokens": num_tokens, "topk": 8, "num_experts": 64,
+        "gpu_sharing": "none", "ranks_per_gpu": 1, "comparable": True, "dtype": "bf16", "hidden": hidden, "num_tokens": num_tokens, "topk": 8, "num_experts": 64,
         "routing": "uniform", "skew": 1.0, "seed": 0, "inputs_hash": "abc", "recv_tokens": num_tokens,
         "link_peak_gbps": 40.0, "warmup": 1, "iters": 3, "timestamp": "2026-11-24T22:00:00Z",
     }

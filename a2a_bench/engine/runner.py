@@ -46,6 +46,8 @@ class RunContext:
         group: the process group (``None``: the default one).
         on_phase: called with each phase's name as the point reaches it (watchdog, progress).
         ranks_per_node: ranks of one node (the limits of HybridEP depend on it).
+        gpu_sharing: how ranks share a GPU (``"mps"``, ``"timeslice"``; ``None``: they do not).
+        ranks_per_gpu: the most ranks on one GPU.
     """
 
     device: torch.device
@@ -56,6 +58,8 @@ class RunContext:
     group: Any = None
     on_phase: Callable[[str], None] = lambda name: None
     ranks_per_node: int | None = None
+    gpu_sharing: str | None = None
+    ranks_per_gpu: int = 1
 
 
 def routing_key(routing: str, skew: float) -> str:
@@ -72,7 +76,8 @@ def base_row(point: Point, ctx: RunContext) -> dict[str, Any]:
     return {
         "point_id": point.point_id, "backend": point.backend, "knobs": json.dumps(knobs, sort_keys=True),
         "is_default": knobs == backend.defaults(), "num_sms": "" if sms is None else sms,
-        "world_size": point.world_size, "cluster": ctx.cluster, "dtype": w.dtype, "hidden": w.hidden,
+        "world_size": point.world_size, "cluster": ctx.cluster, "gpu_sharing": ctx.gpu_sharing or "none",
+        "ranks_per_gpu": ctx.ranks_per_gpu, "comparable": ctx.gpu_sharing != "timeslice", "dtype": w.dtype, "hidden": w.hidden,
         "num_tokens": w.num_tokens, "topk": w.topk, "num_experts": w.num_experts, "routing": w.routing,
         "skew": w.skew, "seed": w.seed, "warmup": ctx.warmup, "iters": ctx.iters, "verified": False,
         "build": backend.version() or "", "torch": get_backend("torch").version(),

@@ -29,6 +29,7 @@ from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, RunInfo, read_resul
 from a2a_bench.engine.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.engine.runner import RunContext, base_row, run_point
 from a2a_bench.engine.search import coordinate_search, groups, search_size
+from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank
 from a2a_bench.engine.spec import Point, SweepSpec, expand, validate
 from a2a_bench.engine.watchdog import Watchdog
 from fused_a2a.backends import get_backend
@@ -87,17 +88,19 @@ def init_group(where: Placement) -> None:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str]) -> Path:
+def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], share_gpu: str | None = None) -> Path:
     """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path.
 
     User errors raise ``SpecError``/``ResultsError`` before the process group is joined and before
-    anything is written: the spec on every rank; on rank 0 the run folder (writable, not locked by a
-    live sweep, and on ``--resume`` holding this tool's files of this cluster). Rank 0 holds the
-    folder's lock for the sweep (unless its parent, ``a2a-bench --nproc``, holds it). Buffers are
-    freed before the process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
+    anything is written: the spec and how ranks share GPUs (``share_gpu``: ``--share-gpu``,
+    :func:`a2a_bench.engine.sharing.check_rank`) on every rank; on rank 0 the run folder (writable,
+    not locked by a live sweep, and on ``--resume`` holding this tool's files of this cluster). Rank 0
+    holds the folder's lock for the sweep (unless its parent, ``a2a-bench --nproc``, holds it). Buffers
+    are freed before the process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
     """
     where = placement_from_env()
     validate(spec, where.world_size)
+    check_rank(share_gpu, where.rank)
     points = expand(spec, where.world_size)
     lock = claim_run_folder(out_dir, resume, argv, detect_cluster(where.world_size).id) if where.rank == 0 else None
     try:
@@ -187,7 +190,8 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     known, attempts, given_up = plan[0]
     peak = link_peak_gbps(where.device)
     ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters,
-                     ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)))
+                     ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)),
+                     gpu_sharing=cluster.gpu_sharing, ranks_per_gpu=cluster.ranks_per_gpu)
     if where.rank == 0:
         write_run_info(out_dir / RUN_FILE, RunInfo(
             spec=spec.to_json(), cluster=cluster.to_json(), world_size=where.world_size,
@@ -262,6 +266,10 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
         console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s; "
                       f"link peak {peak:.1f} GB/s; results in {folder.results}", markup=False, highlight=False)
         make_console().print(summary_table(read_results(folder.results)))
+        if cluster.gpu_sharing == "timeslice":
+            console.print(f"warning: {cluster.ranks_per_gpu} ranks time-sliced each GPU (--share-gpu timeslice): every "
+                          f"time of this run is {NOT_COMPARABLE} (results column comparable=False); tune refuses it",
+                          markup=False, highlight=False)
 
 
 def _sms_knob(group: list[Point]) -> str | None:

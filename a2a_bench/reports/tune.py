@@ -16,7 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from a2a_bench import __version__
-from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
+from a2a_bench.engine.results import (
+    RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info, refuse_incomparable,
+)
 from a2a_bench.engine.runner import routing_key
 from fused_a2a.tuning.resolve import TABLE_NAME, TUNING_DIR_ENV, tuning_dirs
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, update_table
@@ -104,9 +106,11 @@ def tune(run_dir: Path, out_root: Path, routing: str | None = None, by: str = "k
 
     Raises:
         ResultsError: ``results.csv`` or ``run.json`` is missing or not valid (the cluster id must be
-            a name, never a path), or holds nothing to tune from; nothing is written.
+            a name, never a path), holds nothing to tune from, or rows timed by time slices
+            (:func:`~a2a_bench.engine.results.refuse_incomparable`); nothing is written.
     """
     results = read_results(run_dir / RESULTS_FILE)
+    refuse_incomparable(results, run_dir / RESULTS_FILE)
     cluster = read_run_info(run_dir / RUN_FILE).cluster
     table = build_table(results, cluster, routing, by)
     path = out_root / cluster["id"] / TABLE_NAME
