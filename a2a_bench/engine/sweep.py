@@ -301,7 +301,8 @@ def _plan(folder: RunFolder, points: list[Point]):
 def _measure(point: Point, ctx: RunContext) -> dict:
     """Run one point; any rank's exception becomes the point's ``error`` status on every rank.
 
-    After an error, every backend buffer is freed, so the next point starts from fresh ones.
+    After an error, every backend buffer and the workload's prepared inputs are dropped on every rank,
+    so the next point starts from fresh ones (and no rank reuses inputs another made again).
     """
     try:
         row, problem = run_point(point, ctx), None
@@ -312,6 +313,7 @@ def _measure(point: Point, ctx: RunContext) -> dict:
     first = next((p for p in problems if p is not None), None)
     if first is None:
         return row
+    ctx.prepared.clear()
     free_all_buffers()
     return {**base_row(point, ctx), "status": first}
 
