@@ -443,14 +443,20 @@ def env(
 def plot(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv)."),
     out: Optional[Path] = typer.Option(None, help="Folder of the PNGs (default RUN_DIR/plots)."),
+    metric: str = typer.Option("gbps", help="gbps: GB/s against SMs per backend and shape (against tokens without an "
+                                            "SM knob), with the link peak; time: dispatch and combine µs against SMs, "
+                                            "every backend of a shape in one plot, knees marked."),
 ) -> None:
-    """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link peak."""
-    from a2a_bench.reports.plot import plot_run
+    """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link
+    peak; or dispatch and combine time against SMs with each backend's knee (--metric time)."""
+    from a2a_bench.reports.plot import METRICS, plot_run
     from a2a_bench.engine.results import RESULTS_FILE, read_results
 
+    if metric not in METRICS:
+        raise SpecError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     out = out or run_dir / "plots"
     check_out_dir(out)
-    for path in plot_run(read_results(run_dir / RESULTS_FILE), out):
+    for path in plot_run(read_results(run_dir / RESULTS_FILE), out, metric):
         print(path)
 
 
@@ -469,6 +475,26 @@ def compare(
     from a2a_bench.engine.results import RESULTS_FILE, read_results
 
     make_console().print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
+
+
+@app.command("search-check")
+def search_check(
+    default_run: Path = typer.Argument(..., help="A run folder swept with the default (coordinate) search."),
+    exhaustive_run: Path = typer.Argument(..., help="A run folder swept with --exhaustive over the same knob grid "
+                                                    "(all of the default run's shapes, or some)."),
+    within: float = typer.Option(3.0, help="Tolerance, percent: the search's choice may be this much slower than the "
+                                           "exhaustive best."),
+) -> None:
+    """How many points the default search timed against --exhaustive, and whether its choice is within 3% of the
+    exhaustive best, per backend and shape."""
+    from a2a_bench.reports.search_check import check_search, search_table, summary
+
+    if not within > 0:
+        raise SpecError(f"--within must be a positive percentage, got {within:g}")
+    checks = check_search(default_run, exhaustive_run)
+    console = make_console()
+    console.print(search_table(checks, within / 100))
+    console.print(summary(checks, within / 100), markup=False, highlight=False)
 
 
 @app.command()
