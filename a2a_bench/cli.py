@@ -136,31 +136,40 @@ def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
 @app.command()
 def speedup(
     backends: Optional[str] = typer.Option(None, help="Backends, comma list."),
-    hidden: str = typer.Option("7168", help="Hidden sizes, comma list."),
-    tokens: str = typer.Option("4096", help="Tokens per rank, comma list."),
+    hidden: Optional[str] = typer.Option(None, help="Hidden sizes, comma list (default 7168; with --from-table: all)."),
+    tokens: Optional[str] = typer.Option(None, help="Tokens per rank, comma list (default 4096; with --from-table: all)."),
     topk: str = typer.Option("8", help="Experts per token."),
     experts: str = typer.Option("64", help="Number of experts."),
     dtype: str = typer.Option("bf16", help="Token dtype."),
+    routing: Optional[str] = typer.Option(None, help="Routings the job declares: uniform, zipf:<skew>, hot:<fraction> "
+                                                     "(default uniform; with --from-table: all)."),
+    path: str = typer.Option("api", help="Round trips: api (fused_a2a.dispatch/combine), seed (the seed functions: "
+                                         "fused_dispatch, hybrid_ep_dispatch, ...), or api,seed."),
+    from_table: bool = typer.Option(False, "--from-table", help="One case per entry of this cluster's tuning table "
+                                                                "(as a job finds it), kept by the options above."),
     warmup: int = typer.Option(5, help="Untimed round trips of each config."),
     iters: int = typer.Option(5, help="Timed round trips of each config per block."),
     blocks: int = typer.Option(8, help="Blocks of each config, alternating (>= 2): the ratio's interval is over them."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
     share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
-    """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
-    the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
-    from a2a_bench.bench.speedup import check_backends, run_speedups, speedup_table
+    """Benchmark: round trips through fused_a2a with the knobs it finds at run time (tuning table) vs. the backend's
+    defaults, in alternating blocks, same inputs; the ratio with its 95% bootstrap interval, or "same config" /
+    "no measurable difference"."""
+    from a2a_bench.bench.speedup import SpeedupRun, parse_paths, speedup_table
 
+    given = {"backends": _opt(backends, parse_words, "--backends"), "hidden": _opt(hidden, parse_ints, "--hidden"),
+             "tokens": _opt(tokens, parse_ints, "--tokens"), "routings": _opt(routing, parse_words, "--routing")}
     spec = merge(SweepSpec(), {
-        "backends": _opt(backends, parse_words, "--backends"), "hidden": parse_ints(hidden, "--hidden"),
-        "tokens": parse_ints(tokens, "--tokens"), "topk": parse_ints(topk, "--topk"),
-        "experts": parse_ints(experts, "--experts"), "dtypes": parse_words(dtype, "--dtype"),
-        "warmup": warmup, "iters": iters,
+        **given, "hidden": given["hidden"] or (7168,), "tokens": given["tokens"] or (4096,),
+        "topk": parse_ints(topk, "--topk"), "experts": parse_ints(experts, "--experts"),
+        "dtypes": parse_words(dtype, "--dtype"), "warmup": warmup, "iters": iters,
     })
     if blocks < 2:
         raise SpecError(f"--blocks must be >= 2, got {blocks}")
-    _run_benchmark("speedup", spec, nproc, check_backends, lambda where: run_speedups(spec, blocks, where.device),
-                   speedup_table, share_gpu)
+    run = SpeedupRun(spec, parse_paths(path), blocks, from_table, given)
+    _run_benchmark("speedup", spec, nproc, lambda checked: run.check(checked, nproc is None or launched_by_torchrun()),
+                   lambda where: run.measure(where.device), speedup_table, share_gpu)
 
 
 def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table,
