@@ -97,7 +97,7 @@ def mps_status() -> dict:
     return {"control": shutil.which(CONTROL), "pipe_dir": str(pipe), "daemon_pid": mps.daemon_pid(pipe)}
 
 
-def start_command(ranks: int, gpus: int) -> str:
+def start_command(ranks: int) -> str:
     """The commands that start a daemon for ranks launched by a plain ``torchrun``."""
     return (f"export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log; "
             f"mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; {CONTROL} -d; "
@@ -113,15 +113,14 @@ def check_rank(requested: str | None, rank: int = 0) -> Sharing | None:
             ``timeslice`` is asked for and a daemon serves it (the ranks would run under MPS).
     """
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    gpus = visible_gpus()
-    sharing = plan(ranks, gpus, requested)
+    sharing = plan(ranks, visible_gpus(), requested)
     if sharing is None:
         return None
     pipe = mps.pipe_dir()
     daemon = mps.daemon_pid(pipe)
     if sharing.mode == "mps" and daemon is None:
         raise MpsError(f"{sharing.describe()} and no MPS control daemon serves them (pipe folder {pipe}): start one "
-                       f"before torchrun ({start_command(ranks, gpus)}), or launch with a2a-bench --nproc {ranks}, "
+                       f"before torchrun ({start_command(ranks)}), or launch with a2a-bench --nproc {ranks}, "
                        "which starts and stops one, or pass --share-gpu timeslice (timings then not comparable)")
     if sharing.mode == "timeslice" and daemon is not None:
         raise MpsError(f"--share-gpu timeslice, but the MPS control daemon pid {daemon} (pipe folder {pipe}) serves "
@@ -180,7 +179,7 @@ def launcher_sharing(ranks: int, requested: str | None, gpus: int | None = None)
         daemon.stop()
 
 
-def _abandoned_root() -> Path:
+def _daemons_root() -> Path:
     """Where launchers keep the folders of the daemons they start (one per run)."""
     return Path(tempfile.gettempdir()) / f"a2a-bench-mps-{os.getuid()}"
 
@@ -188,7 +187,7 @@ def _abandoned_root() -> Path:
 def reap_abandoned() -> list[dict]:
     """Stop the daemons that a2a-bench launchers started and left behind (the launcher and its guard
     both killed): their folders' owner locks are free. Says so on stderr; returns their records."""
-    root = _abandoned_root()
+    root = _daemons_root()
     stopped = []
     for run_dir in sorted(root.glob("run-*")) if root.is_dir() else ():
         record = stop_if_abandoned(run_dir, wait=False)
@@ -278,7 +277,7 @@ class OwnedDaemon:
 def _new_run_dir():
     """A new folder for one daemon, with its owner lock taken (made under a dot name, then renamed, so
     :func:`reap_abandoned` never sees it unlocked): ``(folder, open lock file)``."""
-    root = _abandoned_root()
+    root = _daemons_root()
     root.mkdir(mode=0o700, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
     lock = open(fresh / OWNER_LOCK, "a")
