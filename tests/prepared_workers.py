@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 
-import faulty_backend  # noqa: F401 (registers the "faulty" backend)
 from a2a_bench.engine import runner
 from a2a_bench.engine.runner import RunContext
 from a2a_bench.engine.spec import SweepSpec, expand
@@ -15,6 +16,7 @@ from a2a_bench.engine.sweep import _measure
 def reuse_and_reset(rank: int, world_size: int) -> None:
     """A workload's inputs and reference are made once for its knob settings, made again for the next
     workload, and after a failed point on every rank alike (the next point's collectives match)."""
+    importlib.import_module("faulty_backend")  # registers the "faulty" backend, in the ranks only
     made = {"inputs": 0, "reference": 0}
     make_inputs, reference = runner.make_inputs, runner.reference_round_trip
 
