@@ -250,6 +250,41 @@ def overhead(
 
 
 @app.command()
+def paths(
+    backends: Optional[str] = typer.Option(None, help="Backends, comma list (default: every installed one)."),
+    hidden: str = typer.Option("7168", help="Hidden sizes, comma list."),
+    tokens: str = typer.Option("512,4096", help="Tokens per rank, comma list."),
+    topk: int = typer.Option(8, help="Experts per token."),
+    experts: int = typer.Option(64, help="Number of experts."),
+    warmup: int = typer.Option(5, help="Untimed calls of each path."),
+    iters: int = typer.Option(30, help="Timed calls of each path (alternating)."),
+    nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+) -> None:
+    """Benchmark: per call, each backend's own uncached dispatch/combine, fused_a2a's api, the seed path and
+    the cached kernel, side by side with the api/raw and seed/raw ratios."""
+    from a2a_bench.bench.paths import measure_paths
+    from a2a_bench.reports.report import paths_table
+    from fused_a2a.backends import BACKENDS
+
+    names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
+    spec = merge(SweepSpec(), {"backends": names, "hidden": parse_ints(hidden, "--hidden"),
+                               "tokens": parse_ints(tokens, "--tokens"), "topk": (topk,), "experts": (experts,),
+                               "warmup": warmup, "iters": iters})
+
+    def installed(checked: SweepSpec) -> None:
+        for name in checked.backends:
+            reason = BACKENDS[name].unavailable()
+            if reason is not None:
+                raise SpecError(f"backend {name!r} is not available: {reason}")
+
+    def measure(where):
+        return [measure_paths(point.backend, point.workload, warmup, iters, where.device)
+                for point in expand(spec, where.world_size)]
+
+    _run_benchmark("paths", spec, nproc, installed, measure, paths_table)
+
+
+@app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
     out: Optional[Path] = typer.Option(None, help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json "

@@ -138,3 +138,24 @@ def overhead_table(rows) -> Table:
         table.add_row(r.backend, r.path, "yes" if r.grad else "no", _stats(r.wrapped), _stats(r.direct), _stats(r.added),
                       _stats(r.bare), _stats(r.beyond_bare))
     return table
+
+
+def paths_table(rows) -> Table:
+    """Per-call µs of each path (:class:`a2a_bench.bench.paths.PathTimes`) with the ratios the targets name:
+    api over raw, seed over the library calls it wraps."""
+    table = Table(title="µs per call, slowest rank, median (p10–p90); raw: the library's own uncached call; "
+                        "kernel: cached dispatch; seed raw: the library calls the seed path wraps where they differ")
+    for column in ("backend", "shape", "op", "raw", "api", "api/raw", "kernel", "seed raw", "seed", "seed/raw"):
+        table.add_column(column, justify="left" if column in ("backend", "shape", "op") else "right")
+    for r in rows:
+        w = r.workload
+        shape = f"h{w.hidden} n{w.num_tokens} k{w.topk} e{w.num_experts}"
+        for op in ("dispatch", "combine"):
+            times = getattr(r, op)
+            seed_base = "seed raw" if "seed raw" in times else "raw"
+            api_ratio, seed_ratio = r.ratio(op, "api", "raw"), r.ratio(op, "seed", seed_base)
+            table.add_row(r.backend, shape, op, *(_stats(times.get(p)) for p in ("raw", "api")),
+                          "–" if api_ratio is None else f"{api_ratio:.2f}x",
+                          *(_stats(times.get(p)) for p in ("kernel", "seed raw", "seed")),
+                          "–" if seed_ratio is None else f"{seed_ratio:.2f}x")
+    return table

@@ -203,6 +203,18 @@ def _parse_env(knob: Knob, name: str) -> Any:
         return _MISSING
 
 
+def env_or_default(backend: str, knob: str) -> Any:
+    """``knob`` of ``backend`` from its ``FUSED_A2A_*`` variable where set and valid (else one warning),
+    else the backend's default: for settings a caller fixes before any shape is known."""
+    spec = BACKENDS[backend].knob(knob)
+    name = env_var(backend, knob)
+    if name in os.environ:
+        value = _parse_env(spec, name)
+        if value is not _MISSING:
+            return value
+    return spec.default
+
+
 def resolve(
     backend: str,
     world_size: int,
