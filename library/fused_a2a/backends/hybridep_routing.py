@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 from functools import cached_property
 
 import torch
@@ -129,39 +130,44 @@ def ascending_topk_torch(local_map: torch.Tensor, local_probs: torch.Tensor, top
 if triton is not None:
 
     @triton.jit
-    def _dense(idx_ptr, w_ptr, map_ptr, probs_ptr, n, k, num_experts, local, padded, num_columns,
-               HAS_W: tl.constexpr, B: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr):
+    def _dense(idx_ptr, w_ptr, map_ptr, probs_ptr, n, k, num_experts, local, padded, num_columns, world,
+               HAS_W: tl.constexpr, B: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, WP: tl.constexpr):
         t = tl.program_id(0) * B + tl.arange(0, B)
-        kk = tl.arange(0, KP)
+        rows = t < n
+        # the block's rows cleared, then each (token, slot) written where it goes
         cc = tl.arange(0, CP)
-        m2 = (t < n)[:, None] & (kk < k)[None, :]
+        cleared = t[:, None] * num_columns + cc[None, :]
+        cmask = rows[:, None] & (cc < num_columns)[None, :]
+        tl.store(map_ptr + cleared, tl.zeros([B, CP], dtype=tl.uint8), mask=cmask)
+        if HAS_W:
+            tl.store(probs_ptr + cleared, tl.zeros([B, CP], dtype=tl.float32), mask=cmask)
+        tl.debug_barrier()
+        kk = tl.arange(0, KP)
+        m2 = rows[:, None] & (kk < k)[None, :]
         ids = tl.load(idx_ptr + t[:, None] * k + kk[None, :], mask=m2, other=-1)
         valid = m2 & (ids >= 0) & (ids < num_experts)
-        bad = m2 & ((ids < -1) | (ids >= num_experts))
         safe = tl.where(valid, ids, 0)
-        col = tl.where(valid, (safe // local) * padded + safe % local, -1)
-        hit = col[:, :, None] == cc[None, None, :]
-        row_bad = tl.max(bad.to(tl.int32), axis=1)
-        phantom = ((cc % padded) == local).to(tl.int32)
-        mapped = tl.max(hit.to(tl.int32), axis=1) | (row_bad[:, None] & phantom[None, :])
-        cmask = (t < n)[:, None] & (cc < num_columns)[None, :]
-        offsets = t[:, None] * num_columns + cc[None, :]
-        tl.store(map_ptr + offsets, mapped.to(tl.uint8), mask=cmask)
+        where = t[:, None] * num_columns + (safe // local) * padded + safe % local
+        tl.store(map_ptr + where, tl.full([B, KP], 1, dtype=tl.uint8), mask=valid)
         if HAS_W:
             w = tl.load(w_ptr + t[:, None] * k + kk[None, :], mask=m2, other=0.0)
-            tl.store(probs_ptr + offsets, tl.sum(tl.where(hit, w[:, :, None], 0.0), axis=1), mask=cmask)
+            tl.atomic_add(probs_ptr + where, w, mask=valid)  # an expert named twice gets the sum
+        bad = tl.max((m2 & ((ids < -1) | (ids >= num_experts))).to(tl.int32), axis=1)
+        rr = tl.arange(0, WP)
+        phantoms = t[:, None] * num_columns + rr[None, :] * padded + local
+        tl.store(map_ptr + phantoms, tl.full([B, WP], 1, dtype=tl.uint8), mask=(bad != 0)[:, None] & (rr < world)[None, :])
 
     @triton.jit
     def _count(map_ptr, rows_ptr, out_ptr, padded, BR: tl.constexpr, LP: tl.constexpr):
         rows = tl.load(rows_ptr).to(tl.int32)
         cc = tl.arange(0, LP)
-        acc = tl.zeros([LP], dtype=tl.int64)
+        acc = tl.zeros([LP], dtype=tl.int32)
         for start in range(0, rows, BR):
             r = start + tl.arange(0, BR)
             m = (r < rows)[:, None] & (cc < padded)[None, :]
             v = tl.load(map_ptr + r[:, None] * padded + cc[None, :], mask=m, other=0)
-            acc += tl.sum(v.to(tl.int64), axis=0)
-        tl.store(out_ptr + cc, acc, mask=cc < padded)
+            acc += tl.sum(v.to(tl.int32), axis=0)
+        tl.store(out_ptr + cc, acc.to(tl.int64), mask=cc < padded)
 
     @triton.jit
     def _ascending(map_ptr, probs_ptr, ids_ptr, w_ptr, rows, local, padded, probs_stride, first, k,
@@ -180,6 +186,49 @@ if triton is not None:
             out = rmask & (j < k)
             tl.store(ids_ptr + r * k + j, tl.where(has, col, -1).to(tl.int64), mask=out)
             tl.store(w_ptr + r * k + j, weight, mask=out)
+
+
+def _trait(arg: Any) -> tuple:
+    """What Triton specializes a kernel argument on (NVIDIA): a tensor's dtype, device and 16-byte
+    alignment; an int's being 1, its divisibility by 16 and whether it fits in 32 bits."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.device, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return type(arg), arg
+    return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+
+
+class _Launch:
+    """``kernel[(grid,)](*args, **meta)`` for a ``triton.jit`` kernel, through the compiled kernel's own
+    launcher once a call of the same specialization (:func:`_trait` of each argument, and ``meta``) has
+    compiled it: Triton's ``JITFunction.run`` spends some 25 µs of Python per launch on a slow host,
+    the compiled launcher a few. A launcher that fails is given up for good (the normal launch runs)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.compiled: dict[tuple, Any] = {}
+        self.working = True
+
+    def __call__(self, grid: int, *args, **meta) -> None:
+        key = (tuple(_trait(arg) for arg in args), tuple(meta.items()))
+        compiled = self.compiled.get(key) if self.working else None
+        if compiled is None:
+            handle = self.kernel[(grid,)](*args, **meta)
+            if self.working:
+                self.compiled[key] = handle
+            return
+        constexprs = [meta[name] for name in self.kernel.arg_names[len(args):]]
+        try:
+            run = compiled.run
+            run(grid, 1, 1, torch.cuda.current_stream().cuda_stream, compiled.function, compiled.packed_metadata, None,
+                None, None, *args, *constexprs)
+        except Exception:  # noqa: BLE001 - another Triton's launcher: its normal launch still works
+            self.working = False
+            self.kernel[(grid,)](*args, **meta)
+
+
+if triton is not None:
+    _dense_launch, _count_launch, _ascending_launch = _Launch(_dense), _Launch(_count), _Launch(_ascending)
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -205,13 +254,14 @@ def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, col
     routing_map = torch.empty(n, columns.columns, dtype=torch.bool, device=topk_idx.device)
     probs = None if topk_weights is None else torch.empty(n, columns.columns, dtype=torch.float32,
                                                           device=topk_idx.device)
-    kp, cp = _pow2(k), _pow2(columns.columns)
-    block = max(1, min(64, 8192 // (kp * cp)))
+    cp = _pow2(columns.columns)
+    block = max(1, min(64, 8192 // cp))
     try:
-        _dense[(triton.cdiv(n, block),)](
-            topk_idx, topk_weights if probs is not None else topk_idx, routing_map.view(torch.uint8),
+        _dense_launch(
+            triton.cdiv(n, block), topk_idx, topk_weights if probs is not None else topk_idx, routing_map.view(torch.uint8),
             probs if probs is not None else routing_map, n, k, columns.num_experts, columns.local,
-            columns.padded, columns.columns, HAS_W=probs is not None, B=block, KP=kp, CP=cp)
+            columns.padded, columns.columns, columns.world, HAS_W=probs is not None, B=block, KP=_pow2(k), CP=cp,
+            WP=_pow2(columns.world))
     except Exception as error:  # noqa: BLE001 - e.g. a Triton that cannot compile here
         _give_up(error)
         return dense_routing_torch(topk_idx, topk_weights, columns)
@@ -233,8 +283,8 @@ def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor
     padded = local_map.size(1)
     out = torch.empty(padded, dtype=torch.int64, pin_memory=True)
     try:
-        _count[(1,)](local_map.view(torch.uint8), num_rows, out, padded, BR=max(16, 8192 // _pow2(padded)),
-                     LP=_pow2(padded))
+        lp = _pow2(padded)  # one program reads every received row: wide blocks keep it bandwidth-bound
+        _count_launch(1, local_map.view(torch.uint8), num_rows, out, padded, BR=max(16, 32768 // lp), LP=lp, num_warps=16)
     except Exception as error:  # noqa: BLE001
         _give_up(error)
         return None
@@ -272,8 +322,8 @@ def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num
     lp = _pow2(padded)
     block = max(1, min(128, 4096 // lp))
     try:
-        _ascending[(triton.cdiv(num_rows, block),)](
-            local_map.view(torch.uint8), recv_probs, ids, weights, num_rows, local, padded, recv_probs.stride(0), first,
+        _ascending_launch(
+            triton.cdiv(num_rows, block), local_map.view(torch.uint8), recv_probs, ids, weights, num_rows, local, padded, recv_probs.stride(0), first,
             topk, BR=block, LP=lp, KP=_pow2(topk))
     except Exception as error:  # noqa: BLE001
         _give_up(error)
