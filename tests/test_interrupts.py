@@ -48,7 +48,7 @@ def ctrl_c_in_the_held_point(command: list[str], out: Path, env: dict) -> tuple[
             state = json.loads(marker.read_text())
         except (OSError, ValueError):
             return False
-        return state["phase"] == "compile" and not state["interrupted"] and data_rows(out / "results.csv") == 1
+        return state["phase"] == "compile" and not state.get("interrupted") and data_rows(out / "results.csv") == 1
 
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True, env=env)

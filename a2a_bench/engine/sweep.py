@@ -357,7 +357,8 @@ def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[s
         strategy = "exhaustive" if spec.exhaustive else "coordinate search"
         before = f" ({len(visited & done_before)} more were done before)" if visited & done_before else ""
         console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s{before}; "
-                      f"link peak {peak:.1f} GB/s; results in {folder.results}", markup=False, highlight=False)
+                      f"link peak {peak:.1f} GB/s; results in {folder.results}, tables in {folder.path / SUMMARY_FILE}",
+                      markup=False, highlight=False)
         print_summary(read_results(folder.results), folder.path, wide)
 
 

@@ -136,7 +136,7 @@ def best_per_shape(results: pd.DataFrame, by: str = DEFAULT_MODE) -> TextTable |
                      spread(best.stat(by), best.stat(by, "p10"), best.stat(by, "p90")),
                      f"{us(float(best.dispatch[f'dispatch_{by}_us_median']))} / {us(float(best.combine[f'combine_{by}_us_median']))}",
                      verdict(best.vs_default, is_default)))
-    columns = (*SHAPE_COLUMNS, Column("best backend"), Column("knobs"), Column(f"{by} round trip µs", right=True),
+    columns = (*SHAPE_COLUMNS, Column("backend"), Column("knobs"), Column(f"{by} round trip µs", right=True),
                Column("dispatch / combine µs", drop=2, right=True), Column("vs default"))
     return TextTable(f"best per shape by the {by} round trip (dispatch + combine), {SPREAD}", columns, tuple(rows),
                      (f"vs default: the default's round trip over the fastest config's, with the interval their "
