@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from rich.table import Table
 
+from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.measure import Stats, summarize, time_op
 from a2a_bench.engine.spec import SpecError, SweepSpec, expand
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
@@ -102,9 +103,9 @@ def ratio_interval(tuned: Sequence[float], default: Sequence[float], confidence:
 def check_backends(spec: SweepSpec) -> None:
     """``SpecError`` for a backend of ``spec`` that is not installed (speedup has nothing to run)."""
     for name in spec.backends:
-        reason = get_backend(name).unavailable()
-        if reason is not None:
-            raise SpecError(f"backend {name} is not available: {reason}")
+        missing = not_installed(name)
+        if missing is not None:
+            raise SpecError(missing)
 
 
 def measure_speedup(backend: str, workload: WorkloadSpec, warmup: int, iters: int, blocks: int,

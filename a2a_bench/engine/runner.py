@@ -25,6 +25,7 @@ import fused_a2a
 from a2a_bench.engine.measure import (
     NotCapturable, Stats, capture, comm_device, gbps, imbalance, mean_over_ranks, received_bytes, time_op,
 )
+from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.seedpath import seed_path
 from a2a_bench.engine.spec import Point
 from a2a_bench.engine.verify import verify
@@ -85,9 +86,9 @@ def skip_reason(point: Point, ranks_per_node: int | None = None) -> str | None:
     """Why the point cannot run here (backend not installed, dtype, a shape or knob combination the
     backend rejects), or ``None``. Pure apart from the installed check."""
     backend = get_backend(point.backend)
-    reason = backend.unavailable()
-    if reason is not None:
-        return f"backend not available: {reason}"
+    missing = not_installed(point.backend)
+    if missing is not None:
+        return missing
     w = point.workload
     if w.dtype not in backend.dtypes:
         return f"{point.backend} moves {', '.join(backend.dtypes)} tokens only"
