@@ -331,7 +331,7 @@ def tuned_comm(
     try:
         return make_comm(backend, resolution.dispatch, resolution.combine, world_size), resolution
     except (ValueError, RuntimeError) as exc:
-        if "table" not in resolution.sources.values():
+        if not any(source.startswith("table") for source in resolution.sources.values()):
             raise
         warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
                       "using the defaults", TuningWarning, stacklevel=3)
