@@ -29,7 +29,7 @@ from fused_a2a.tuning.table import TuningFileError
 SHARE_GPU_HELP = ("When ranks outnumber a node's GPUs: mps (the default: an MPS daemon serves them; --nproc starts one "
                   "when none runs) or timeslice (they take turns: timings marked not comparable).")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
 # a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
 RANK0_REPORTS_S = 5.0
@@ -52,39 +52,65 @@ def _opt(text: Optional[str], parse, what: str):
     return None if text is None else parse(text, what)
 
 
+def _grid_help(text: str, field: str) -> str:
+    """``text`` with the default of a :class:`SweepSpec` field (the value when neither the option, a
+    spec file nor ``--quick`` gives one)."""
+    value = getattr(SweepSpec(), field)
+    return f"{text} (default: {','.join(map(str, value)) if isinstance(value, tuple) else value})"
+
+
 @app.command()
 def sweep(
-    backends: Optional[str] = typer.Option(None, help="Backends, comma list (torch, ...)."),
-    sms: Optional[str] = typer.Option(None, help="SM counts for backends with a num_sms knob: 8,16 or 8:64:8 (stop included)."),
-    hidden: Optional[str] = typer.Option(None, help="Hidden sizes, comma list or start:stop:step."),
-    tokens: Optional[str] = typer.Option(None, help="Tokens per rank, comma list or start:stop:step."),
-    topk: Optional[str] = typer.Option(None, help="Experts per token, comma list."),
-    experts: Optional[str] = typer.Option(None, help="Number of experts, comma list (divisible by the ranks)."),
-    dtype: Optional[str] = typer.Option(None, help="Token dtypes: bf16, fp16, fp32."),
-    routing: Optional[str] = typer.Option(None, help="Routings: uniform, zipf:<skew>, hot:<fraction>."),
-    knob: Optional[List[str]] = typer.Option(None, help="A backend knob's values: backend.knob=v1,v2 (repeatable)."),
-    seed: Optional[int] = typer.Option(None, help="Base seed of the workloads."),
-    warmup: Optional[int] = typer.Option(None, help="Untimed iterations per mode."),
-    iters: Optional[int] = typer.Option(None, help="Timed iterations per mode (>= 1)."),
-    point_timeout: Optional[float] = typer.Option(None, help="Seconds before a point is recorded as timeout."),
+    backends: Optional[str] = typer.Option(None, help=_grid_help("Backends, comma list (torch, deepep, hybridep, uccl).", "backends")),
+    sms: Optional[str] = typer.Option(None, help="SM counts for backends with a num_sms knob: 8,16 or 8:64:8 (stop included) "
+                                                 "(default: each backend's own)."),
+    hidden: Optional[str] = typer.Option(None, help=_grid_help("Hidden sizes, comma list or start:stop:step.", "hidden")),
+    tokens: Optional[str] = typer.Option(None, help=_grid_help("Tokens per rank, comma list or start:stop:step.", "tokens")),
+    topk: Optional[str] = typer.Option(None, help=_grid_help("Experts per token, comma list.", "topk")),
+    experts: Optional[str] = typer.Option(None, help=_grid_help("Number of experts, comma list (divisible by the ranks).", "experts")),
+    dtype: Optional[str] = typer.Option(None, help=_grid_help("Token dtypes: bf16, fp16, fp32, fp8 (bf16 tokens sent as "
+                                                              "DeepEP's fp8 pair, forward only).", "dtypes")),
+    routing: Optional[str] = typer.Option(None, help=_grid_help("Routings: uniform, zipf:<skew>, hot:<fraction>.", "routings")),
+    knob: Optional[List[str]] = typer.Option(None, help="A backend knob's values: backend.knob=v1,v2 (repeatable; "
+                                                        "default: the knob's default)."),
+    seed: Optional[int] = typer.Option(None, help=_grid_help("Base seed of the workloads.", "seed")),
+    warmup: Optional[int] = typer.Option(None, help=_grid_help("Untimed iterations per mode.", "warmup")),
+    iters: Optional[int] = typer.Option(None, help=_grid_help("Timed iterations per mode (>= 1).", "iters")),
+    point_timeout: Optional[float] = typer.Option(None, help=_grid_help("Seconds before a point is recorded as timeout.",
+                                                                        "point_timeout_s")),
     exhaustive: Optional[bool] = typer.Option(None, "--exhaustive", help="Time every knob combination (default: coordinate search)."),
     spec: Optional[Path] = typer.Option(None, help="TOML spec file with the same keys; options override it."),
-    quick: bool = typer.Option(False, "--quick", help="A small preset (about a minute on 2 CPU ranks)."),
+    quick: bool = typer.Option(False, "--quick", help="A small preset: torch, hidden 1024,2048, tokens 256,512, both impls "
+                                                      "(about 11 s on 2 CPU ranks)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/sweep-<UTC time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Skip points already in RUN_DIR/results.csv."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR: skip the points already in its results.csv "
+                                                        "(the grid and timing settings must be the folder's)."),
+    extend: bool = typer.Option(False, "--extend", help="With --resume: accept another grid than the folder's and add "
+                                                        "its points (timing settings must still match)."),
+    then_tune: bool = typer.Option(False, "--tune", help="After the sweep, tune its results into the tuning table "
+                                                         "(as a2a-bench tune RUN_DIR)."),
+    tune_out: Optional[Path] = typer.Option(None, help="With --tune: root of the tuning tables (default: "
+                                                       "$FUSED_A2A_TUNING_DIR, else ./tuning_results)."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column of the tables (default: those that fit the terminal)."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks through torchrun's launcher."),
     max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
     share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
+    from a2a_bench.engine.interrupt import Interrupted
     from a2a_bench.engine.sharing import launcher_sharing, parse_share_gpu
-    from a2a_bench.engine.sweep import claim_run_folder, launch_local, run_sweep
+    from a2a_bench.engine.sweep import (
+        claim_run_folder, command_line, finish_local, launch_local, placement_from_env, run_sweep,
+    )
+    from a2a_bench.reports.tune import default_out_root
 
     share = parse_share_gpu(share_gpu)
     base = QUICK if quick else SweepSpec()
     if spec is not None:
         base = merge(base, load_spec_file(spec))
     knobs = {b: dict(v) for b, v in base.knobs.items()}
+    if backends is not None:  # the preset's or spec file's knobs of backends the command line leaves out
+        knobs = {b: v for b, v in knobs.items() if b in parse_words(backends, "--backends")}
     for text in knob or []:
         backend, name, values = parse_knob(text)
         knobs.setdefault(backend, {})[name] = values
@@ -97,37 +123,58 @@ def sweep(
         "exhaustive": exhaustive,
     })
     out = out or Path("runs") / datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
+    if extend and not resume:
+        raise SpecError("--extend adds grid points to a run folder: it needs --resume")
+    tables = (tune_out or default_out_root()) if then_tune else None
+    if tune_out is not None and not then_tune:
+        raise SpecError("--tune-out names where --tune writes: pass --tune too")
+    if tables is not None:
+        check_out_dir(tables, "--tune-out")
+    argv = command_line()
     if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         if max_restarts < 0:
             raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
         validate(sweep_spec, nproc)
-        lock = claim_run_folder(out, resume, ["a2a-bench", *sys.argv[1:]], cluster=None)  # rank 0 checks the cluster
+        lock = claim_run_folder(out, resume, argv, None, sweep_spec, extend)  # rank 0 checks the cluster
         try:
-            argv = _argv_for_ranks(sys.argv[1:], out)
-            if max_restarts and "--resume" not in argv:
-                argv.append("--resume")
+            ranks_argv = _argv_for_ranks(sys.argv[1:], out)
+            if max_restarts and "--resume" not in ranks_argv:
+                ranks_argv.append("--resume")
             with launcher_sharing(nproc, share):
-                code = launch_local(nproc, argv, max_restarts)
+                status = launch_local(nproc, ranks_argv, max_restarts)
+            code = finish_local(status, out, sweep_spec, nproc, argv)
         finally:
             if lock is not None:
                 lock.release()
-        raise typer.Exit(code)
-    run_sweep(sweep_spec, out, resume, ["a2a-bench", *sys.argv[1:]], share)
+        if code:
+            raise typer.Exit(code)
+    else:
+        try:
+            run_sweep(sweep_spec, out, resume, argv, extend, wide, share)
+        except Interrupted as exc:  # Typer would turn it into a silent exit
+            if exc.report is not None:
+                print(f"a2a-bench: {exc.report}", file=sys.stderr, flush=True)
+            raise typer.Exit(130)
+        if placement_from_env().rank != 0:
+            return
+    if tables is not None:
+        _tune_and_print(out, tables, None, "api", wide)
 
 
 def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
-    """The command line each launched rank runs: ``--nproc`` removed, ``--out`` fixed."""
+    """The command line each launched rank runs: ``--nproc`` and what the launcher does itself
+    (``--tune``) removed, ``--out`` fixed."""
     kept, skip = [], False
     for word in argv:
         if skip:
             skip = False
             continue
-        if word in ("--nproc", "--out", "--max-restarts"):
+        if word in ("--nproc", "--out", "--max-restarts", "--tune-out"):
             skip = True
             continue
-        if word.startswith(("--nproc=", "--out=", "--max-restarts=")):
+        if word.startswith(("--nproc=", "--out=", "--max-restarts=", "--tune-out=")) or word == "--tune":
             continue
         kept.append(word)
     return [*kept, "--out", str(out)]
@@ -266,10 +313,11 @@ def overhead(
                                "experts": (experts,), "iters": iters})
 
     def installed(checked: SweepSpec) -> None:
+        from a2a_bench.engine.installed import not_installed
+
         for name in checked.backends:
-            reason = BACKENDS[name].unavailable()
-            if reason is not None:
-                raise SpecError(f"backend {name!r} is not available: {reason}")
+            if not_installed(name) is not None:
+                raise SpecError(not_installed(name))
 
     def measure(where):
         return [row for point in expand(spec, where.world_size)
@@ -279,55 +327,110 @@ def overhead(
 
 
 @app.command()
+def paths(
+    backends: Optional[str] = typer.Option(None, help="Backends, comma list (default: every installed one)."),
+    hidden: str = typer.Option("7168", help="Hidden sizes, comma list."),
+    tokens: str = typer.Option("512,4096", help="Tokens per rank, comma list."),
+    topk: int = typer.Option(8, help="Experts per token."),
+    experts: int = typer.Option(64, help="Number of experts."),
+    warmup: int = typer.Option(5, help="Untimed calls of each path."),
+    iters: int = typer.Option(30, help="Timed calls of each path (alternating)."),
+    nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
+) -> None:
+    """Benchmark: per call, each backend's own uncached dispatch/combine, fused_a2a's api, the seed path and
+    the cached kernel, side by side with the api/raw and seed/raw ratios."""
+    from a2a_bench.bench.paths import measure_paths
+    from a2a_bench.reports.report import paths_table
+    from fused_a2a.backends import BACKENDS
+
+    names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
+    spec = merge(SweepSpec(), {"backends": names, "hidden": parse_ints(hidden, "--hidden"),
+                               "tokens": parse_ints(tokens, "--tokens"), "topk": (topk,), "experts": (experts,),
+                               "warmup": warmup, "iters": iters})
+
+    def installed(checked: SweepSpec) -> None:
+        for name in checked.backends:
+            reason = BACKENDS[name].unavailable()
+            if reason is not None:
+                raise SpecError(f"backend {name!r} is not available: {reason}")
+
+    def measure(where):
+        return [measure_paths(point.backend, point.workload, warmup, iters, where.device)
+                for point in expand(spec, where.world_size)]
+
+    _run_benchmark("paths", spec, nproc, installed, measure, paths_table, share_gpu)
+
+
+@app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv and run.json)."),
     out: Optional[Path] = typer.Option(None, help="Root of the tuning tables; writes OUT/<cluster-id>/tuning.json "
-                                                  "(default: $FUSED_A2A_TUNING_DIR, else ./tuning_results)."),
+                                                  "and TABLE.md (default: $FUSED_A2A_TUNING_DIR, else ./tuning_results)."),
     routing: Optional[str] = typer.Option(None, help="Only the rows of this routing (uniform, zipf:<skew>, hot:<fraction>); default: one entry per routing measured."),
-    by: str = typer.Option("kernel", help="Select by this timing mode: kernel, api (what a training step pays), seed (HybridEP's permute path), graph."),
+    by: str = typer.Option("api", help="Select by this timing mode: api (the full call a training step pays), kernel "
+                                       "(the buffer's cached calls), seed (HybridEP's permute path), graph."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column (default: those that fit the terminal)."),
 ) -> None:
-    """Select the fastest verified config per shape, routing and backend build; merge it into the cluster's tuning.json."""
-    from a2a_bench.reports.report import tuning_rich
-    from a2a_bench.reports.tune import default_out_root, library_reads
-    from a2a_bench.reports.tune import tune as run_tune
+    """Select the fastest verified config per shape, routing and backend build; keep the backend's default
+    unless it is beaten beyond the noise; merge the entries into the cluster's tuning.json."""
+    from a2a_bench.reports.tune import default_out_root
     from fused_a2a.tuning.resolve import declared_routing
 
     out = out or default_out_root()
     check_out_dir(out)
-    path, table = run_tune(run_dir, out, None if routing is None else declared_routing(routing), by)
+    _tune_and_print(run_dir, out, None if routing is None else declared_routing(routing), by, wide)
+
+
+def _tune_and_print(run_dir: Path, out: Path, routing: Optional[str], by: str, wide: bool) -> None:
+    """Tune ``run_dir`` into ``out`` and print the table, where it went and how a job uses it."""
+    from a2a_bench.reports.fit import print_table
+    from a2a_bench.reports.report import tuning_table
+    from a2a_bench.reports.tables import MARKDOWN_NAME, publish
+    from a2a_bench.reports.tune import library_reads
+
+    path, table = publish(run_dir, out, routing, by)
     console = make_console()
-    console.print(tuning_rich(table))
+    print_table(console, tuning_table(table), wide, str(path.parent / MARKDOWN_NAME))
+    e = table.entries[0]
     console.print(f"wrote {path}; {library_reads(path)}", markup=False, highlight=False)
+    console.print(f"the whole table as Markdown: {path.parent / MARKDOWN_NAME}; jobs get these knobs from "
+                  f"fused_a2a.dispatch/combine and fused_a2a.compat; what a call uses: a2a-bench show --backend "
+                  f"{e.backend} --hidden {e.hidden} --tokens {e.num_tokens} --world-size {e.world_size}",
+                  markup=False, highlight=False)
 
 
 @app.command()
 def table(
     cluster_dir: Optional[Path] = typer.Argument(None, help="A folder holding tuning.json (default: the tables of "
                                                             "this machine's cluster, any world size)."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column (default: those that fit the terminal)."),
 ) -> None:
     """Print a cluster's tuning table and write it as Markdown to CLUSTER_DIR/TABLE.md."""
-    from a2a_bench.reports.report import tuning_markdown, tuning_rich
-    from a2a_bench.reports.tables import check_printable, machine_pattern, machine_tables
+    from a2a_bench.reports.fit import print_table
+    from a2a_bench.reports.report import tuning_markdown, tuning_table
+    from a2a_bench.reports.tables import MARKDOWN_NAME, check_printable, machine_ids, machine_tables
     from fused_a2a.files import atomic_write_text
     from fused_a2a.tuning.resolve import tuning_dirs
     from fused_a2a.tuning.table import read_table
 
     folders = [cluster_dir] if cluster_dir is not None else machine_tables()
     if not folders:
-        raise ResultsError(f"no tuning table of this machine (cluster ids {machine_pattern().pattern}) in "
-                           f"{', '.join(map(str, tuning_dirs()))}; pass a CLUSTER_DIR")
+        raise ResultsError(f"no tuning table for this machine yet: looked for {machine_ids()} in "
+                           f"{' or '.join(map(str, tuning_dirs()))}; make one with a2a-bench sweep --nproc 2 --tune, "
+                           "or pass a CLUSTER_DIR")
     tables = []
     for folder in folders:
         path = folder / "tuning.json"
         tuning = read_table(path)
         check_printable(tuning, str(path))
-        check_out_file(folder / "TABLE.md", "CLUSTER_DIR")
+        check_out_file(folder / MARKDOWN_NAME, "CLUSTER_DIR")
         tables.append((folder, tuning))
     console = make_console()
     for folder, tuning in tables:
-        atomic_write_text(folder / "TABLE.md", tuning_markdown(tuning))
-        console.print(tuning_rich(tuning))
-        console.print(f"wrote {folder / 'TABLE.md'}", markup=False, highlight=False)
+        atomic_write_text(folder / MARKDOWN_NAME, tuning_markdown(tuning))
+        print_table(console, tuning_table(tuning), wide, str(folder / MARKDOWN_NAME))
+        console.print(f"wrote {folder / MARKDOWN_NAME}", markup=False, highlight=False)
 
 
 @app.command()
@@ -382,11 +485,17 @@ def show(
         with _strict_tuning():
             res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
                           cluster=cluster, routing=routing)
-        _print_resolution(console, res, hidden, tokens, world_size, dtype)
+        _print_resolution(console, res, hidden, tokens, world_size, dtype, cluster)
 
 
-def _print_resolution(console, res, hidden: int, tokens: int, world_size: int, dtype: str) -> None:
-    """One backend's knobs, their sources and the table entry they came from."""
+def _print_resolution(console, res, hidden: int, tokens: int, world_size: int, dtype: str,
+                      cluster: Optional[str]) -> None:
+    """One backend's knobs, their sources and the table entry they came from, with the mode that chose
+    it and how it compared with the default."""
+    from a2a_bench.reports.report import entry_verdict
+    from fused_a2a.cluster import detect_cluster
+    from fused_a2a.tuning.resolve import tuning_dirs
+
     out = Table(title=f"{res.backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}, {res.routing} routing")
     for column in ("knob", "dispatch", "combine", "source"):
         out.add_column(column)
@@ -399,8 +508,17 @@ def _print_resolution(console, res, hidden: int, tokens: int, world_size: int, d
                       f"hidden {e.hidden}, {e.num_tokens} tokens, top-{e.topk}, {e.num_experts} experts, "
                       f"measured with {e.build or 'an unrecorded build'}; installed: {res.build or 'not installed'})",
                       markup=False)
+        mode = f"chosen by {e.selected_by} mode"
+        if e.selected_by == "kernel":
+            mode += (" (the buffer's cached calls, not the full call a training step makes: a table tuned before "
+                     "a2a-bench tune ranked by api, or with --by kernel)")
+        console.print(f"{mode}; vs the default: {entry_verdict(e)}", markup=False)
+    elif res.table_path is not None:
+        console.print(f"no table entry for this call in {res.table_path}: the backend's defaults apply", markup=False)
     else:
-        console.print(f"no table entry ({res.table_path or 'no tuning table for this cluster'})", markup=False)
+        cluster = cluster or detect_cluster(world_size).id
+        console.print(f"no tuning table for cluster {cluster} (looked in {' and '.join(map(str, tuning_dirs()))}): "
+                      "the backend's defaults apply; a2a-bench sweep --tune makes one", markup=False)
 
 
 @contextmanager
@@ -478,12 +596,17 @@ def compare(
     topk: Optional[int] = typer.Option(None, help="Experts per token (needed when the results hold several)."),
     experts: Optional[int] = typer.Option(None, help="Number of experts (needed when the results hold several)."),
     routing: str = typer.Option("uniform", help="Routing: uniform, zipf:<skew>, hot:<fraction>."),
+    by: str = typer.Option("api", help="Pick each backend's best config by this timing mode: api (the full call a "
+                                       "training step pays), kernel, seed, graph."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column (default: those that fit the terminal)."),
 ) -> None:
-    """Backends side by side for one shape: best verified knobs, µs, GB/s, default's µs, speedup vs torch."""
+    """Backends side by side for one shape: best verified knobs (by --by), µs, GB/s, default's µs, speedup vs torch."""
     from a2a_bench.reports.compare import compare_table
+    from a2a_bench.reports.fit import print_table
     from a2a_bench.engine.results import RESULTS_FILE, read_results
 
-    make_console().print(compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing))
+    table = compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing, by)
+    print_table(make_console(), table, wide, str(run_dir / RESULTS_FILE))
 
 
 @app.command("search-check")
@@ -570,7 +693,8 @@ def main() -> None:
             raise
         _user_error(f"cannot use {exc.filename}: {exc.strerror or exc}")
     except Exception as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `a2a-bench`: the help is printed
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `a2a-bench`: the help, on stdout
+            print(exc.format_message())
             sys.exit(0)
         if not hasattr(exc, "format_message"):  # Typer's usage errors (bad or unknown option) have it
             raise

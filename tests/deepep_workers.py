@@ -145,6 +145,10 @@ def knob_precedence(rank: int, world_size: int, table_dir: str, cluster_id: str)
     with pytest.warns(TuningWarning, match="deepep rejected the knobs of tuning table .* nvl_send \\(300\\)"):
         rejected = fused_a2a.fused_dispatch(wide, idx, weights, 8, group)
     assert handle_layout(rejected[4])[0] == 20
+    # the same entry serving another routing (source "table (uniform routing)") is dropped the same way
+    with pytest.warns(TuningWarning, match="deepep rejected the knobs of tuning table"):
+        skewed = fused_a2a.dispatch(wide, idx, weights, 8, group, backend="deepep", routing="zipf:1.2")
+    assert handle_layout(skewed[4].raw)[0] == 20
     os.environ["FUSED_A2A_DEEPEP_NUM_SMS"] = "32"
     sms, env_result = dispatched_sms()
     assert sms == 32

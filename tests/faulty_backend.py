@@ -15,13 +15,14 @@ from fused_a2a.autograd import Comm
 from fused_a2a.backends import BACKENDS, BackendSpec, Knob, one_of
 from fused_a2a.backends.torch_a2a import TorchBuffer, TorchConfig
 
-FAULTS = ("none", "raise", "hang", "hang_rank1", "kill_rank1", "invalid", "hold")
+FAULTS = ("none", "raise", "hang", "hang_rank1", "kill_rank1", "invalid", "hold", "hold_rank1")
 HOLD_FILE_ENV = "FAULTY_HOLD_FILE"
 
 
 class FaultyBuffer(TorchBuffer):
     """A torch buffer whose ``dispatch`` raises, hangs or kills its process, as ``fault`` says
-    (``hold``: waits while the file ``$FAULTY_HOLD_FILE`` exists, then works)."""
+    (``hold``: waits while the file ``$FAULTY_HOLD_FILE`` exists, then works; ``hold_rank1``: rank 1
+    waits so, while rank 0 goes on into the exchange and waits there for rank 1)."""
 
     def __init__(self, group, fault: str) -> None:
         super().__init__(group)
@@ -33,7 +34,7 @@ class FaultyBuffer(TorchBuffer):
             raise RuntimeError("injected failure")
         if self.fault == "hang" or (self.fault == "hang_rank1" and rank1):
             time.sleep(3600)
-        while self.fault == "hold" and os.path.exists(os.environ[HOLD_FILE_ENV]):
+        while (self.fault == "hold" or (self.fault == "hold_rank1" and rank1)) and os.path.exists(os.environ[HOLD_FILE_ENV]):
             time.sleep(0.05)
         if self.fault == "kill_rank1" and rank1:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -157,7 +157,7 @@ def limits(rank: int, world_size: int) -> None:
     seven = inputs(7)
     with pytest.raises(ValueError, match=r"tokens per rank x ranks per NVLink domain divisible by 4 .*7 x 2 = 14"):
         fused_a2a.dispatch(seven.x, seven.topk_idx, seven.topk_weights, 8, backend="hybridep")
-    assert all("dispatch" not in b.calls for b in fake.LIVE)
+    assert all(not b.calls for b in fake.LIVE), [b.calls for b in fake.LIVE]
     uneven = inputs(8 if rank == 0 else 16)
     with pytest.raises(ValueError, match="the same number of tokens on every rank .*got 8, 16"):
         fused_a2a.dispatch(uneven.x, uneven.topk_idx, uneven.topk_weights, 8, backend="hybridep", num_sms_combine_api=16)
@@ -167,4 +167,30 @@ def limits(rank: int, world_size: int) -> None:
     fp16 = inputs(8)
     with pytest.raises(ValueError, match="hybridep moves bf16 tokens, not fp16"):
         fused_a2a.dispatch(fp16.x.half(), fp16.topk_idx, fp16.topk_weights, 8, backend="hybridep")
+    fused_a2a.teardown.free_all_buffers()
+
+
+def bad_id_on_one_rank(rank: int, world_size: int) -> None:
+    """An id outside [-1, E) on rank 0 only: every rank raises the same ValueError at that dispatch (the
+    phantom-expert signal, read at HybridEP's own synchronisation; no collective of ours), and the next
+    dispatch of the group runs. The uncached dispatch runs HybridEP's runtime steps, not its Python dispatch."""
+    fused_a2a = _fused_a2a()
+    from deep_ep import hybrid_ep_buffer as fake
+
+    case = CASES[0]
+    mine = case.inputs(rank, world_size)
+    idx = mine.topk_idx.clone()
+    if rank == 0:
+        idx[5, 1] = case.spec.num_experts + 2
+        idx[7, 0] = -3
+    with pytest.raises(ValueError, match=r"hybridep: topk_idx values must lie in \[-1, 16\); 2 token\(s\) of the group") as error:
+        fused_a2a.dispatch(mine.x, idx, mine.topk_weights, case.spec.num_experts, backend="hybridep")
+    messages = [None] * world_size
+    torch.distributed.all_gather_object(messages, str(error.value))
+    assert len(set(messages)) == 1, messages
+    (buffer,) = [b for b in fake.LIVE]
+    assert buffer.calls == ["runtime.metadata_preprocessing", "runtime.dispatch"], buffer.calls
+    check_case(case, rank, world_size, CPU,
+               lambda x, i, w, e: fused_a2a.dispatch(x, i, w, e, backend="hybridep"), fused_a2a.combine,
+               keeps_topk_slots=False)
     fused_a2a.teardown.free_all_buffers()

@@ -20,6 +20,7 @@ OWN_HELPERS = {
     "uccl.py": {"fused_a2a.backends.uccl_buffer"},
     "torch_a2a.py": {"fused_a2a.backends.torch_routing"},
     "torch_routing.py": {"fused_a2a.backends.torch_routing_kernels"},
+    "hybridep.py": {"fused_a2a.backends.hybridep_routing"},
 }
 
 

@@ -148,10 +148,10 @@ CASES = {
     "export: tuning.json unreadable": case("tuning.json unreadable", [*EXPORT, "--cluster-dir", "{tmp}/tables/cpu-gloo-x2"], 2,
                                            "tuning file {tmp}/tables/cpu-gloo-x2/tuning.json: cannot be read"),
     # a backend that is not installed
-    "speedup --backends deepep without DeepEP": case((), ["speedup", "--backends", "deepep"], 2, "backend deepep is not available"),
+    "speedup --backends deepep without DeepEP": case((), ["speedup", "--backends", "deepep"], 2, "deepep is not installed (ModuleNotFoundError: No module named 'deep_ep'); install it with scripts/install_backends.sh"),
     # the benchmark commands validate before any rank starts
     "overhead --backends nosuch": case((), ["overhead", "--backends", "nosuch"], 2, "unknown backend 'nosuch'; choose from torch"),
-    "overhead --backends deepep without DeepEP": case((), ["overhead", "--backends", "deepep"], 2, "backend 'deepep' is not available"),
+    "overhead --backends deepep without DeepEP": case((), ["overhead", "--backends", "deepep"], 2, "deepep is not installed (ModuleNotFoundError: No module named 'deep_ep'); install it with scripts/install_backends.sh"),
     "overhead --hidden 0": case((), ["overhead", "--hidden", "0"], 2, "hidden: values must be positive, got [0]"),
     "overhead --iters 0": case((), ["overhead", "--iters", "0"], 2, "iters >= 1, got 5 and 0"),
     "overhead --nproc 0": case((), ["overhead", "--nproc", "0"], 2, "--nproc must be >= 1, got 0"),

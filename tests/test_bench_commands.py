@@ -57,3 +57,23 @@ def test_breakdown_prints_each_stage_and_the_ratio() -> None:
     api, kernel = figures(row)[4][0], figures(row)[5][0]
     printed = float(re.search(r"(\d+\.\d\d)x", row).group(1))
     assert abs(printed - api / kernel) < 0.02, row  # the ratio of the medians (printed to 0.1 µs)
+
+
+def test_paths_prints_each_path_side_by_side_with_its_ratios() -> None:
+    proc = a2a_bench("paths", "--nproc", "2", "--backends", "torch,hybridep", "--hidden", "64", "--tokens", "16",
+                     "--topk", "2", "--experts", "8", "--warmup", "1", "--iters", "3", fakes=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if len(cells) == 10 and cells[0] in ("torch", "hybridep"):
+            rows[(cells[0], cells[2])] = cells
+    assert set(rows) == {(b, op) for b in ("torch", "hybridep") for op in ("dispatch", "combine")}
+    for (backend, op), cells in rows.items():
+        raw, api = (figures(cell)[0][0] for cell in cells[3:5])
+        assert abs(float(cells[5].rstrip("x")) - api / raw) < 0.02, cells  # api/raw: the ratio of the medians
+        assert (cells[6] != "–") == (op == "dispatch")  # the cached kernel: a dispatch only
+        has_seed = backend == "hybridep"  # the torch backend has no seed functions
+        assert (cells[7] != "–") == has_seed and (cells[8] != "–") == has_seed and (cells[9] != "–") == has_seed
+    bad = a2a_bench("paths", "--nproc", "2", "--backends", "nope")
+    assert bad.returncode == 2 and "nope" in bad.stderr

@@ -31,10 +31,21 @@ def a2a_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-rank sweep through the local launcher, tuned in the same command (``--tune``)."""
     out = tmp_path_factory.mktemp("sweep") / "run"
-    proc = a2a_bench("sweep", "--nproc", "2", "--out", str(out), *GRID)
+    proc = a2a_bench("sweep", "--nproc", "2", "--out", str(out), *GRID, "--tune", "--tune-out", str(out.parent / "tables"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+def test_sweep_tune_through_the_launcher_writes_the_table_and_says_how_to_use_it(sweep_run) -> None:
+    run, proc = sweep_run
+    path = run.parent / "tables" / "cpu-gloo-x2" / "tuning.json"
+    assert {e.selected_by for e in read_table(path).entries} == {"api"} and len(read_table(path).entries) == 2
+    text = " ".join(proc.stdout.split())
+    assert f"wrote {path}; fused_a2a does not read {path.parent.parent}" in text
+    assert "what a call uses: a2a-bench show --backend torch --hidden 256 --tokens 64 --world-size 2" in text
+    assert "warning" not in proc.stderr  # --nproc 2 asked for the ranks
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,9 @@ def test_a_log_gets_one_line_per_point_full_width_tables_and_rank_0s_teardown(sw
         assert line == (f"[{i}/4] torch {knobs} bf16 h{row.hidden} n64 k2 e8 uniform: ok, "
                         f"dispatch {row.dispatch_kernel_us_median:.1f} µs, combine {row.combine_kernel_us_median:.1f} µs")
     assert "━" not in proc.stderr  # no progress bar drawn into the log
-    assert "…" not in proc.stdout and "all_to_all" in proc.stdout  # the summary table is not cut to 80 columns
+    # the summary tables are whole (a log has no width): no cell cut, no column left out
+    assert "…" not in proc.stdout and "left out to fit" not in proc.stdout
+    assert "impl=p2p" in proc.stdout and "xbw / peak (d / c)" in proc.stdout and "best per shape" in proc.stdout
     assert proc.stderr.count("a2a-bench: buffers freed; destroying the process group") == 1
     assert proc.stderr.count("a2a-bench: process group destroyed") == 1
 
@@ -92,11 +105,21 @@ def test_tune_table_and_library_lookup(run_dir: Path, tmp_path: Path) -> None:
     assert table.cluster["id"] == "cpu-gloo-x2"
     assert sorted(e.hidden for e in table.entries) == [256, 512]
     results = read_results(run_dir / "results.csv")
-    for entry in table.entries:
+    for entry in table.entries:  # chosen by the api round trip; the default kept unless beaten beyond the noise
         rows = results[results["hidden"] == entry.hidden]
-        assert entry.measured["dispatch_us"] == rows["dispatch_kernel_us_median"].min()
-        assert entry.measured["combine_us"] == rows["combine_kernel_us_median"].min()
-        assert "default_dispatch_us" in entry.measured and entry.frontier == ()
+        default = rows[rows["is_default"]].iloc[0]
+        fastest_d = rows.loc[rows["dispatch_api_us_median"].idxmin()]
+        fastest_c = rows.loc[rows["combine_api_us_median"].idxmin()]
+        vs = entry.vs_default
+        assert entry.selected_by == "api" and entry.frontier == ()
+        assert (vs.best_dispatch, vs.best_combine) == (json.loads(fastest_d.knobs), json.loads(fastest_c.knobs))
+        low = (default.dispatch_api_us_p10 + default.combine_api_us_p10) / (fastest_d.dispatch_api_us_p90 + fastest_c.combine_api_us_p90)
+        assert vs.low == pytest.approx(min(low, vs.ratio), abs=1e-4) and vs.kept_default == (not low > 1.0)
+        chosen = (default, default) if vs.kept_default else (fastest_d, fastest_c)
+        assert entry.dispatch == json.loads(chosen[0].knobs) and entry.combine == json.loads(chosen[1].knobs)
+        assert entry.measured["dispatch_us"] == chosen[0].dispatch_api_us_median
+        assert entry.measured["combine_us"] == chosen[1].combine_api_us_median
+        assert entry.measured["default_dispatch_us"] == default.dispatch_api_us_median
 
     proc = a2a_bench("table", str(tables / "cpu-gloo-x2"))
     assert proc.returncode == 0, proc.stderr
@@ -142,6 +165,9 @@ def test_resume_adds_only_missing_points(run_dir: Path, tmp_path: Path) -> None:
     assert list(kept["point_id"]) == list(full["point_id"].iloc[:2])
     info = json.loads((partial / "run.json").read_text())
     assert info["resumed_with_done"] == 2
+    # the progress counts the points done before
+    numbers = [line.split(" ")[0] for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert numbers == ["[3/4]", "[4/4]"]
 
 
 def test_speedup_compares_tuned_with_default_or_says_same_config(run_dir: Path, tmp_path: Path) -> None:

@@ -103,3 +103,34 @@ def test_limits_are_value_errors(gpu_device) -> None:
     with pytest.raises(ValueError, match="divisible by 4"):
         fused_a2a.dispatch(mine.x.to(gpu_device), mine.topk_idx.to(gpu_device), mine.topk_weights.to(gpu_device), 16,
                            backend="hybridep")
+
+
+def test_a_bad_id_on_one_rank_raises_the_same_error_on_every_rank(gpu_device) -> None:
+    case = CASES[1]  # h2048 n4096 k8 e16
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = case.inputs(rank, world)
+    idx = mine.topk_idx.to(gpu_device)
+    if rank == 0:
+        idx[3, 0] = case.spec.num_experts + 1
+    with pytest.raises(ValueError, match=r"topk_idx values must lie in \[-1, 16\); 1 token\(s\) of the group") as error:
+        fused_a2a.dispatch(mine.x.to(gpu_device), idx, mine.topk_weights.to(gpu_device), case.spec.num_experts,
+                           backend="hybridep")
+    messages = [None] * world
+    dist.all_gather_object(messages, str(error.value))
+    assert len(set(messages)) == 1, messages
+
+    def dispatch_fn(x, idx, weights, num_experts):  # the group goes on: the next dispatch is fine
+        return fused_a2a.dispatch(x, idx, weights, num_experts, backend="hybridep")
+
+    check_case(case, rank, world, gpu_device, dispatch_fn, fused_a2a.combine, keeps_topk_slots=False)
+
+
+def test_the_process_group_allgather_gives_the_same_results(gpu_device) -> None:
+    case = CASES[7]  # h2048 n128 k8 e64
+
+    def dispatch_fn(x, idx, weights, num_experts):
+        return fused_a2a.dispatch(x, idx, weights, num_experts, backend="hybridep", enable_custom_allgather=False)
+
+    check_case(case, dist.get_rank(), dist.get_world_size(), gpu_device, dispatch_fn, fused_a2a.combine,
+               keeps_topk_slots=False)
+    fused_a2a.teardown.free_all_buffers()

@@ -24,3 +24,7 @@ def test_a_handle_is_served_by_the_buffer_that_made_it() -> None:
 
 def test_limits_are_value_errors_before_hybridep_runs() -> None:
     spawn(hybridep_workers.limits, 2, sys_path=hybridep_workers.FAKES)
+
+
+def test_a_bad_id_on_one_rank_raises_on_every_rank() -> None:
+    spawn(hybridep_workers.bad_id_on_one_rank, 2, sys_path=hybridep_workers.FAKES)

@@ -70,7 +70,10 @@ def test_knobs_defaults_and_checks() -> None:
     assert [k.name for k in spec.knobs] == [
         "num_sms_dispatch_api", "num_sms_combine_api", "num_sms_preprocessing_api", "num_blocks_permute",
         "num_blocks_unpermute", "tokens_per_chunk_dispatch", "tokens_per_chunk_combine", "fused",
+        "enable_custom_allgather",
     ]
+    assert spec.defaults()["enable_custom_allgather"] is True
+    assert "true or false" in spec.knob("enable_custom_allgather").check(1)
     assert spec.defaults()["num_sms_dispatch_api"] == 24 and spec.defaults()["num_sms_preprocessing_api"] == 108
     for knob in spec.knobs:
         assert knob.check(knob.default) is None and all(knob.check(v) is None for v in knob.choices)
@@ -102,6 +105,7 @@ def test_settings_take_each_side_from_its_knobs() -> None:
         (Shape(2, (8, 8), 1024, 8, 6), r"local experts x ranks per NVLink domain divisible by 4: 3 x 2 = 6"),
         (Shape(2, (8, 8), 1024, 8, 16, "fp16"), "bf16 tokens"),
         (Shape(4, (8,), 1024, 8, 16, "bf16", 3), "whole NVLink domains"),
+        (Shape(2, (6, 6), 1024, 2, 4), r"custom allgather .* 6 x 4 is not a multiple of 16"),
     ],
 )
 def test_shape_problems_name_the_rule(shape: Shape, problem: str) -> None:
@@ -123,14 +127,10 @@ def test_fused_needs_equal_chunks() -> None:
     assert problem == "a fused permute needs equal chunk sizes, got dispatch 128 and combine 64"
 
 
-def test_ascending_topk_lists_local_experts_then_minus_one() -> None:
-    local_map = torch.tensor([[True, False, True, False], [False, False, False, False], [True, True, True, True]])
-    probs = torch.tensor([[0.1, 0.9, 0.3, 0.9], [0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4]])
-    ids, weights = hybridep.ascending_topk(local_map, probs, 2)
-    assert ids.tolist() == [[0, 2], [-1, -1], [0, 1]]
-    assert torch.equal(weights, torch.tensor([[0.1, 0.3], [0.0, 0.0], [0.1, 0.2]]))
-    wide_ids, _ = hybridep.ascending_topk(local_map[:, :1], probs[:, :1], 3)
-    assert wide_ids.tolist() == [[0, -1, -1], [-1, -1, -1], [0, -1, -1]]
+def test_custom_allgather_rule_is_lifted_by_the_knob() -> None:
+    shape = Shape(2, (6, 6), 1024, 2, 4)
+    assert hybridep.shape_problem(shape, {"enable_custom_allgather": False}) is None
+    assert hybridep.Settings.from_knobs(hybridep.SPEC.defaults(), hybridep.SPEC.defaults()).custom_allgather
 
 
 class StandInBuffer:

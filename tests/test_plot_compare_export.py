@@ -11,6 +11,7 @@ from rich.console import Console
 
 from cli_runs import assert_one_line_error, run_cli
 from a2a_bench.reports.compare import compare_rows, compare_table, shape_rows
+from a2a_bench.reports.fit import rich_table
 from a2a_bench.reports.export import env_lines, find_entry, render, sglang_config
 from a2a_bench.reports.plot import _time_figure, plot_run, sms_series, time_series, tokens_series
 from a2a_bench.engine.results import COLUMNS, ResultsError, append_row, read_results
@@ -172,25 +173,43 @@ def test_plot_time_cli_and_its_bad_inputs(monkeypatch, capsys, run_dir: Path, tm
 
 
 def test_compare_rows_pick_the_best_verified_config(results) -> None:
-    deepep, torch = compare_rows(shape_rows(results, 4096, 1024))
+    deepep, torch = compare_rows(shape_rows(results, 4096, 1024))  # by api, as a training step pays
     assert deepep.backend == "deepep" and deepep.knobs["num_sms"] == 32
     assert (deepep.dispatch_us, deepep.combine_us) == (100.0, 120.0)
     assert (deepep.dispatch_api_us, deepep.combine_api_us) == (150.0, 180.0)
-    assert (deepep.default_dispatch_us, deepep.default_combine_us) == (400.0, 500.0)
-    assert deepep.speedup_vs_torch == pytest.approx(1800.0 / 220.0)
+    assert (deepep.default_dispatch_us, deepep.default_combine_us) == (600.0, 750.0)  # the default's api times
+    assert deepep.speedup_vs_torch == pytest.approx(2700.0 / 330.0)
     assert torch.knobs == {"impl": "p2p"} and torch.speedup_vs_torch == pytest.approx(1.0)
-    assert (torch.default_dispatch_us, torch.default_combine_us) == (1000.0, 1200.0)
+    assert (torch.default_dispatch_us, torch.default_combine_us) == (1500.0, 1800.0)
+    kernel = compare_rows(shape_rows(results, 4096, 1024), by="kernel")[0]
+    assert (kernel.default_dispatch_us, kernel.default_combine_us) == (400.0, 500.0)
+
+
+def test_compare_ranks_by_the_api_round_trip_unless_told_otherwise(tmp_path: Path) -> None:
+    # num_sms=32 has the faster cached kernels, num_sms=16 the faster full call
+    append_row(tmp_path / "results.csv", row("deepep", {**DEEPEP_DEFAULT, "num_sms": 16}, 300.0, 300.0,
+                                             dispatch_api_us_median=400.0, combine_api_us_median=400.0))
+    append_row(tmp_path / "results.csv", row("deepep", {**DEEPEP_DEFAULT, "num_sms": 32}, 100.0, 100.0,
+                                             dispatch_api_us_median=900.0, combine_api_us_median=900.0))
+    rows = read_results(tmp_path / "results.csv")
+    assert compare_rows(rows)[0].knobs["num_sms"] == 16
+    assert compare_rows(rows, by="kernel")[0].knobs["num_sms"] == 32
+    with pytest.raises(ResultsError, match="--by must be one of kernel, api, seed, graph, got 'fast'"):
+        compare_rows(rows, by="fast")
 
 
 def test_compare_table_renders_the_numbers(results) -> None:
-    console = Console(record=True, width=200)
-    console.print(compare_table(results, 4096, 1024, dtype="bf16", topk=8, num_experts=64))
+    table = compare_table(results, 4096, 1024, dtype="bf16", topk=8, num_experts=64)
+    assert "each backend's best config by the api round trip" in table.title
+    console = Console(record=True, width=250)
+    console.print(rich_table(table, table.shown()))
     text = console.export_text()
+    assert "best knobs (by api)" in text and "default api µs (d / c)" in text
     deepep = next(line for line in text.splitlines() if line.startswith("│ deepep"))
-    for cell in ("num_sms=32", "nvl_send=8", "100.0 / 120.0", "150.0 / 180.0", "10.0 / 8.3", "400.0 / 500.0", "8.18x"):
+    for cell in ("num_sms=32", "nvl_send=8", "100.0 / 120.0", "150.0 / 180.0", "10.0 / 8.3", "600.0 / 750.0", "8.18x"):
         assert cell in deepep, deepep
     torch = next(line for line in text.splitlines() if line.startswith("│ torch"))
-    for cell in ("impl=p2p", "800.0 / 1000.0", "1000.0 / 1200.0", "1.00x"):
+    for cell in ("impl=p2p", "800.0 / 1000.0", "1500.0 / 1800.0", "1.00x"):
         assert cell in torch, torch
 
 

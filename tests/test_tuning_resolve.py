@@ -12,7 +12,7 @@ import pytest
 
 import fused_a2a
 from fused_a2a.backends import BACKENDS, BackendSpec, Knob
-from fused_a2a.tuning.resolve import TuningWarning, best_backend, clear_cache, load_cluster_table, resolve, tuning_dirs
+from fused_a2a.tuning.resolve import TuningWarning, best_backend, choose_backend, clear_cache, load_cluster_table, resolve, tuning_dirs
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningFileError, TuningTable, write_table
 
 CLUSTER_ID = "test-box-x2"
@@ -201,9 +201,36 @@ def test_best_backend(tuning_dir, monkeypatch, fake_backend) -> None:
     assert best_backend(**shape) == "torch"
 
 
-def test_resolution_logged_once(tuning_dir, caplog) -> None:
+def step_entry(backend: str, kernel_us: float, api_us: float, selected_by: str = "api") -> TuningEntry:
+    """An entry of a table tuned after issue 23: every mode's times recorded, chosen by ``selected_by``."""
+    point = table().entries[0]
+    knobs = {"impl": "p2p"} if backend == "torch" else {"num_sms": 24}
+    chosen = api_us if selected_by == "api" else kernel_us
+    return replace(point, backend=backend, dispatch=knobs, combine=knobs, selected_by=selected_by, measured={
+        "dispatch_us": chosen, "combine_us": chosen, "dispatch_kernel_us": kernel_us, "combine_kernel_us": kernel_us,
+        "dispatch_api_us": api_us, "combine_api_us": api_us})
+
+
+def test_auto_ranks_backends_by_the_api_round_trip_a_step_pays(tuning_dir, fake_backend) -> None:
+    shape = dict(world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64)
+    # fake's cached kernels are 3x faster than torch's, its full call 2x slower: a step pays the full call
+    base = table()
+    write_table(table_file(tuning_dir), replace(base, entries=(step_entry("torch", 300.0, 400.0),
+                                                               step_entry("fake", 100.0, 800.0, selected_by="kernel"))))
+    clear_cache()
+    choice = choose_backend(**shape)
+    assert (choice.backend, choice.mode, choice.costs) == ("torch", "api", (("torch", 800.0), ("fake", 1600.0)))
+    # an older table: fake's entry holds kernel times only, so both are compared on kernel times
+    old_fake = replace(fake_entry(50.0), measured={"dispatch_us": 50.0, "combine_us": 50.0})
+    write_table(table_file(tuning_dir), replace(base, entries=(step_entry("torch", 300.0, 400.0), old_fake)))
+    clear_cache()
+    choice = choose_backend(**shape)
+    assert (choice.backend, choice.mode, choice.costs) == ("fake", "kernel", (("fake", 100.0), ("torch", 600.0)))
+
+
+def test_resolution_logged_once_at_debug(tuning_dir, caplog) -> None:
     write_table(table_file(tuning_dir), table("p2p"))
-    with caplog.at_level(logging.INFO, logger="fused_a2a"):
+    with caplog.at_level(logging.DEBUG, logger="fused_a2a"):
         call(num_tokens=1000)
         call(num_tokens=900)  # the same entry and sources: not logged again
         call({"impl": "all_to_all"})

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from a2a_bench.bench.direct import DirectCalls, direct_calls
 from a2a_bench.bench.round_trips import round_trips
 from a2a_bench.engine.measure import Stats, slowest, summarize
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
@@ -62,8 +63,30 @@ class Replay:
         kind = "permute" if kwargs.get("handle") is None else "cached permute"
         return self._answer(kind, self._real.dispatch_with_permute, **kwargs)
 
+    def update_template_config(self, **kwargs):
+        return self._answer("template", self._real.update_template_config, **kwargs)
+
+    @property
+    def runtime(self) -> "_RuntimeReplay":
+        """HybridEP's C++ buffer, answering as the buffer does."""
+        return _RuntimeReplay(self)
+
     def combine_with_unpermute(self, **kwargs):
         return self._answer("unpermute", self._real.combine_with_unpermute, **kwargs)
+
+
+class _RuntimeReplay:
+    """The ``runtime`` of a :class:`Replay` of a HybridEP buffer: its preprocessing and dispatch answered
+    with the outputs of the first such call."""
+
+    def __init__(self, replay: Replay) -> None:
+        self._replay = replay
+
+    def metadata_preprocessing(self, **kwargs):
+        return self._replay._answer("runtime preprocessing", self._replay._real.runtime.metadata_preprocessing, **kwargs)
+
+    def dispatch(self, **kwargs):
+        return self._replay._answer("runtime dispatch", self._replay._real.runtime.dispatch, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -123,64 +146,10 @@ def _current(backend: str, group) -> Any:
     return torch_a2a.get_torch_buffer(group)
 
 
-def _direct_calls(backend: str, path: str, buffer: Replay, comm, idx, weights, num_experts: int,
-                  num_local_experts: int) -> tuple[Callable, Callable]:
-    """The buffer calls of one round trip of ``path``, made directly with the arguments fused_a2a
-    passes: ``dispatch(tokens) -> (rows, handle)`` (layout + dispatch; no layout for a buffer that
-    routes from top-k itself, as fused_a2a calls it; for hybridep HybridEP's own API, with the
-    routing map its callers build: ``dispatch``/``combine`` for ``api``, the permuting ones for
-    ``seed``) and ``combine(rows, handle)``."""
-    if backend == "hybridep":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
-        if path == "seed":
-
-            def dispatch_permute(tokens):
-                out = buffer.dispatch_with_permute(
-                    hidden=tokens, routing_map=routing_map, probs=probs, scaling_factor=None,
-                    num_of_experts_per_rank=num_local_experts, pad_multiple=None, num_permuted_tokens=None,
-                    non_blocking=False)
-                return out[0], out[4]
-
-            return dispatch_permute, lambda rows, handle: buffer.combine_with_unpermute(hidden=rows, handle=handle,
-                                                                                        pad_multiple=None)
-
-        def dispatch_hybridep(tokens):
-            rows, _, _, handle = buffer.dispatch(hidden=tokens, routing_map=routing_map, probs=probs,
-                                                 num_of_experts=num_experts)
-            return rows, handle
-
-        return dispatch_hybridep, lambda rows, handle: buffer.combine(hidden=rows, handle=handle)
-
-    def combine(rows, handle):
-        return buffer.combine(rows, handle=handle, config=comm.combine_config,
-                              previous_event=None, async_finish=False, allocate_on_comm_stream=False)
-
-    if not buffer.needs_layout:
-
-        def dispatch_routing(tokens):
-            out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=weights, num_experts=num_experts,
-                                  config=comm.dispatch_config, previous_event=None, async_finish=False,
-                                  allocate_on_comm_stream=False)
-            return out[0], out[4]
-
-        return dispatch_routing, combine
-
-    def dispatch(tokens):
-        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(
-            idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False)
-        out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
-                              num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, config=comm.dispatch_config,
-                              previous_event=None, async_finish=False, allocate_on_comm_stream=False)
-        return out[0], out[4]
-
-    return dispatch, combine
-
-
-def _round_trips(calls: tuple[Callable, Callable], tokens) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _round_trips(calls: DirectCalls, tokens) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """The direct round trip of ``calls`` on ``tokens``, and the same with each call in a bare
     autograd ``apply``."""
-    dispatch, combine = calls
+    dispatch, combine = calls.dispatch, calls.combine
 
     def direct():
         rows, handle = dispatch(tokens)
@@ -215,18 +184,17 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     paths = {(path, grad): run for grad, tokens in ((False, x), (True, trained))
              for path, run in round_trips(backend, tokens, idx, weights, workload.num_experts, group).items()}
     for run in paths.values():
-        run()  # agree on the knobs, build the buffer
+        run()  # agree on the knobs
     comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
                        workload.num_experts, {}).comm
-    comm.get_buffer(group, x)
-    real = _current(backend, group)
-    replay = Replay(real)
-    _install(backend, group, replay)
-    try:
-        num_local = workload.num_experts // dist.get_world_size(group)
-        results = []
-        for (path, grad), run in paths.items():
-            calls = _direct_calls(backend, path, replay, comm, idx, weights, workload.num_experts, num_local)
+    results = []
+    for (path, grad), run in paths.items():
+        run()  # this path's buffer is now the backend's (HybridEP's api and seed paths use different ones)
+        real = _current(backend, group)
+        replay = Replay(real)
+        _install(backend, group, replay)
+        try:
+            calls = direct_calls(backend, path, replay, comm, idx, weights, workload.num_experts, group)
             direct, bare = _round_trips(calls, trained if grad else x)
             timed = (run, direct, bare) if grad else (run, direct)
             for fn in timed:
@@ -235,13 +203,13 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
             for i in range(iters):
                 for row, fn in enumerate(timed):
                     local[row, i] = _batch_us(fn)
-            local = slowest(local, device, group)
-            wrapped, direct_us = local[0], local[1]
-            extra = {}
-            if grad:
-                extra = dict(bare=summarize(local[2].tolist()), beyond_bare=summarize((wrapped - local[2]).tolist()))
-            results.append(Overhead(backend, path, grad, summarize(wrapped.tolist()), summarize(direct_us.tolist()),
-                                    summarize((wrapped - direct_us).tolist()), **extra))
-    finally:
-        _install(backend, group, real)
+        finally:
+            _install(backend, group, real)
+        local = slowest(local, device, group)
+        wrapped, direct_us = local[0], local[1]
+        extra = {}
+        if grad:
+            extra = dict(bare=summarize(local[2].tolist()), beyond_bare=summarize((wrapped - local[2]).tolist()))
+        results.append(Overhead(backend, path, grad, summarize(wrapped.tolist()), summarize(direct_us.tolist()),
+                                summarize((wrapped - direct_us).tolist()), **extra))
     return results

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from rich.table import Table
 
 from a2a_bench.bench.round_trips import round_trips
+from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.measure import Stats, summarize, time_op
 from a2a_bench.engine.runner import routing_key
 from a2a_bench.engine.spec import SpecError, SweepSpec, expand, parse_routing
@@ -126,9 +127,9 @@ def ratio_interval(tuned: Sequence[float], default: Sequence[float], confidence:
 def check_backends(spec: SweepSpec) -> None:
     """``SpecError`` for a backend of ``spec`` that is not installed (speedup has nothing to run)."""
     for name in spec.backends:
-        reason = get_backend(name).unavailable()
-        if reason is not None:
-            raise SpecError(f"backend {name} is not available: {reason}")
+        missing = not_installed(name)
+        if missing is not None:
+            raise SpecError(missing)
 
 
 def parse_paths(text: str) -> tuple[str, ...]:
@@ -175,9 +176,9 @@ def table_cases(world_size: int, backends: tuple[str, ...] | None = None, hidden
     if not cases:
         raise SpecError(f"--from-table: {path} has no entry for {world_size} ranks that the filters leave")
     for backend, _ in cases:
-        reason = get_backend(backend).unavailable()
-        if reason is not None:
-            raise SpecError(f"--from-table: {path} has entries of {backend}, which is not available: {reason}")
+        missing = not_installed(backend)
+        if missing is not None:
+            raise SpecError(f"--from-table: {path} has entries of {missing}")
     return list(dict.fromkeys(cases))
 
 

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ _TIMED = [f"{op}_{mode}_us_{stat}" for mode in MODES for op in ("dispatch", "com
 
 COLUMNS = [
     "point_id", "status", "verified", "backend", "knobs", "is_default", "num_sms", "world_size", "cluster",
-    "gpu_sharing", "ranks_per_gpu", "comparable", "build", "torch", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew", "seed",
+    "gpu_sharing", "ranks_per_gpu", "comparable", "build", "torch", "dtype", "hidden", "num_tokens", "topk",
+    "num_experts", "routing", "skew", "seed",
     "inputs_hash", "recv_tokens", "recv_tokens_max", "imbalance_rank", "expert_tokens_mean", "expert_tokens_max",
     "imbalance_expert", "compile_s", "graph_status", *_TIMED,
     "dispatch_algbw_gbps", "dispatch_xbw_gbps", "combine_algbw_gbps", "combine_xbw_gbps",
@@ -174,8 +175,51 @@ def _raise_first(frame: pd.DataFrame, name: str, bad: pd.Series, path: Path, wha
 
 
 @dataclass(frozen=True)
+class Invocation:
+    """One sweep command that wrote a run folder (an entry of ``run.json``'s ``history``).
+
+    Attributes:
+        command: its command line (rank 0's).
+        started: when it started, ISO 8601 UTC (``None``: a folder written before the history was kept).
+        spec: its grid (:meth:`a2a_bench.engine.spec.SweepSpec.to_json`).
+        points: grid points of its grid.
+        done: points of its grid already in ``results.csv`` when it started.
+        extend: it was allowed to change the grid (``--extend``).
+        job: the torchrun job it ran in (``$TORCHELASTIC_RUN_ID``; empty outside torchrun).
+        restarts: times torchrun restarted its ranks.
+    """
+
+    command: list
+    started: str | None
+    spec: dict
+    points: int
+    done: int
+    extend: bool = False
+    job: str = ""
+    restarts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_INVOCATION_CHECKS = {
+    "command": (lambda v: isinstance(v, list), "a list"), "started": (lambda v: v is None or isinstance(v, str), "a time"),
+    "spec": (lambda v: isinstance(v, dict), "an object"), "points": (lambda v: _count(v), "a count"),
+    "done": (lambda v: _count(v), "a count"), "extend": (lambda v: isinstance(v, bool), "true or false"),
+    "job": (lambda v: isinstance(v, str), "a string"), "restarts": (lambda v: _count(v), "a count"),
+}
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """``run.json``: what a sweep ran and where.
+
+    The top-level ``spec``, ``command``, ``points`` and ``resumed_with_done`` describe the latest sweep
+    into the folder (what a ``--resume`` continues); ``history`` every sweep that wrote it, oldest first.
 
     Attributes:
         spec: the sweep's grid (:meth:`a2a_bench.engine.spec.SweepSpec.to_json`).
@@ -184,7 +228,9 @@ class RunInfo:
         versions: versions of a2a_bench, torch, NCCL and the backend libraries (``None``: absent).
         command: the command line of rank 0.
         points: grid points of the sweep.
-        resumed_with_done: points already in ``results.csv`` when it started.
+        resumed_with_done: points of its grid already in ``results.csv`` when it started.
+        history: the invocations that wrote the folder (:class:`Invocation`); empty in a ``run.json``
+            written before it was kept.
     """
 
     spec: dict[str, Any]
@@ -194,9 +240,16 @@ class RunInfo:
     command: list[str]
     points: int
     resumed_with_done: int
+    history: tuple[Invocation, ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"},
+                "history": [entry.to_json() for entry in self.history]}
+
+    def invocations(self) -> tuple[Invocation, ...]:
+        """:attr:`history`, or for a ``run.json`` written before it was kept, its one sweep."""
+        return self.history or (Invocation(list(self.command), None, dict(self.spec), self.points,
+                                           self.resumed_with_done),)
 
 
 def write_run_info(path: Path, info: RunInfo) -> None:
@@ -210,7 +263,8 @@ def read_run_info(path: Path) -> RunInfo:
     Raises:
         ResultsError: the file is missing or unreadable, not JSON, or not this tool's: a missing or
             unknown key, a value of the wrong type, a spec with other keys than :class:`SweepSpec`'s,
-            or a cluster without an ``id`` that is a name (never a path).
+            a cluster without an ``id`` that is a name (never a path), or a history entry that is not
+            an :class:`Invocation` (``history`` itself may be absent: files written before it was kept).
     """
     if not path.exists():
         raise ResultsError(f"no {path.name} in {path.parent}: run a sweep into this folder first")
@@ -225,7 +279,7 @@ def read_run_info(path: Path) -> RunInfo:
         "versions": (dict, "an object"), "command": (list, "a list"), "points": (int, "an integer"),
         "resumed_with_done": (int, "an integer"),
     }
-    unknown = sorted(set(data) - set(checks))
+    unknown = sorted(set(data) - set(checks) - {"history"})
     if unknown:
         raise ResultsError(f"{path} is not a run.json of a2a-bench: unknown key {', '.join(unknown)}")
     for key, (kind, what) in checks.items():
@@ -235,15 +289,37 @@ def read_run_info(path: Path) -> RunInfo:
         if not isinstance(value, kind) or isinstance(value, bool) or (key == "world_size" and value < 1):
             raise ResultsError(f"{path}: {key} must be {what}, got {_short(value)}")
     spec_keys = {f.name for f in fields(SweepSpec)}
-    if set(data["spec"]) != spec_keys:
-        differ = sorted(set(data["spec"]) ^ spec_keys)
-        raise ResultsError(f"{path}: its spec does not match this version's sweep spec (keys {', '.join(differ)} differ)")
+    for where, spec in (("its spec", data["spec"]), *((f"history[{i}].spec", h.get("spec")) for i, h in
+                                                      enumerate(data.get("history") or []) if isinstance(h, dict))):
+        if isinstance(spec, dict) and set(spec) != spec_keys:
+            differ = sorted(set(spec) ^ spec_keys)
+            raise ResultsError(f"{path}: {where} does not match this version's sweep spec (keys {', '.join(differ)} differ)")
     if "id" not in data["cluster"]:
         raise ResultsError(f"{path}: cluster lacks its id")
     problem = cluster_id_problem(data["cluster"]["id"])
     if problem is not None:
         raise ResultsError(f"{path}: {problem}")
-    return RunInfo(**data)
+    history = _history(data.get("history", []), path)
+    return RunInfo(**{**{k: v for k, v in data.items() if k != "history"}, "history": history})
+
+
+def _history(entries: Any, path: Path) -> tuple[Invocation, ...]:
+    if not isinstance(entries, list):
+        raise ResultsError(f"{path}: history must be a list, got {_short(entries)}")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ResultsError(f"{path}: history[{i}] must be an object, got {_short(entry)}")
+        unknown = sorted(set(entry) - set(_INVOCATION_CHECKS))
+        if unknown:
+            raise ResultsError(f"{path}: history[{i}] has unknown key {', '.join(unknown)}")
+        for key, (check, what) in _INVOCATION_CHECKS.items():
+            if key not in entry:
+                raise ResultsError(f"{path}: history[{i}] lacks {key}")
+            if not check(entry[key]):
+                raise ResultsError(f"{path}: history[{i}].{key} must be {what}, got {_short(entry[key])}")
+        out.append(Invocation(**entry))
+    return tuple(out)
 
 
 def _short(value: Any) -> str:

@@ -25,6 +25,7 @@ import fused_a2a
 from a2a_bench.engine.measure import (
     NotCapturable, Stats, capture, comm_device, gbps, imbalance, mean_over_ranks, received_bytes, time_op,
 )
+from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.seedpath import seed_path
 from a2a_bench.engine.spec import Point
 from a2a_bench.engine.verify import RoundTrip, reference_round_trip, verify
@@ -118,8 +119,8 @@ def base_row(point: Point, ctx: RunContext) -> dict[str, Any]:
         "point_id": point.point_id, "backend": point.backend, "knobs": json.dumps(knobs, sort_keys=True),
         "is_default": knobs == backend.defaults(), "num_sms": "" if sms is None else sms,
         "world_size": point.world_size, "cluster": ctx.cluster, "gpu_sharing": ctx.gpu_sharing or "none",
-        "ranks_per_gpu": ctx.ranks_per_gpu, "comparable": ctx.gpu_sharing != "timeslice", "dtype": w.dtype, "hidden": w.hidden,
-        "num_tokens": w.num_tokens, "topk": w.topk, "num_experts": w.num_experts, "routing": w.routing,
+        "ranks_per_gpu": ctx.ranks_per_gpu, "comparable": ctx.gpu_sharing != "timeslice", "dtype": w.dtype,
+        "hidden": w.hidden, "num_tokens": w.num_tokens, "topk": w.topk, "num_experts": w.num_experts, "routing": w.routing,
         "skew": w.skew, "seed": w.seed, "warmup": ctx.warmup, "iters": ctx.iters, "verified": False,
         "build": backend.version() or "", "torch": get_backend("torch").version(),
         "link_peak_gbps": round(ctx.link_peak_gbps, 1),
@@ -131,9 +132,9 @@ def skip_reason(point: Point, ranks_per_node: int | None = None) -> str | None:
     """Why the point cannot run here (backend not installed, dtype, a shape or knob combination the
     backend rejects), or ``None``. Pure apart from the installed check."""
     backend = get_backend(point.backend)
-    reason = backend.unavailable()
-    if reason is not None:
-        return f"backend not available: {reason}"
+    missing = not_installed(point.backend)
+    if missing is not None:
+        return missing
     w = point.workload
     if w.dtype not in backend.dtypes:
         return f"{point.backend} moves {', '.join(backend.dtypes)} tokens only"

@@ -348,3 +348,28 @@ def _int(text: str, what: str) -> int:
         return int(text)
     except ValueError:
         raise SpecError(f"{what}: {text!r} is not an integer") from None
+
+
+TIMING_FIELDS = ("warmup", "iters")  # how long each row was timed: rows timed otherwise do not compare
+RUN_FIELDS = ("point_timeout_s", "exhaustive")  # how a sweep runs: a resume may change them
+
+
+def spec_changes(recorded: dict[str, Any], spec: SweepSpec) -> tuple[list[str], list[str]]:
+    """How ``spec`` differs from a run folder's ``recorded`` spec (``run.json``'s, JSON form):
+    ``(grid changes, timing changes)``, each as ``"<field> <recorded> -> <new>"`` texts."""
+    new = json.loads(json.dumps(spec.to_json()))
+    grid, timing = [], []
+    for name in (f.name for f in fields(SweepSpec)):
+        if name in RUN_FIELDS or recorded.get(name) == new[name]:
+            continue
+        text = f"{name} {_spec_text(recorded.get(name))} -> {_spec_text(new[name])}"
+        (timing if name in TIMING_FIELDS else grid).append(text)
+    return grid, timing
+
+
+def _spec_text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return " ".join(f"{b}.{k}={_spec_text(v)}" for b, kv in sorted(value.items()) for k, v in sorted(kv.items())) or "none"
+    return str(value)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+import pandas as pd
 
 import torch
 import torch.distributed as dist
@@ -19,24 +24,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from a2a_bench import __version__
 from a2a_bench.reports.environment import backend_versions
-from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV
+from a2a_bench.engine import interrupt
+from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV, launched_by_torchrun
 from a2a_bench.engine.lock import RunLock
 from a2a_bench.engine.measure import link_peak_gbps
 from a2a_bench.output import make_console
 from a2a_bench.paths import check_out_dir
-from a2a_bench.reports.report import summary_table
-from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, RunInfo, read_results, write_run_info
+from a2a_bench.reports.fit import markdown, print_table
+from a2a_bench.reports.report import best_per_shape, summary_table
+from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, Invocation, RunInfo, read_results, read_run_info, write_run_info
 from a2a_bench.engine.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.engine.runner import RunContext, base_row, run_point
 from a2a_bench.engine.search import coordinate_search, groups, search_size
 from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank
-from a2a_bench.engine.spec import Point, SweepSpec, expand, validate
+from a2a_bench.engine.spec import Point, SpecError, SweepSpec, expand, validate
 from a2a_bench.engine.watchdog import Watchdog
 from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
+from fused_a2a.files import atomic_write_text
 from fused_a2a.teardown import free_all_buffers
 
 logger = logging.getLogger("a2a_bench")
+SUMMARY_FILE = "summary.md"
+
+
+class NothingMeasured(SpecError):
+    """No point of a sweep's grid measured ``ok`` (the CLI exits with status 2)."""
 
 
 @dataclass(frozen=True)
@@ -88,37 +101,116 @@ def init_group(where: Placement) -> None:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], share_gpu: str | None = None) -> Path:
+def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], extend: bool = False,
+              wide: bool = False, share_gpu: str | None = None) -> Path:
     """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path.
 
     User errors raise ``SpecError``/``ResultsError`` before the process group is joined and before
     anything is written: the spec and how ranks share GPUs (``share_gpu``: ``--share-gpu``,
     :func:`a2a_bench.engine.sharing.check_rank`) on every rank; on rank 0 the run folder (writable,
-    not locked by a live sweep, and on ``--resume`` holding this tool's files of this cluster). Rank 0
-    holds the folder's lock for the sweep (unless its parent, ``a2a-bench --nproc``, holds it). Buffers
-    are freed before the process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
+    not locked by a live sweep, and on ``--resume`` holding this tool's files of this cluster, of the
+    same timing settings and, unless ``extend``, the same grid). Rank 0 holds the folder's lock for
+    the sweep (unless its parent, ``a2a-bench --nproc``, holds it). Buffers are freed before the
+    process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
+
+    A process outside torchrun runs alone (1 rank): it says so in one warning line.
+
+    Raises:
+        Interrupted: SIGINT (Ctrl-C) stopped the sweep; rank 0 marked the point in flight as
+            interrupted. Its ``report`` is the line to print on rank 0 when no local launcher prints it.
+        NothingMeasured: on rank 0 outside ``a2a-bench --nproc`` (the launcher checks itself), when
+            no point of the grid measured ``ok``.
     """
     where = placement_from_env()
     validate(spec, where.world_size)
     check_rank(share_gpu, where.rank)
     points = expand(spec, where.world_size)
-    lock = claim_run_folder(out_dir, resume, argv, detect_cluster(where.world_size).id) if where.rank == 0 else None
+    lock = (claim_run_folder(out_dir, resume, argv, detect_cluster(where.world_size).id, spec, extend)
+            if where.rank == 0 else None)
+    if not launched_by_torchrun():
+        print("a2a-bench: warning: running 1 rank (no torchrun, no --nproc): nothing crosses between ranks; "
+              "use --nproc N or torchrun for a real sweep", file=sys.stderr, flush=True)
+    folder = RunFolder(out_dir)
     try:
-        with process_group(where):
-            _sweep(spec, points, out_dir, argv, where)
+        with interrupt.on_sigint(folder.interrupt) if where.rank == 0 else _nothing():
+            with process_group(where):
+                _sweep(spec, points, folder, argv, where, resume, extend, wide)
+    except KeyboardInterrupt:
+        raise interrupt.Interrupted(_interrupt_report(folder, points, argv, where)) from None
     finally:
         if lock is not None:
             lock.release()
+    if where.rank == 0 and not under_local_launcher():
+        problem = measured_nothing(read_results(folder.results, allow_empty=True), points)
+        if problem is not None:
+            raise NothingMeasured(problem)
     return out_dir / RESULTS_FILE
 
 
-def claim_run_folder(out_dir: Path, resume: bool, argv: list[str], cluster: str | None) -> RunLock | None:
+@contextmanager
+def _nothing():
+    yield
+
+
+def under_local_launcher() -> bool:
+    """This rank was started by ``a2a-bench --nproc`` (which reports for the whole job)."""
+    return launched_by_torchrun() and LAUNCHER_PID_ENV in os.environ
+
+
+COMMAND_ENV = "A2A_BENCH_COMMAND"  # the user's command line, passed by ``a2a-bench --nproc`` to its ranks
+
+
+def command_line() -> list[str]:
+    """The sweep's command line as its user typed it (``a2a-bench ...``): under ``a2a-bench --nproc``,
+    the launcher's (:data:`COMMAND_ENV`), not the one it gave the ranks."""
+    if under_local_launcher() and COMMAND_ENV in os.environ:
+        return json.loads(os.environ[COMMAND_ENV])
+    return ["a2a-bench", *sys.argv[1:]]
+
+
+def _interrupt_report(folder: RunFolder, points: list[Point], argv: list[str], where: Placement) -> str | None:
+    """The line rank 0 ends an interrupted sweep with (``None`` on other ranks and under a local launcher)."""
+    if where.rank != 0 or under_local_launcher():
+        return None
+    if launched_by_torchrun():
+        command = interrupt.torchrun_resume(argv, folder.path, where.world_size,
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)))
+    else:
+        command = shlex.join(interrupt.resume_argv(argv, folder.path))
+    return interrupt.report(folder.path, kept_points(folder.results, points), command)
+
+
+def kept_points(results: Path, points: list[Point]) -> int:
+    """How many of ``points`` have a row in ``results`` (0 when it cannot be read)."""
+    try:
+        ids = set(read_results(results, allow_empty=True)["point_id"].astype(str))
+    except ValueError:
+        return 0
+    return sum(point.point_id in ids for point in points)
+
+
+def measured_nothing(results: pd.DataFrame, points: list[Point]) -> str | None:
+    """Why no point of ``points`` measured ``ok`` in ``results`` (their statuses, most common first),
+    or ``None`` when one did."""
+    statuses = results[results["point_id"].astype(str).isin({p.point_id for p in points})]["status"].astype(str)
+    if (statuses == "ok").any():
+        return None
+    if statuses.empty:
+        return "nothing could be measured: no point of the grid has a row"
+    counts = Counter(statuses)
+    return "nothing could be measured: " + "; ".join(
+        f"{n} point{'s' if n != 1 else ''} {status}" for status, n in counts.most_common())
+
+
+def claim_run_folder(out_dir: Path, resume: bool, argv: list[str], cluster: str | None,
+                     spec: SweepSpec | None = None, extend: bool = False) -> RunLock | None:
     """Check that a sweep may write ``out_dir`` and lock it; the lock taken (``None``: this
     process's parent, the local launcher, holds it). Writes nothing but the lock file.
 
     Raises:
-        SpecError: ``--out`` is not a writable folder, a live sweep holds it, or ``results.csv`` exists
-            without ``resume``.
+        SpecError: ``--out`` is not a writable folder, a live sweep holds it, ``results.csv`` exists
+            without ``resume``, or with ``resume`` ``spec`` has other timing settings than the folder's,
+            or (without ``extend``) another grid.
         ResultsError: with ``resume``, ``results.csv`` or ``run.json`` is not this tool's, or ``run.json``
             names another cluster than ``cluster`` (``None``: not checked).
     """
@@ -132,7 +224,7 @@ def claim_run_folder(out_dir: Path, resume: bool, argv: list[str], cluster: str 
             print(f"a2a-bench: taking over run folder {out_dir} from a sweep that is gone ({stale.describe()})",
                   file=sys.stderr, flush=True)
     try:
-        RunFolder(out_dir).check_start(resume, cluster)
+        RunFolder(out_dir).check_start(resume, cluster, spec, extend)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -180,8 +272,8 @@ def point_line(done: int, total: int, point: Point, row: dict) -> str:
     return line
 
 
-def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str], where: Placement) -> None:
-    folder = RunFolder(out_dir)
+def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[str], where: Placement,
+           resume: bool, extend: bool, wide: bool) -> None:
     cluster = detect_cluster(where.world_size)
     plan: list = [None]
     if where.rank == 0:
@@ -192,12 +284,10 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters,
                      ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)),
                      gpu_sharing=cluster.gpu_sharing, ranks_per_gpu=cluster.ranks_per_gpu)
+    done_before = {point.point_id for point in points if point.point_id in known}
     if where.rank == 0:
-        write_run_info(out_dir / RUN_FILE, RunInfo(
-            spec=spec.to_json(), cluster=cluster.to_json(), world_size=where.world_size,
-            versions={"a2a_bench": __version__, **backend_versions()}, command=argv,
-            points=len(points), resumed_with_done=len(known),
-        ))
+        write_run_info(folder.path / RUN_FILE, _run_info(folder, spec, cluster, where, argv, points, len(done_before),
+                                                         resume, extend))
         for point, phase in given_up:
             folder.record({**base_row(point, ctx), "status": f"error: a rank died during {phase} in {MAX_ATTEMPTS} attempts"})
     known.update({point.point_id: math.inf for point, _ in given_up})
@@ -214,6 +304,7 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     point_groups = groups(points)
     total = sum(len(g) if spec.exhaustive else search_size(g, _sms_knob(g)) for g in point_groups)
     timed = 0
+    visited: set[str] = set()  # points the search has reached, timed now or done before
     started = time.monotonic()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -221,12 +312,16 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     ) as progress:
         task = progress.add_task(f"sweep on {cluster.id}", total=total)
         if where.rank == 0 and not live:
-            console.print(f"sweep on {cluster.id}: up to {total} points to time", markup=False, highlight=False)
+            before = f" ({len(done_before)} done before)" if done_before else ""
+            console.print(f"sweep on {cluster.id}: up to {total} points to time{before}", markup=False, highlight=False)
 
         def cost(point: Point) -> float:
-            """The point's dispatch + combine kernel median (µs), timing it unless a row exists."""
+            """The point's dispatch + combine median (µs, api mode), timing it unless a row exists."""
             nonlocal timed
             if point.point_id in known:
+                if point.point_id not in visited:
+                    visited.add(point.point_id)
+                    progress.advance(task)
                 return known[point.point_id]
             current["point"] = point
             w = point.workload
@@ -245,12 +340,13 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
             row = _measure(point, replace(ctx, on_phase=on_phase))
             watchdog.disarm()
             timed += 1
+            visited.add(point.point_id)
             if where.rank == 0:
                 folder.record(row)
                 if not live:
-                    console.print(point_line(timed, total, point, row), markup=False, highlight=False)
+                    console.print(point_line(len(visited), total, point, row), markup=False, highlight=False)
             progress.advance(task)
-            known[point.point_id] = _cost(row)
+            known[point.point_id] = search_cost(row)
             return known[point.point_id]
 
         for group in point_groups:
@@ -263,13 +359,47 @@ def _sweep(spec: SweepSpec, points: list[Point], out_dir: Path, argv: list[str],
     if where.rank == 0:
         folder.finish()
         strategy = "exhaustive" if spec.exhaustive else "coordinate search"
-        console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s; "
-                      f"link peak {peak:.1f} GB/s; results in {folder.results}", markup=False, highlight=False)
-        make_console().print(summary_table(read_results(folder.results)))
+        before = f" ({len(visited & done_before)} more were done before)" if visited & done_before else ""
+        console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s{before}; "
+                      f"link peak {peak:.1f} GB/s; results in {folder.results}, tables in {folder.path / SUMMARY_FILE}",
+                      markup=False, highlight=False)
+        print_summary(read_results(folder.results), folder.path, wide)
         if cluster.gpu_sharing == "timeslice":
             console.print(f"warning: {cluster.ranks_per_gpu} ranks time-sliced each GPU (--share-gpu timeslice): every "
                           f"time of this run is {NOT_COMPARABLE} (results column comparable=False); tune refuses it",
                           markup=False, highlight=False)
+
+
+def print_summary(results: pd.DataFrame, out_dir: Path, wide: bool) -> None:
+    """Print the sweep's results and the best config per shape, fitted to the terminal, and write both
+    whole to ``out_dir/summary.md``."""
+    tables = [summary_table(results)]
+    best = best_per_shape(results)
+    if best is not None:
+        tables.append(best)
+    summary = out_dir / SUMMARY_FILE
+    atomic_write_text(summary, "\n".join(markdown(t) for t in tables))
+    console = make_console()
+    for table in tables:
+        print_table(console, table, wide, str(summary))
+
+
+def _run_info(folder: RunFolder, spec: SweepSpec, cluster, where: Placement, argv: list[str], points: list[Point],
+              done: int, resume: bool, extend: bool) -> RunInfo:
+    """``run.json`` for this sweep: the history of the folder's earlier sweeps (on ``resume``) with this
+    one added (a torchrun restart of this sweep's job updates its entry instead)."""
+    run_file = folder.path / RUN_FILE
+    history = list(read_run_info(run_file).invocations()) if resume and run_file.exists() else []
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "") if launched_by_torchrun() else ""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if job and history and history[-1].job == job:
+        history[-1] = replace(history[-1], restarts=restarts)
+    else:
+        history.append(Invocation(list(argv), datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), spec.to_json(),
+                                  len(points), done, extend, job, restarts))
+    return RunInfo(spec=spec.to_json(), cluster=cluster.to_json(), world_size=where.world_size,
+                   versions={"a2a_bench": __version__, **backend_versions()}, command=list(argv), points=len(points),
+                   resumed_with_done=done, history=tuple(history))
 
 
 def _sms_knob(group: list[Point]) -> str | None:
@@ -278,20 +408,29 @@ def _sms_knob(group: list[Point]) -> str | None:
     return knobs[0] if knobs else None
 
 
-def _cost(row: dict) -> float:
+def search_cost(row) -> float:
+    """What the search ranks a point by: its dispatch + combine api median (µs; the kernel median where
+    api was not timed); infinite for a point that is not ``ok``."""
     if row.get("status") != "ok":
         return math.inf
-    return float(row["dispatch_kernel_us_median"]) + float(row["combine_kernel_us_median"])
+    for mode in ("api", "kernel"):
+        d, c = row.get(f"dispatch_{mode}_us_median"), row.get(f"combine_{mode}_us_median")
+        if d is not None and c is not None and d != "" and c != "" and not (pd.isna(d) or pd.isna(c)):
+            return float(d) + float(c)
+    return math.inf
 
 
 def _plan(folder: RunFolder, points: list[Point]):
-    """Rank 0's plan: the cost of each point with a row, attempt numbers, and the points given up."""
-    known = {str(r["point_id"]): _cost(r) for r in folder.rows()}
+    """Rank 0's plan: the cost of each point with a row, attempt numbers, and the points given up
+    (a point left in flight by an interrupt keeps its attempt number)."""
+    known = {str(r["point_id"]): search_cost(r) for r in folder.rows()}
     left = folder.in_flight()
     attempts, given_up = {}, []
     if left is not None and left.point_id not in known:
         died = next((p for p in points if p.point_id == left.point_id), None)
-        if died is not None and left.attempt >= MAX_ATTEMPTS:
+        if left.interrupted:  # an interrupt is not an attempt
+            attempts[left.point_id] = left.attempt
+        elif died is not None and left.attempt >= MAX_ATTEMPTS:
             given_up.append((died, left.phase))
         else:
             attempts[left.point_id] = left.attempt + 1
@@ -331,13 +470,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def finish_local(code: int, out_dir: Path, spec: SweepSpec, nproc: int, argv: list[str]) -> int:
+    """The local launcher's end of a sweep whose ranks ended with status ``code`` (:func:`launch_local`);
+    the command's exit status.
+
+    Interrupted (``code`` > 128): the point left in flight is marked interrupted (the ranks mark it
+    on SIGINT; a SIGTERM sent to the launcher reaches them as a stop, not as an interrupt), and one line
+    says what was kept and the command that continues. Ended well: :class:`NothingMeasured` when no point
+    of the grid measured ``ok``.
+    """
+    points = expand(spec, nproc)
+    results = out_dir / RESULTS_FILE
+    if code > 128:
+        RunFolder(out_dir).mark_left_interrupted()
+        line = interrupt.report(out_dir, kept_points(results, points), shlex.join(interrupt.resume_argv(argv, out_dir)))
+        print(f"a2a-bench: {line}", file=sys.stderr, flush=True)
+        return code
+    if code == 0:
+        problem = measured_nothing(read_results(results, allow_empty=True), points)
+        if problem is not None:
+            raise NothingMeasured(problem)
+    return code
+
+
 def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Re-run this command under torchrun's own launcher with ``nproc`` local ranks; its exit status.
 
     The ranks are this process's children and die with it (:mod:`a2a_bench.engine.lifeline`). Status 2 when
-    the first rank to fail reported a user error (it printed the line), else 1 for any failure.
+    the first rank to fail reported a user error (it printed the line), else 1 for any failure;
+    ``128 + signal`` when this process was interrupted (SIGINT, SIGTERM): the agent passed the signal on
+    to the ranks and waited for them, and its own lines about it are left out (the caller reports).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([
@@ -345,8 +510,14 @@ def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
         "-m", "a2a_bench", *argv,
     ])
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ[COMMAND_ENV] = json.dumps(["a2a-bench", *sys.argv[1:]])
+    quiet = _QuietInterrupt()
+    for name in _AGENT_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         run(args)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode == 2:
@@ -354,5 +525,25 @@ def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
         print(f"a2a-bench: rank {rank} failed with exit status {failure.exitcode}", file=sys.stderr)
         return 1
     finally:
-        del os.environ[LAUNCHER_PID_ENV]
+        del os.environ[LAUNCHER_PID_ENV], os.environ[COMMAND_ENV]
+        for name in _AGENT_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
     return 0
+
+
+_AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
+
+
+class _QuietInterrupt(logging.Filter):
+    """Leaves out torchrun's agent lines about a signal it received and passes on to the ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signalled = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if "death signal" in text:
+            self.signalled = True
+            return False
+        return not (self.signalled and "closing signal" in text)

@@ -1,4 +1,5 @@
-"""Backends side by side for one shape of a sweep's results."""
+"""Backends side by side for one shape of a sweep's results: each backend's best config by one timing
+mode (``api`` by default: what a training step pays)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import json
 from dataclasses import dataclass
 
 import pandas as pd
-from rich.table import Table
 
 from a2a_bench.engine.results import ResultsError
 from a2a_bench.engine.spec import parse_routing
+from a2a_bench.reports.fit import Column, TextTable
+from a2a_bench.reports.tune import DEFAULT_MODE, MODES
 
 SHAPE = ["world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew"]
 
@@ -21,13 +23,14 @@ class BackendRow:
     Attributes:
         backend, world_size: what ran.
         status: ``"ok"``, or (cut to 60 characters) the status of its first row when none is verified and ``ok``.
-        knobs: the best config's knobs (least dispatch + combine kernel-mode median).
+        knobs: the best config's knobs (least dispatch + combine median in the mode it was chosen by).
         dispatch_us, combine_us: that config's kernel-mode medians, µs.
         dispatch_api_us, combine_api_us: its api-mode medians, µs.
         dispatch_graph_us, combine_graph_us: its graph-mode medians, µs (``None``: not captured).
         dispatch_algbw_gbps, combine_algbw_gbps: its algbw, GB/s.
-        default_dispatch_us, default_combine_us: the backend's default config, kernel-mode medians, µs.
-        speedup_vs_torch: torch's best ``dispatch_us + combine_us`` over this one's (> 1: faster).
+        default_dispatch_us, default_combine_us: the backend's default config, medians in the mode the
+            best was chosen by, µs.
+        speedup_vs_torch: torch's best round trip over this one's, in that mode (> 1: faster).
     """
 
     backend: str
@@ -79,16 +82,23 @@ def shape_rows(
     return rows
 
 
-def compare_rows(rows: pd.DataFrame) -> list[BackendRow]:
+def compare_rows(rows: pd.DataFrame, by: str = DEFAULT_MODE) -> list[BackendRow]:
     """One :class:`BackendRow` per (backend, world size) of one shape's rows, sorted by backend.
 
-    The best config is the verified ``ok`` row with the least dispatch + combine kernel-mode median
+    The best config is the verified ``ok`` row with the least dispatch + combine median in mode ``by``
     (one config for both operations, as a caller passing one set of knobs runs).
+
+    Raises:
+        ResultsError: ``by`` is not a timing mode.
     """
-    ok = rows[(rows["status"] == "ok") & (rows["verified"].astype(str).str.lower() == "true")]
+    if by not in MODES:
+        raise ResultsError(f"--by must be one of {', '.join(MODES)}, got {by!r}")
+    d_col, c_col = f"dispatch_{by}_us_median", f"combine_{by}_us_median"
+    ok = rows[(rows["status"] == "ok") & (rows["verified"].astype(str).str.lower() == "true")
+              & rows[d_col].notna() & rows[c_col].notna()]
     best: dict[tuple[str, int], pd.Series] = {}
     for (backend, world_size), group in ok.groupby(["backend", "world_size"], sort=True):
-        total = group["dispatch_kernel_us_median"] + group["combine_kernel_us_median"]
+        total = group[d_col] + group[c_col]
         best[(str(backend), int(world_size))] = group.loc[total.idxmin()]
     out = []
     for (backend, world_size), group in rows.groupby(["backend", "world_size"], sort=True):
@@ -100,35 +110,29 @@ def compare_rows(rows: pd.DataFrame) -> list[BackendRow]:
         defaults = ok[(ok["backend"] == backend) & (ok["world_size"] == world_size)
                       & (ok["is_default"].astype(str).str.lower() == "true")]
         torch = best.get(("torch", key[1]))
-        total = r["dispatch_kernel_us_median"] + r["combine_kernel_us_median"]
         out.append(BackendRow(
             backend=key[0], world_size=key[1], status="ok", knobs=json.loads(r["knobs"]),
-            dispatch_us=float(r["dispatch_kernel_us_median"]), combine_us=float(r["combine_kernel_us_median"]),
-            dispatch_api_us=float(r["dispatch_api_us_median"]), combine_api_us=float(r["combine_api_us_median"]),
+            dispatch_us=_maybe(r["dispatch_kernel_us_median"]), combine_us=_maybe(r["combine_kernel_us_median"]),
+            dispatch_api_us=_maybe(r["dispatch_api_us_median"]), combine_api_us=_maybe(r["combine_api_us_median"]),
             dispatch_graph_us=_maybe(r["dispatch_graph_us_median"]), combine_graph_us=_maybe(r["combine_graph_us_median"]),
             dispatch_algbw_gbps=float(r["dispatch_algbw_gbps"]), combine_algbw_gbps=float(r["combine_algbw_gbps"]),
-            default_dispatch_us=float(defaults["dispatch_kernel_us_median"].min()) if len(defaults) else None,
-            default_combine_us=float(defaults["combine_kernel_us_median"].min()) if len(defaults) else None,
-            speedup_vs_torch=None if torch is None else float(
-                (torch["dispatch_kernel_us_median"] + torch["combine_kernel_us_median"]) / total),
+            default_dispatch_us=float(defaults[d_col].min()) if len(defaults) else None,
+            default_combine_us=float(defaults[c_col].min()) if len(defaults) else None,
+            speedup_vs_torch=None if torch is None else float((torch[d_col] + torch[c_col]) / (r[d_col] + r[c_col])),
         ))
     return out
 
 
-COLUMNS = ["backend", "ranks", "best knobs", "kernel µs (d / c)", "api µs (d / c)", "graph µs (d / c)",
-           "algbw GB/s (d / c)", "default µs (d / c)", "speedup vs torch"]
-SHIFT_COLUMNS = ["best knobs with uniform routing", "time vs uniform"]
-
-
-def routing_shift(results: pd.DataFrame, rows: pd.DataFrame, best: list[BackendRow]) -> dict[str, tuple[str, str]]:
+def routing_shift(results: pd.DataFrame, rows: pd.DataFrame, best: list[BackendRow],
+                  by: str = DEFAULT_MODE) -> dict[str, tuple[str, str]]:
     """For a skewed routing's best configs: each backend's best config of the same shape under uniform
-    routing and the ratio of the skewed best's dispatch + combine kernel time to the uniform best's
-    (``"-"`` where uniform was not measured)."""
+    routing and the ratio of the skewed best's dispatch + combine time to the uniform best's, in mode
+    ``by`` (``"-"`` where uniform was not measured)."""
     first = rows.iloc[0]
     uniform = results[(results["hidden"] == first["hidden"]) & (results["num_tokens"] == first["num_tokens"])
                       & (results["dtype"] == first["dtype"]) & (results["topk"] == first["topk"])
                       & (results["num_experts"] == first["num_experts"]) & (results["routing"] == "uniform")]
-    by_backend = {(b.backend, b.world_size): b for b in compare_rows(uniform)} if len(uniform) else {}
+    by_backend = {(b.backend, b.world_size): b for b in compare_rows(uniform, by)} if len(uniform) else {}
     shift = {}
     for b in best:
         base = by_backend.get((b.backend, b.world_size))
@@ -136,9 +140,14 @@ def routing_shift(results: pd.DataFrame, rows: pd.DataFrame, best: list[BackendR
             shift[b.backend] = ("-", "-")
             continue
         same = "same" if base.knobs == b.knobs else " ".join(f"{k}={v}" for k, v in sorted(base.knobs.items())) or "-"
-        ratio = (b.dispatch_us + b.combine_us) / (base.dispatch_us + base.combine_us)
+        ratio = _round_trip(b, by) / _round_trip(base, by)
         shift[b.backend] = (same, f"{ratio:.2f}x")
     return shift
+
+
+def _round_trip(row: BackendRow, by: str) -> float:
+    prefix = "" if by == "kernel" else f"{by}_"
+    return getattr(row, f"dispatch_{prefix}us") + getattr(row, f"combine_{prefix}us")
 
 
 def compare_table(
@@ -149,36 +158,45 @@ def compare_table(
     topk: int | None = None,
     num_experts: int | None = None,
     routing: str = "uniform",
-) -> Table:
-    """Backends side by side for one shape (:func:`shape_rows`, :func:`compare_rows`).
+    by: str = DEFAULT_MODE,
+) -> TextTable:
+    """Backends side by side for one shape (:func:`shape_rows`, :func:`compare_rows` by mode ``by``).
 
     Times are medians of the slowest rank in µs, bandwidths GB/s; "speedup vs torch" is torch's best
-    dispatch + combine kernel time over the backend's (``n/a`` where torch was not measured). For a
-    skewed ``routing``, two more columns show each backend's best config under uniform routing and the
-    skewed time over the uniform one (:func:`routing_shift`).
+    dispatch + combine time over the backend's in mode ``by`` (``n/a`` where torch was not measured).
+    For a skewed ``routing``, two more columns show each backend's best config under uniform routing
+    and the skewed time over the uniform one (:func:`routing_shift`).
 
     Raises:
-        ResultsError, SpecError: as :func:`shape_rows`.
+        ResultsError, SpecError: as :func:`shape_rows` and :func:`compare_rows`.
     """
     rows = shape_rows(results, hidden, num_tokens, dtype, topk, num_experts, routing)
     first = rows.iloc[0]
-    table = Table(title=f"hidden {hidden}, {num_tokens} tokens/rank, {first['dtype']}, top-{first['topk']}, "
-                        f"{first['num_experts']} experts, {routing} routing (medians of the slowest rank)")
-    best = compare_rows(rows)
-    shift = routing_shift(results, rows, best) if first["routing"] != "uniform" else None
-    for column in COLUMNS + (SHIFT_COLUMNS if shift is not None else []):
-        table.add_column(column, justify="left" if "knobs" in column or column == "backend" else "right")
+    best = compare_rows(rows, by)
+    shift = routing_shift(results, rows, best, by) if first["routing"] != "uniform" else None
+    columns = [Column("backend"), Column("ranks", right=True, shape=True), Column(f"best knobs (by {by})"),
+               Column("kernel µs (d / c)", right=True, drop=3 if by != "kernel" else 0),
+               Column("api µs (d / c)", right=True, drop=0 if by == "api" else 2),
+               Column("graph µs (d / c)", right=True, drop=0 if by == "graph" else 4),
+               Column("algbw GB/s (d / c)", right=True, drop=5), Column(f"default {by} µs (d / c)", right=True, drop=1),
+               Column("speedup vs torch", right=True)]
+    if shift is not None:
+        columns += [Column("best knobs with uniform routing", drop=2), Column("time vs uniform", right=True, drop=1)]
+    cells = []
     for b in best:
         knobs = b.status if b.knobs is None else (" ".join(f"{k}={v}" for k, v in sorted(b.knobs.items())) or "-")
-        table.add_row(
+        cells.append((
             b.backend, str(b.world_size), knobs,
             _pair(b.dispatch_us, b.combine_us), _pair(b.dispatch_api_us, b.combine_api_us),
             _pair(b.dispatch_graph_us, b.combine_graph_us),
             _pair(b.dispatch_algbw_gbps, b.combine_algbw_gbps), _pair(b.default_dispatch_us, b.default_combine_us),
             "n/a" if b.speedup_vs_torch is None else f"{b.speedup_vs_torch:.2f}x",
             *(shift[b.backend] if shift is not None else ()),
-        )
-    return table
+        ))
+    title = (f"hidden {hidden}, {num_tokens} tokens/rank, {first['dtype']}, top-{first['topk']}, "
+             f"{first['num_experts']} experts, {routing} routing: each backend's best config by the {by} round trip "
+             f"(medians of the slowest rank)")
+    return TextTable(title, tuple(columns), tuple(cells))
 
 
 def _maybe(value) -> float | None:

@@ -164,6 +164,8 @@ MEGATRON_FIELDS: dict[tuple[str, str], str] = {
 }
 # the backend's knob NeMo Automodel's BackendConfig.dispatcher_num_sms sets
 AUTOMODEL_SMS = {"deepep": "num_sms", "uccl": "num_sms", "hybridep": "num_sms_dispatch_api"}
+# backend -> {knob: the other NeMo Automodel BackendConfig field that sets it}
+AUTOMODEL_FIELDS = {"hybridep": {"enable_custom_allgather": "dispatcher_hybridep_enable_custom_allgather"}}
 
 
 def framework_lines(entry: TuningEntry) -> list[str]:
@@ -181,7 +183,11 @@ def framework_lines(entry: TuningEntry) -> list[str]:
         lines.append(f"# Megatron-LM TransformerConfig: {', '.join(megatron)}")
     sms = AUTOMODEL_SMS.get(entry.backend)
     if sms is not None and sms in entry.dispatch:
-        lines.append(f"# NeMo Automodel BackendConfig: dispatcher_num_sms={entry.dispatch[sms]}")
+        automodel = [f"dispatcher_num_sms={entry.dispatch[sms]}"]
+        for knob, field in AUTOMODEL_FIELDS.get(entry.backend, {}).items():
+            if knob in entry.dispatch:
+                automodel.append(f"{field}={entry.dispatch[knob]}")
+        lines.append(f"# NeMo Automodel BackendConfig: {', '.join(automodel)}")
         combine_sms = entry.combine.get("num_sms_combine_api")
         if combine_sms is not None and combine_sms != entry.dispatch[sms]:
             lines.append(f"# (the table's combine uses {combine_sms} SMs; both frameworks set one count for both)")

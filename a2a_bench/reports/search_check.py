@@ -4,8 +4,8 @@ of the same knob grid, and whether the config it chose is within a tolerance (3%
 Two run folders: one swept with the default (coordinate) search, one with ``--exhaustive``; their
 (backend, shape) groups are compared where both runs hold them (the exhaustive run may cover a few
 shapes of the default run's grid), and each compared backend must have the same knob grid in both
-runs. The cost is the search's own: the dispatch + combine kernel-mode medians of a verified ``ok``
-row. The search's choice is judged by its time in the exhaustive run, next to that run's best: both
+runs. The cost is the search's own (:func:`a2a_bench.engine.sweep.search_cost`: the dispatch +
+combine api medians of a verified ``ok`` row, kernel where api was not timed). The search's choice is judged by its time in the exhaustive run, next to that run's best: both
 come from one run, so run-to-run drift of the machine does not enter the ratio.
 """
 
@@ -22,6 +22,7 @@ from rich.table import Table
 from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
 from a2a_bench.engine.runner import routing_key
 from a2a_bench.engine.spec import SweepSpec, knob_grid
+from a2a_bench.engine.sweep import search_cost
 
 GROUP = ["backend", "world_size", "dtype", "routing_key", "hidden", "num_tokens", "topk", "num_experts"]
 
@@ -127,15 +128,15 @@ def check_search(default_dir: Path, exhaustive_dir: Path) -> list[GroupCheck]:
 
 
 def _keyed(results: pd.DataFrame) -> pd.DataFrame:
-    """``results`` with the group's routing key and each row's cost (dispatch + combine kernel µs)."""
+    """``results`` with the group's routing key and each row's cost as the search ranks it (µs)."""
     return results.assign(
         routing_key=[routing_key(r, s) for r, s in zip(results["routing"], results["skew"])],
-        cost=results["dispatch_kernel_us_median"] + results["combine_kernel_us_median"],
+        cost=[search_cost(row) for _, row in results.iterrows()],
     )
 
 
 def _usable(rows: pd.DataFrame) -> pd.Series:
-    return (rows["status"] == "ok") & (rows["verified"].astype(str).str.lower() == "true") & rows["cost"].notna()
+    return (rows["status"] == "ok") & (rows["verified"].astype(str).str.lower() == "true") & (rows["cost"] < math.inf)
 
 
 def _best(rows: pd.DataFrame) -> pd.Series | None:
@@ -157,8 +158,8 @@ def search_table(checks: list[GroupCheck], tolerance: float) -> Table:
     """One row per compared group: points timed of the grid, the search's choice and the exhaustive
     best (their searched knobs) with their times in the exhaustive run, their ratio, and whether it is
     within ``tolerance``."""
-    table = Table(title="default search vs --exhaustive: dispatch + combine kernel µs, both taken from the "
-                        "exhaustive run")
+    table = Table(title="default search vs --exhaustive: dispatch + combine µs as the search ranks points (api "
+                        "mode), both taken from the exhaustive run")
     for column in ("backend", "shape", "timed / grid", "search's choice", "its µs", "exhaustive best", "best µs",
                    "choice / best", f"within {tolerance:.0%}"):
         table.add_column(column, justify="right" if "µs" in column or "/" in column else "left")

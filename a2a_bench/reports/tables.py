@@ -1,4 +1,5 @@
-"""The tuning tables ``a2a-bench table`` prints: finding this machine's, and checking they hold times."""
+"""The tuning tables ``a2a-bench tune`` writes and ``a2a-bench table`` prints: writing one with its
+``TABLE.md``, finding this machine's, and checking they hold times."""
 
 from __future__ import annotations
 
@@ -6,13 +7,45 @@ import os
 import re
 from pathlib import Path
 
+from a2a_bench.paths import check_out_file
+from a2a_bench.reports.report import tuning_markdown
+from a2a_bench.reports.tune import DEFAULT_MODE, tuned_table
 from fused_a2a.cluster import CLUSTER_ID_ENV, cluster_id, cluster_id_problem, detect_cluster
+from fused_a2a.files import atomic_write_text
 from fused_a2a.tuning.resolve import TABLE_NAME, tuning_dirs
-from fused_a2a.tuning.table import TuningFileError, TuningTable
+from fused_a2a.tuning.table import TuningFileError, TuningTable, update_table
+
+MARKDOWN_NAME = "TABLE.md"
 
 # the measured values a printed entry needs; times must be positive
 NEEDED = ("dispatch_us", "combine_us", "dispatch_algbw_gbps", "combine_algbw_gbps")
 _SENTINEL = 987654321
+
+
+def publish(run_dir: Path, out_root: Path, routing: str | None = None, by: str = DEFAULT_MODE) -> tuple[Path, TuningTable]:
+    """Tune ``run_dir`` into ``out_root/<cluster-id>/tuning.json`` (merged) and write the merged table
+    whole as Markdown next to it (``TABLE.md``); returns the JSON's path and the merged table.
+
+    Raises:
+        ResultsError, TuningFileError, SpecError: as :func:`a2a_bench.reports.tune.tune`, or ``TABLE.md``
+            cannot be written; nothing is written then.
+    """
+    table = tuned_table(run_dir, routing, by)
+    path = out_root / table.cluster["id"] / TABLE_NAME
+    check_out_file(path.parent / MARKDOWN_NAME)
+    merged = update_table(path, table)
+    atomic_write_text(path.parent / MARKDOWN_NAME, tuning_markdown(merged))
+    return path, merged
+
+
+def machine_ids() -> str:
+    """This machine's cluster ids for any world size, in words (``cpu-gloo-x<ranks>``, ...)."""
+    override = os.environ.get(CLUSTER_ID_ENV)
+    if override and cluster_id_problem(override) is None:
+        return f"{override} (${CLUSTER_ID_ENV})"
+    info = detect_cluster()
+    head, _, link = cluster_id(info.gpu, _SENTINEL, 1, info.intranode_link).partition(f"-x{_SENTINEL}")
+    return f"{head}-x<ranks>{link} (any number of ranks)"
 
 
 def machine_pattern() -> re.Pattern:

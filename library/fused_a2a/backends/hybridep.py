@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 import fused_a2a.environment as environment
 from fused_a2a.autograd import Comm
+import fused_a2a.backends.hybridep_routing as routing
 from fused_a2a.backends.base import BackendSpec, Knob, Shape
 from fused_a2a.backends.optional import distribution_version, try_import
 from fused_a2a.checks import check_topk_range, dtype_name
@@ -80,8 +81,11 @@ def _chunk(name: str):
     return check
 
 
-def _flag(value: Any) -> str | None:
-    return None if isinstance(value, bool) else f"fused must be true or false, got {value!r}"
+def _flag(name: str):
+    def check(value: Any) -> str | None:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+
+    return check
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -103,7 +107,11 @@ KNOBS: tuple[Knob, ...] = (
          check=_chunk("tokens_per_chunk_combine")),
     Knob("fused", False, (False, True),
          "fuse permute into dispatch and unpermute into combine (the seed's permute path; HybridEP builds that have it)",
-         check=_flag),
+         check=_flag("fused")),
+    Knob("enable_custom_allgather", True, (True, False),
+         "gather the routing maps with HybridEP's own NVLink allgather (true; measured 2.8x faster per uncached "
+         "dispatch than the process group's, 2 ranks on one H200 under MPS) or the process group's (false)",
+         check=_flag("enable_custom_allgather")),
 )
 
 
@@ -116,6 +124,7 @@ class Settings:
         blocks_permute, blocks_unpermute: thread blocks of the (un)permute kernels, ``None``: HybridEP's.
         chunk_dispatch, chunk_combine: tokens per chunk, ``None``: the environment as set.
         fused: fuse (un)permute into dispatch/combine on the permute path.
+        custom_allgather: gather routing maps with HybridEP's own allgather (else the process group's).
     """
 
     sms_dispatch: int = 24
@@ -126,6 +135,7 @@ class Settings:
     chunk_dispatch: int | None = None
     chunk_combine: int | None = None
     fused: bool = False
+    custom_allgather: bool = True
 
     @classmethod
     def from_knobs(cls, dispatch: dict[str, Any], combine: dict[str, Any]) -> Settings:
@@ -139,6 +149,7 @@ class Settings:
             chunk_dispatch=dispatch["tokens_per_chunk_dispatch"] or None,
             chunk_combine=combine["tokens_per_chunk_combine"] or None,
             fused=bool(dispatch["fused"]),
+            custom_allgather=bool(dispatch["enable_custom_allgather"]),
         )
 
     def environment(self) -> dict[str, str]:
@@ -147,11 +158,19 @@ class Settings:
         return {CHUNK_ENV_VARS[name]: str(value) for name, value in values.items() if value}
 
     def constructor_kwargs(self) -> dict[str, Any]:
-        """The SM and block keywords of ``HybridEPBuffer(...)`` (``None`` values left out: HybridEP's defaults)."""
+        """The keywords of ``HybridEPBuffer(...)`` these settings fix (``None`` values left out: HybridEP's
+        defaults; ``enable_custom_allgather`` only where the installed HybridEP takes it)."""
         kwargs = dict(num_sms_dispatch_api=self.sms_dispatch, num_sms_combine_api=self.sms_combine,
                       num_sms_preprocessing_api=self.sms_preprocessing, num_blocks_permute=self.blocks_permute,
                       num_blocks_unpermute=self.blocks_unpermute)
+        if constructor_takes("enable_custom_allgather"):
+            kwargs["enable_custom_allgather"] = self.custom_allgather
         return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def constructor_takes(keyword: str) -> bool:
+    """Whether the installed ``HybridEPBuffer`` constructor has ``keyword``."""
+    return HAVE_HYBRIDEP and keyword in inspect.signature(HYBRID_EP.module.HybridEPBuffer).parameters
 
 
 def chunk_sizes(environ=os.environ) -> tuple[int, int]:
@@ -191,6 +210,10 @@ def shape_problem(shape: Shape, knobs: dict[str, Any] | None = None) -> str | No
     if (tokens * ranks_per_node) % 4:
         return (f"HybridEP needs tokens per rank x ranks per NVLink domain divisible by 4 (its TMA loads move "
                 f"16-byte multiples): {tokens} x {ranks_per_node} = {tokens * ranks_per_node}")
+    custom_allgather = (knobs or {}).get("enable_custom_allgather", True)
+    if custom_allgather and shape.world_size == ranks_per_node and (tokens * shape.num_experts) % 16:
+        return (f"HybridEP's custom allgather moves 16-byte multiples per rank: tokens per rank x experts = "
+                f"{tokens} x {shape.num_experts} is not a multiple of 16 (or set enable_custom_allgather=false)")
     return None
 
 
@@ -342,7 +365,7 @@ def free_buffers() -> None:
 
 
 def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, num_experts: int):
-    """Top-k routing as HybridEP's dense map and probabilities.
+    """Top-k routing as HybridEP's dense map and probabilities (the seed API's map: one column per expert).
 
     Args:
         topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
@@ -398,20 +421,6 @@ def topk_to_routing_map(
     return dense_routing(topk_idx, topk_weights, num_experts)
 
 
-def ascending_topk(local_map: torch.Tensor, local_probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, K]`` local expert ids (ascending, then ``-1``) and their weights (``0`` where ``-1``) of a
-    dense ``[R, L]`` map and ``[R, L]`` probabilities (a row naming more than K experts keeps the first K)."""
-    rows, local = local_map.shape
-    order = torch.argsort((~local_map).to(torch.int8), dim=1, stable=True)[:, :topk]
-    valid = local_map.gather(1, order)
-    ids = torch.where(valid, order, -1)
-    weights = torch.where(valid, local_probs.gather(1, order), 0.0)
-    if local < topk:
-        ids = torch.cat([ids, ids.new_full((rows, topk - local), -1)], dim=1)
-        weights = torch.cat([weights, weights.new_zeros(rows, topk - local)], dim=1)
-    return ids, weights
-
-
 @dataclass(frozen=True)
 class HybridEPHandle:
     """What a neutral-path dispatch leaves for its combine and its backward.
@@ -420,7 +429,9 @@ class HybridEPHandle:
         buffer: the ``HybridEPBuffer`` that made it (kept alive by the handle).
         raw: HybridEP's own 7-tuple handle.
         settings: the knobs it ran with.
-        num_tokens: ``N`` on this rank; num_recv: ``R``; num_experts: ``E``.
+        columns: where each expert sits in the routing map (real and phantom experts).
+        num_tokens: ``N`` on this rank; num_recv: ``R``.
+        first: the column of this rank's first expert in the received probabilities.
         topk_idx: ``[N, K]`` the dispatch's global expert ids (to place weight gradients).
         recv_topk_idx: ``[R, K]`` the local ids returned (to place weights for combine).
     """
@@ -428,9 +439,10 @@ class HybridEPHandle:
     buffer: Any
     raw: tuple
     settings: Settings
+    columns: routing.ExpertColumns
     num_tokens: int
     num_recv: int
-    num_experts: int
+    first: int
     topk_idx: torch.Tensor = field(repr=False)
     recv_topk_idx: torch.Tensor = field(repr=False)
 
@@ -438,16 +450,42 @@ class HybridEPHandle:
     def num_recv_tokens(self) -> int:
         return self.num_recv
 
+    @property
+    def num_experts(self) -> int:
+        return self.columns.num_experts
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the current stream of ``device`` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _bad_ids_error(num_experts: int, bad_rows: int) -> ValueError:
+    return ValueError(f"hybridep: topk_idx values must lie in [-1, {num_experts}); {bad_rows} token(s) of the group "
+                      "named other experts (the same error on every rank of the group)")
+
 
 class HybridEPAdapter:
     """The ``deep_ep.Buffer``-shaped face of HybridEP's plain dispatch/combine that
-    :mod:`fused_a2a.autograd` drives. It routes from top-k itself: it needs no layout call."""
+    :mod:`fused_a2a.autograd` drives. It routes from top-k itself: it needs no layout call.
+
+    An uncached dispatch runs HybridEP's own steps (``update_template_config``, the runtime's
+    ``metadata_preprocessing`` and ``dispatch``) with one host synchronisation between them, the one
+    HybridEP's ``dispatch`` makes itself; the routing conversion and the per-expert counts are kernels
+    queued around it (:mod:`fused_a2a.backends.hybridep_routing`). Its buffer has the phantom experts
+    of :class:`~fused_a2a.backends.hybridep_routing.ExpertColumns`.
+    """
 
     needs_layout = False
 
     def __init__(self, group, settings: Settings) -> None:
         self.group = group
         self.settings = settings
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._checked: tuple | None = None  # the last (N, H, K, E) found fine
+        self._columns: dict[int, routing.ExpertColumns] = {}
 
     def dispatch(self, x, handle: HybridEPHandle | None = None, topk_idx=None, topk_weights=None, num_experts=None,
                  config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False, **unused):
@@ -455,30 +493,53 @@ class HybridEPAdapter:
         a cached dispatch (no preprocessing, no host sync) returning ``(recv_x, None, None, None, None, None)``.
 
         Raises:
-            ValueError: a shape HybridEP cannot take on this rank (:func:`shape_problem`).
+            ValueError: a shape HybridEP cannot take on this rank (:func:`shape_problem`), or an id
+                outside ``[-1, E)`` on any rank of the group (raised on every rank, after the dispatch).
         """
         if handle is not None:
             apply_environment(handle.settings)
             recv_x = handle.buffer.dispatch(hidden=x.contiguous(), handle=handle.raw, num_of_experts=handle.num_experts,
                                             num_dispatched_tokens=handle.num_recv)[0]
             return recv_x, None, None, None, None, None
-        world = dist.get_world_size(self.group)
         num_tokens, hidden = x.shape
-        check_topk_range(topk_idx, num_experts)
-        buffer = ensure_buffer(self.group, hidden, num_experts // world, num_tokens, self.settings)
+        columns = self._columns.get(num_experts)
+        if columns is None:
+            columns = self._columns[num_experts] = routing.ExpertColumns(num_experts, self.world)
+        buffer = ensure_buffer(self.group, hidden, columns.padded, num_tokens, self.settings)
         per_node = ranks_per_node(buffer)
-        problem = shape_problem(Shape(world, (num_tokens,), hidden, topk_idx.size(1), num_experts, dtype_name(x.dtype), per_node))
+        self._check_shape(num_tokens, hidden, topk_idx.size(1), num_experts, dtype_name(x.dtype), per_node)
+        routing_map, probs = routing.dense_routing(topk_idx, topk_weights, columns)
+        config = buffer.update_template_config(hidden_dim=hidden, num_of_tokens_per_rank=num_tokens)
+        made = buffer.runtime.metadata_preprocessing(config=config, routing_map=routing_map,
+                                                     num_of_tokens_per_rank=num_tokens, enable_permute=False,
+                                                     non_blocking=False)
+        local_map, num_rows = made.local_expert_routing_map, made.num_dispatched_tokens_tensor
+        pending = routing.start_count(local_map, num_rows)
+        _synchronize(x.device)
+        num_recv = num_rows.item()
+        recv_x, recv_probs, _ = buffer.runtime.dispatch(hidden=x, probs=probs, scaling_factor=None, handle=made,
+                                                        with_probs=probs is not None)
+        counts = (pending if pending is not None else routing.count_rows(local_map, num_recv)).tolist()
+        bad_rows = sum(counts[columns.local:])
+        if bad_rows:  # every rank counted the same phantom rows: every rank raises here
+            raise _bad_ids_error(num_experts, bad_rows)
+        raw = (made.sparse_to_dense_map, made.rdma_to_attn_map, made.attn_to_rdma_map, num_rows, local_map,
+               made.num_of_tokens_per_rank, made.config)
+        first = (self.rank % per_node) * columns.padded
+        recv_idx, recv_weights = routing.ascending_topk(local_map, recv_probs, num_recv, columns, first, topk_idx.size(1))
+        made = HybridEPHandle(buffer, raw, self.settings, columns, num_tokens, num_recv, first, topk_idx, recv_idx)
+        return recv_x, recv_idx, recv_weights, counts[:columns.local], made, None
+
+    def _check_shape(self, num_tokens: int, hidden: int, topk: int, num_experts: int, dtype: str, per_node: int) -> None:
+        """``ValueError`` for a shape HybridEP cannot take (a repeat of the last shape found fine is not checked)."""
+        key = (num_tokens, hidden, topk, num_experts, dtype, per_node)
+        if key == self._checked:
+            return
+        shape = Shape(self.world, (num_tokens,), hidden, topk, num_experts, dtype, per_node)
+        problem = shape_problem(shape)
         if problem is not None:
             raise ValueError(f"hybridep: {problem}")
-        routing_map, probs = dense_routing(topk_idx, topk_weights, num_experts)
-        recv_x, recv_probs, _, raw = buffer.dispatch(hidden=x, routing_map=routing_map, probs=probs, num_of_experts=num_experts)
-        num_recv, local = recv_x.size(0), num_experts // world
-        first = (dist.get_rank(self.group) % per_node) * local
-        local_map = raw[4][:num_recv]
-        recv_idx, recv_weights = ascending_topk(local_map, recv_probs[:, first:first + local], topk_idx.size(1))
-        counts = local_map.sum(dim=0).tolist()
-        made = HybridEPHandle(buffer, raw, self.settings, num_tokens, num_recv, num_experts, topk_idx, recv_idx)
-        return recv_x, recv_idx, recv_weights, counts, made, None
+        self._checked = key
 
     def combine(self, x, handle: HybridEPHandle, topk_weights=None, bias=None, config=None, previous_event=None,
                 async_finish=False, allocate_on_comm_stream=False):
@@ -488,18 +549,19 @@ class HybridEPAdapter:
             raise ValueError(f"hybridep combines bf16 rows only, got {x.dtype}")
         apply_environment(handle.settings)
         probs = None
+        columns = handle.columns
         if topk_weights is not None:
-            buffer = handle.buffer
-            per_node, local = ranks_per_node(buffer), handle.num_experts // dist.get_world_size(self.group)
-            first = (dist.get_rank(self.group) % per_node) * local
-            probs = torch.zeros(handle.num_recv, local * per_node, dtype=torch.float32, device=x.device)
+            per_node = ranks_per_node(handle.buffer)
+            probs = torch.zeros(handle.num_recv, columns.padded * per_node, dtype=torch.float32, device=x.device)
             ids = handle.recv_topk_idx
-            probs.scatter_add_(1, torch.where(ids >= 0, ids + first, 0), torch.where(ids >= 0, topk_weights.float(), 0.0))
+            probs.scatter_add_(1, torch.where(ids >= 0, ids + handle.first, 0),
+                               torch.where(ids >= 0, topk_weights.float(), 0.0))
         combined, combined_probs = handle.buffer.combine(hidden=x.contiguous(), probs=probs, handle=handle.raw)
         combined_weights = None
         if combined_probs is not None:
             chosen = handle.topk_idx >= 0
-            combined_weights = torch.where(chosen, combined_probs.gather(1, handle.topk_idx.clamp_min(0)), 0.0)
+            where = columns.column_of(handle.topk_idx.clamp_min(0))
+            combined_weights = torch.where(chosen, combined_probs.gather(1, where), 0.0)
         return combined, combined_weights, None
 
     def destroy(self) -> None:

@@ -20,6 +20,7 @@ from fused_a2a.backends import hybridep
 from fused_a2a.backends.base import Shape
 from fused_a2a.backends.hybridep import HAVE_HYBRIDEP, Settings
 from fused_a2a.tuning.agreement import agreed_comm
+from fused_a2a.tuning.resolve import env_or_default
 
 __all__ = [
     "HAVE_HYBRIDEP", "HybridEPCombine", "HybridEPDispatch", "hybrid_ep_combine", "hybrid_ep_dispatch",
@@ -47,7 +48,9 @@ def init_hybrid_ep_buffer(
     num_sms_preprocessing_api: int | None = None,
 ) -> None:
     """Create the process-wide HybridEP buffer (replacing any earlier one; handles of the earlier one
-    keep it alive). A later call that needs more tokens grows it at run time, at extra cost.
+    keep it alive). A later call that needs more tokens grows it at run time, at extra cost. The
+    routing maps are gathered as the ``enable_custom_allgather`` knob says (``$FUSED_A2A_HYBRIDEP_
+    ENABLE_CUSTOM_ALLGATHER``, else the knob's default: HybridEP's own allgather).
 
     Args:
         group: process group of the HybridEP all-to-all.
@@ -65,6 +68,8 @@ def init_hybrid_ep_buffer(
     kwargs = dict(num_sms_dispatch_api=num_sms_dispatch_api, num_sms_combine_api=num_sms_combine_api,
                   num_blocks_permute=num_blocks_permute, num_blocks_unpermute=num_blocks_unpermute,
                   num_sms_preprocessing_api=num_sms_preprocessing_api)
+    if hybridep.constructor_takes("enable_custom_allgather"):
+        kwargs["enable_custom_allgather"] = env_or_default("hybridep", "enable_custom_allgather")
     hybridep.set_current_buffer(None, None)
     group = torch.distributed.group.WORLD if group is None else group
     buffer = deep_ep.HybridEPBuffer(group=group, hidden_dim=hidden_dim, max_num_of_tokens_per_rank=seq_len,

@@ -12,6 +12,10 @@ in step, so they look at the same call). When those change, every rank that sees
 again, locally, with the token count the group agreed on (no collective: ranks that see different
 changes are not re-agreed).
 
+Each key's choice (backend, knobs, their sources, the table entry) is logged at INFO on the
+``fused_a2a`` logger once, on global rank 0 (again only if a refresh changes it); ``FUSED_A2A_LOG=info``
+shows it without configuring logging (:mod:`fused_a2a.log`).
+
 Call :func:`clear` on every rank of a group or on none (a cleared rank runs the collective again).
 """
 
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from fused_a2a import environment
+from fused_a2a import environment, log
 from fused_a2a.autograd import Comm
 from fused_a2a.backends import BACKENDS, Shape, get_backend
 from fused_a2a.checks import check_experts_divisible
@@ -51,6 +55,8 @@ class Agreed:
         routing: the routing the call declared (``None``: ``$FUSED_A2A_ROUTING`` or ``uniform``).
         watch: the encoded environment variables and table paths whose change invalidates the entry.
         stamp: their values when the entry was resolved.
+        resolved: the knobs, their sources and the table entry the comm was built from.
+        choice: for ``backend="auto"``, how the backend was chosen (``None`` otherwise).
         calls: warm calls since the table files were last looked at (one per entry, mutable).
     """
 
@@ -61,11 +67,14 @@ class Agreed:
     routing: str | None
     watch: tuple
     stamp: tuple
+    resolved: resolution.Resolution | None = None
+    choice: resolution.BackendChoice | None = None
     calls: list = field(default_factory=lambda: [0])
 
 
 _cache: dict[tuple, Agreed] = {}
 _stats = {"hits": 0, "agreements": 0, "refreshes": 0}
+_announced: dict[tuple, str] = {}  # key -> the last line logged for it
 
 
 def cache_stats() -> dict[str, int]:
@@ -77,6 +86,7 @@ def cache_stats() -> dict[str, int]:
 def clear() -> None:
     """Forget every agreed resolution (do it on every rank of a group, or on none)."""
     _cache.clear()
+    _announced.clear()
     for name in _stats:
         _stats[name] = 0
 
@@ -120,7 +130,52 @@ def agreed_comm(
         lookup_tokens, use_table = _agree(key, group, num_tokens, explicit)
         agreed = _resolve(key, lookup_tokens, use_table)
     _cache[key] = agreed
+    _announce(key, agreed)
     return agreed
+
+
+def _announce(key: tuple, agreed: Agreed) -> None:
+    """Log what ``key`` resolved to, on global rank 0, unless that very line was logged for it."""
+    log.configure()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    line = describe(key, agreed)
+    if _announced.get(key) == line:
+        return
+    _announced[key] = line
+    log.logger.info("%s", line)
+
+
+def describe(key: tuple, agreed: Agreed) -> str:
+    """One line: the backend a key runs (and why, for ``auto``), its knobs with their sources, and
+    the table entry they came from."""
+    group, backend, dtype, hidden, topk, num_experts, *_ = key
+    res = agreed.resolved
+    shape = (f"{dtype} hidden {hidden}" + (f" top-{topk}" if topk else "") + (f" {num_experts} experts" if num_experts else "")
+             + f" on {dist.get_world_size(group)} ranks, {res.routing if res else 'uniform'} routing, "
+             f"table looked up for {agreed.lookup_tokens} tokens")
+    name = agreed.backend
+    if agreed.choice is not None:
+        c = agreed.choice
+        why = (f"fastest {c.mode} round trip in the table: " + ", ".join(f"{b} {us:.1f} µs" for b, us in c.costs)
+               if c.mode else "no table entry of an installed backend: torch")
+        name = f"auto -> {agreed.backend} ({why})"
+    if res is None:
+        return f"fused_a2a {name} for {shape}"
+    knobs = "; ".join(f"{k}={_pair(res.dispatch[k], res.combine[k])} ({res.sources[k]})" for k in res.dispatch)
+    if res.entry is not None:
+        e = res.entry
+        entry = (f"table entry {res.table_path}: {e.backend} hidden {e.hidden}, {e.num_tokens} tokens, top-{e.topk}, "
+                 f"{e.num_experts} experts, {e.routing} routing, chosen by {e.selected_by} mode")
+    else:
+        entry = f"no table entry ({res.table_path or 'no tuning table for this cluster'})"
+    if not agreed.use_table:
+        entry = "no table (the ranks read different tables)"
+    return f"fused_a2a {name} for {shape}: {knobs or 'no knobs'}; {entry}"
+
+
+def _pair(dispatch: Any, combine: Any) -> str:
+    return str(dispatch) if dispatch == combine else f"{dispatch}/{combine} (dispatch/combine)"
 
 
 def _files_unchanged(agreed: Agreed) -> bool:
@@ -232,9 +287,11 @@ def _resolve(key: tuple, lookup_tokens: int, use_table: bool) -> Agreed:
     stamp = _stamp(watch)
     shape = dict(world_size=world_size, dtype=dtype, hidden=hidden, num_tokens=lookup_tokens, topk=topk,
                  num_experts=num_experts)
-    name = backend
+    name, choice = backend, None
     if backend == "auto":
-        name = resolution.best_backend(**shape, routing=routing) if use_table else "torch"
-    comm = resolution.tuned_comm(name, **shape, explicit=dict(explicit),
-                                 num_sms_budget=budget, routing=routing, use_table=use_table)
-    return Agreed(name, comm, lookup_tokens, use_table, routing, watch, stamp)
+        choice = (resolution.choose_backend(**shape, routing=routing) if use_table
+                  else resolution.BackendChoice("torch", None, ()))
+        name = choice.backend
+    comm, resolved = resolution.tuned_comm(name, **shape, explicit=dict(explicit),
+                                           num_sms_budget=budget, routing=routing, use_table=use_table)
+    return Agreed(name, comm, lookup_tokens, use_table, routing, watch, stamp, resolved, choice)

@@ -203,6 +203,18 @@ def _parse_env(knob: Knob, name: str) -> Any:
         return _MISSING
 
 
+def env_or_default(backend: str, knob: str) -> Any:
+    """``knob`` of ``backend`` from its ``FUSED_A2A_*`` variable where set and valid (else one warning),
+    else the backend's default: for settings a caller fixes before any shape is known."""
+    spec = BACKENDS[backend].knob(knob)
+    name = env_var(backend, knob)
+    if name in os.environ:
+        value = _parse_env(spec, name)
+        if value is not _MISSING:
+            return value
+    return spec.default
+
+
 def resolve(
     backend: str,
     world_size: int,
@@ -236,7 +248,7 @@ def resolve(
             entries of that routing are preferred, else ``uniform`` ones.
 
     Returns:
-        a :class:`Resolution`; logged at INFO on the ``fused_a2a`` logger once per distinct choice.
+        a :class:`Resolution`; logged at DEBUG on the ``fused_a2a`` logger once per distinct choice.
         An entry measured with another build of the backend library than the installed one is used
         with one :class:`TuningWarning`.
 
@@ -306,8 +318,9 @@ def tuned_comm(
     num_sms_budget: int | None = None,
     routing: str | None = None,
     use_table: bool = True,
-) -> Comm:
-    """The backend's :class:`~fused_a2a.autograd.Comm` with its knobs resolved (:func:`resolve`).
+) -> tuple[Comm, Resolution]:
+    """The backend's :class:`~fused_a2a.autograd.Comm` with its knobs resolved (:func:`resolve`), and
+    the :class:`Resolution` it was built from.
 
     A table entry the installed backend rejects (its ``make_comm`` raises) is dropped with one
     :class:`TuningWarning` and the knobs are resolved again without the table; a rejection of knobs
@@ -316,14 +329,14 @@ def tuned_comm(
     context = dict(explicit=explicit, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget, routing=routing)
     resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context, use_table=use_table)
     try:
-        return make_comm(backend, resolution.dispatch, resolution.combine, world_size)
+        return make_comm(backend, resolution.dispatch, resolution.combine, world_size), resolution
     except (ValueError, RuntimeError) as exc:
-        if "table" not in resolution.sources.values():
+        if not any(source.startswith("table") for source in resolution.sources.values()):
             raise
         warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
                       "using the defaults", TuningWarning, stacklevel=3)
     resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context, use_table=False)
-    return make_comm(backend, resolution.dispatch, resolution.combine, world_size)
+    return make_comm(backend, resolution.dispatch, resolution.combine, world_size), resolution
 
 
 def _budget_from_env() -> int | None:
@@ -354,6 +367,73 @@ def _within_budget(sms: int, source: str, entry: TuningEntry | None, budget: int
     return fitting, "budget"
 
 
+STEP_MODES = ("api", "kernel")  # what `auto` compares backends on, in order of preference
+
+
+def entry_cost(entry: TuningEntry, mode: str) -> float | None:
+    """An entry's dispatch + combine median in timing ``mode`` (µs), ``None`` where it was not recorded.
+
+    A table written before every mode was recorded holds only its selection mode's times (as
+    ``dispatch_us``/``combine_us``): those count for ``entry.selected_by``.
+    """
+    m = entry.measured
+    if f"dispatch_{mode}_us" in m and f"combine_{mode}_us" in m:
+        return m[f"dispatch_{mode}_us"] + m[f"combine_{mode}_us"]
+    if entry.selected_by == mode and "dispatch_us" in m and "combine_us" in m:
+        return m["dispatch_us"] + m["combine_us"]
+    return None
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``backend="auto"`` picked for a call.
+
+    Attributes:
+        backend: the backend that runs.
+        mode: the timing mode the backends were compared on (``None``: no table entry to compare).
+        costs: ``(backend, dispatch + combine µs)`` of every installed backend compared, fastest first.
+    """
+
+    backend: str
+    mode: str | None
+    costs: tuple[tuple[str, float], ...]
+
+
+def choose_backend(
+    world_size: int,
+    dtype: str,
+    hidden: int,
+    num_tokens: int,
+    topk: int | None = None,
+    num_experts: int | None = None,
+    cluster: str | None = None,
+    routing: str | None = None,
+) -> BackendChoice:
+    """The installed backend that this cluster's tuning table measured fastest for a call, on the cost
+    of a training step's call: the ``api`` round trip (dispatch + combine medians).
+
+    Each backend's entry is the one :func:`~fused_a2a.tuning.table.lookup` picks for the call. The
+    backends are compared in the first mode of :data:`STEP_MODES` that every one of their entries
+    recorded (``api``; ``kernel`` when an older table holds kernel times only), so that no backend is
+    ranked by cached kernels against another's full calls. ``torch`` when no installed backend has a
+    timed entry, or there is no usable table. Arguments as in :func:`resolve`.
+    """
+    table, _ = load_cluster_table(cluster or detect_cluster(world_size).id)
+    routing = declared_routing(routing)
+    entries = {}
+    for name, spec in BACKENDS.items():
+        if table is not None and spec.unavailable() is None:
+            entry = lookup(table, name, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, spec.version())
+            if entry is not None:
+                entries[name] = entry
+    for mode in STEP_MODES:
+        costs = {name: entry_cost(entry, mode) for name, entry in entries.items()}
+        if costs and None not in costs.values():
+            ranked = tuple(sorted(((name, cost) for name, cost in costs.items()), key=lambda t: (t[1], t[0])))
+            return BackendChoice(ranked[0][0], mode, ranked)
+    return BackendChoice("torch", None, ())
+
+
 def best_backend(
     world_size: int,
     dtype: str,
@@ -364,27 +444,13 @@ def best_backend(
     cluster: str | None = None,
     routing: str | None = None,
 ) -> str:
-    """The installed backend that this cluster's tuning table measured fastest for a call.
-
-    Each backend's entry is the one :func:`~fused_a2a.tuning.table.lookup` picks for the call; the
-    fastest is the least ``measured["dispatch_us"] + measured["combine_us"]`` (a sweep measures every
-    backend on one grid, so the entries compared share their shape). ``"torch"`` when no installed
-    backend has a timed entry, or there is no usable table. Arguments as in :func:`resolve`.
-    """
-    table, _ = load_cluster_table(cluster or detect_cluster(world_size).id)
-    routing = declared_routing(routing)
-    timed = []
-    for name, spec in BACKENDS.items():
-        entry = None
-        if table is not None and spec.unavailable() is None:
-            entry = lookup(table, name, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, spec.version())
-        if entry is not None and {"dispatch_us", "combine_us"} <= entry.measured.keys() and spec.unavailable() is None:
-            timed.append((entry.measured["dispatch_us"] + entry.measured["combine_us"], name))
-    return min(timed)[1] if timed else "torch"
+    """The name :func:`choose_backend` picks (arguments as there)."""
+    return choose_backend(world_size, dtype, hidden, num_tokens, topk, num_experts, cluster, routing).backend
 
 
 def _log_once(resolution: Resolution, shape: tuple) -> None:
-    """Log ``resolution`` unless one with the same backend, shape, entry and sources was logged.
+    """Log ``resolution`` at DEBUG unless one with the same backend, shape, entry and sources was logged
+    (the calls of a job are logged at INFO once per key, on rank 0, by :mod:`fused_a2a.tuning.agreement`).
 
     The call's token count is left out of the key (it changes every step in dropless MoE); the
     entry it selects is in it.
@@ -395,7 +461,7 @@ def _log_once(resolution: Resolution, shape: tuple) -> None:
         return
     _logged.add(key)
     world_size, dtype, hidden, topk, num_experts = shape
-    logger.info(
+    logger.debug(
         "fused_a2a %s (world_size=%d dtype=%s hidden=%d topk=%s num_experts=%s): dispatch %s, combine %s; "
         "sources %s; table %s; entry %s",
         resolution.backend, world_size, dtype, hidden, topk, num_experts, resolution.dispatch,

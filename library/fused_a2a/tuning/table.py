@@ -2,7 +2,10 @@
 
 A table holds, for one cluster, the best measured knobs of each (backend, world size, dtype, routing,
 backend build, hidden, tokens, top-k, experts) key, and for each key the best time at each SM count
-(the ``frontier``). ``routing`` and ``build`` are optional in a file (``uniform`` and unknown).
+(the ``frontier``). ``routing`` and ``build`` are optional in a file (``uniform`` and unknown), and so
+are ``selected_by`` (``kernel``: tables written before the mode was recorded were chosen by it) and
+``vs_default`` (the chosen config against the backend's default, :class:`VsDefault`; absent in tables
+written before it was recorded).
 Every file is validated on read and before it is written; a problem raises :class:`TuningFileError`
 with one line naming the file and the problem.
 """
@@ -39,6 +42,33 @@ class TuningFileError(ValueError):
 
 
 @dataclass(frozen=True)
+class VsDefault:
+    """The fastest measured config of a key against the backend's default config, both measured in one
+    sweep, round trips (dispatch + combine) in the entry's selection mode.
+
+    Attributes:
+        ratio: the default's median over the fastest config's (> 1: the fastest config is faster).
+        low, high: the ratio's interval from the two configs' spreads: the default's p10 over the
+            fastest config's p90, and the default's p90 over its p10 (``low <= ratio <= high``).
+        kept_default: the fastest config did not beat the default beyond the noise, so the entry holds
+            the default's knobs (the rule: ``a2a_bench.reports.tune``).
+        best_dispatch, best_combine: the fastest config's knobs (whether or not the entry holds them).
+    """
+
+    ratio: float
+    low: float
+    high: float
+    kept_default: bool
+    best_dispatch: dict[str, Any]
+    best_combine: dict[str, Any]
+
+    def to_json(self) -> dict:
+        return {"ratio": self.ratio, "low": self.low, "high": self.high, "kept_default": self.kept_default,
+                "best": {"dispatch": dict(sorted(self.best_dispatch.items())),
+                         "combine": dict(sorted(self.best_combine.items()))}}
+
+
+@dataclass(frozen=True)
 class TuningEntry:
     """The best knobs measured for one key (:data:`KEY_FIELDS`).
 
@@ -57,6 +87,8 @@ class TuningEntry:
         combine: its knobs for combine (the same knob names as ``dispatch``).
         measured: times in microseconds (``*_us``) and bandwidths in GB/s (``*_gbps``) of this choice.
         frontier: ``(num_sms, dispatch_us, combine_us)`` of the best config at each SM count.
+        vs_default: the fastest config against the default (``None``: not recorded, or the sweep did
+            not measure the default).
     """
 
     backend: str
@@ -73,6 +105,7 @@ class TuningEntry:
     routing: str = "uniform"
     build: str | None = None
     selected_by: str = "kernel"
+    vs_default: VsDefault | None = None
 
     @property
     def key(self) -> tuple:
@@ -87,6 +120,7 @@ class TuningEntry:
             "measured": dict(sorted(self.measured.items())),
             "frontier": [list(point) for point in self.frontier],
             "selected_by": self.selected_by,
+            **({"vs_default": self.vs_default.to_json()} if self.vs_default is not None else {}),
         }
 
 
@@ -173,6 +207,25 @@ def _frontier(obj: dict, where: str, source: str) -> tuple[tuple[int, float, flo
     return tuple((point[0], float(point[1]), float(point[2])) for point in points)
 
 
+def _vs_default(obj: dict, where: str, backend: str, source: str) -> VsDefault | None:
+    """``obj["vs_default"]`` validated (``None`` when absent)."""
+    if "vs_default" not in obj:
+        return None
+    where = f"{where}vs_default."
+    data = _field(obj, "vs_default", where[:-len("vs_default.")], _of(dict), "an object", source)
+    ratios = {key: _field(data, key, where, lambda v: _is_number(v) and v > 0, "a positive number", source)
+              for key in ("ratio", "low", "high")}
+    if not ratios["low"] <= ratios["ratio"] <= ratios["high"]:
+        raise TuningFileError(source, f"{where}low <= ratio <= high does not hold: "
+                                      f"{ratios['low']:g}, {ratios['ratio']:g}, {ratios['high']:g}")
+    kept = _field(data, "kept_default", where, _of(bool), "true or false", source)
+    best = _field(data, "best", where, _of(dict), "an object", source)
+    best_dispatch = _knobs(best, "dispatch", f"{where}best.", backend, source)
+    best_combine = _knobs(best, "combine", f"{where}best.", backend, source)
+    return VsDefault(float(ratios["ratio"]), float(ratios["low"]), float(ratios["high"]), kept, best_dispatch,
+                     best_combine)
+
+
 def _entry(obj: Any, i: int, source: str) -> TuningEntry:
     where = f"entries[{i}]."
     if not isinstance(obj, dict):
@@ -213,6 +266,7 @@ def _entry(obj: Any, i: int, source: str) -> TuningEntry:
         combine=combine,
         measured={name: float(value) for name, value in measured.items()},
         frontier=_frontier(obj, where, source),
+        vs_default=_vs_default(obj, where, backend, source),
     )
 
 

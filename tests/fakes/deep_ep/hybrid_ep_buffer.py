@@ -10,7 +10,10 @@ maps, ``all_to_all_single`` of the rows) and returns what the real buffer return
 * ``combine`` sums each token's copies in fp32 and rounds once (per node first when there are several);
   tokens routed nowhere come back as zeros;
 * ``dispatch_with_permute`` / ``combine_with_unpermute``: expert-major rows (within an expert: source rank,
-  then token), zero padding rows per expert, the 11-tuple handle.
+  then token), zero padding rows per expert, the 11-tuple handle;
+* ``runtime`` (the C++ ``hybrid_ep_cpp.HybridEPBuffer`` the Python methods drive): ``metadata_preprocessing``
+  (non-permute: the :class:`HandleImpl` of a plain dispatch) and ``dispatch`` (``hidden``, ``probs``,
+  ``scaling_factor``, ``handle``, ``with_probs`` keywords; returns the rows, probs and scales).
 
 The contract the real library imposes (and what it does when broken) is enforced with the real exception
 types: ``AssertionError`` where its Python asserts, ``RuntimeError`` where its C++ raises (``TORCH_CHECK``,
@@ -62,7 +65,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["HybridEPBuffer", "HybridEpConfigInstance", "LIVE"]
+__all__ = ["HandleImpl", "HybridEPBuffer", "HybridEpConfigInstance", "LIVE"]
 
 LIVE: "weakref.WeakSet[HybridEPBuffer]" = weakref.WeakSet()
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
@@ -149,6 +152,64 @@ def _indices_to_map(topk_idx: torch.Tensor, topk_weights, num_tokens: int, num_e
     return routing_map, torch.zeros(num_tokens, num_experts, dtype=torch.float32).scatter(1, index, topk_weights)
 
 
+class HandleImpl:
+    """``hybrid_ep_cpp.HandleImpl``: the fields of a plain (non-permute) dispatch's metadata."""
+
+    sparse_to_dense_map: torch.Tensor
+    rdma_to_attn_map: torch.Tensor
+    attn_to_rdma_map: torch.Tensor
+    num_dispatched_tokens_tensor: torch.Tensor
+    local_expert_routing_map: torch.Tensor
+    num_of_tokens_per_rank: int
+    config: HybridEpConfigInstance
+
+
+class _Runtime:
+    """The C++ buffer's ``metadata_preprocessing`` / ``dispatch`` (what ``HybridEPBuffer.dispatch`` calls)."""
+
+    def __init__(self, buffer: "HybridEPBuffer") -> None:
+        self._buffer = weakref.ref(buffer)
+
+    def metadata_preprocessing(self, config, routing_map, num_of_tokens_per_rank, num_permuted_tokens=None,
+                               pad_multiple=None, enable_permute=False, fuse_permute_dispatch=False,
+                               non_blocking=False) -> HandleImpl:
+        """Collective: all-gather the routing maps and build a plain dispatch's metadata (the permute
+        variant is not faked: ``dispatch_with_permute`` covers it)."""
+        buffer = self._buffer()
+        buffer.calls.append("runtime.metadata_preprocessing")
+        if enable_permute:
+            raise NotImplementedError("fake HybridEP: runtime.metadata_preprocessing(enable_permute=True) is not faked")
+        problem = None
+        try:
+            _check(routing_map.is_contiguous() and routing_map.dtype == torch.bool, "fake HybridEP: routing_map must be a contiguous bool tensor")
+            _check(num_of_tokens_per_rank > 0, ZERO_TOKENS)
+            buffer._check_routing(config, routing_map, num_of_tokens_per_rank)
+        except Exception as exc:  # noqa: BLE001 - re-raised after the peers heard of it
+            problem = exc
+        buffer._gate(problem, num_of_tokens_per_rank)
+        buffer.last_template_config = config
+        impl = HandleImpl()
+        (impl.sparse_to_dense_map, impl.rdma_to_attn_map, impl.attn_to_rdma_map, impl.num_dispatched_tokens_tensor,
+         impl.local_expert_routing_map) = buffer._preprocess(config, routing_map, num_of_tokens_per_rank, permute=None)
+        impl.num_of_tokens_per_rank, impl.config = num_of_tokens_per_rank, config
+        return impl
+
+    def dispatch(self, *, hidden, probs=None, scaling_factor=None, handle: HandleImpl, with_probs: bool):
+        """Move the rows of a preprocessed dispatch (collective). Returns ``(rows, probs or None, scales or None)``."""
+        buffer = self._buffer()
+        buffer.calls.append("runtime.dispatch")
+        problem = None
+        try:
+            _check(not with_probs or probs is not None, "fake HybridEP: with_probs needs probs")
+            buffer._check_tokens(handle.config, hidden, probs if with_probs else None, scaling_factor,
+                                 handle.num_of_tokens_per_rank)
+        except Exception as exc:  # noqa: BLE001
+            problem = exc
+        buffer._gate(problem, handle.num_of_tokens_per_rank)
+        return buffer._dispatch_rows(handle.config, handle.sparse_to_dense_map, int(handle.num_dispatched_tokens_tensor.item()),
+                                     hidden, probs if with_probs else None, scaling_factor)
+
+
 class HybridEPBuffer:
     """``deep_ep.HybridEPBuffer`` on the CPU over gloo.
 
@@ -227,6 +288,7 @@ class HybridEPBuffer:
             raise RuntimeError("The buffer config is not valid.")
         self.last_template_config: HybridEpConfigInstance | None = None
         self.calls: list[str] = []
+        self.runtime = _Runtime(self)
         dist.monitored_barrier(group=group, timeout=COLLECTIVE_TIMEOUT)
         from . import _record  # the package is fully imported by the time a buffer is built
 
