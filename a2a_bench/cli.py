@@ -26,6 +26,9 @@ from a2a_bench.engine.spec import (
 )
 from fused_a2a.tuning.table import TuningFileError
 
+SHARE_GPU_HELP = ("When ranks outnumber a node's GPUs: mps (the default: an MPS daemon serves them; --nproc starts one "
+                  "when none runs) or timeslice (they take turns: timings marked not comparable).")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
 # a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
@@ -91,14 +94,17 @@ def sweep(
     wide: bool = typer.Option(False, "--wide", help="Print every column of the tables (default: those that fit the terminal)."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks through torchrun's launcher."),
     max_restarts: int = typer.Option(0, help="With --nproc: restarts after a rank dies or a point times out (implies --resume)."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
     from a2a_bench.engine.interrupt import Interrupted
+    from a2a_bench.engine.sharing import launcher_sharing, parse_share_gpu
     from a2a_bench.engine.sweep import (
         claim_run_folder, command_line, finish_local, launch_local, placement_from_env, run_sweep,
     )
     from a2a_bench.reports.tune import default_out_root
 
+    share = parse_share_gpu(share_gpu)
     base = QUICK if quick else SweepSpec()
     if spec is not None:
         base = merge(base, load_spec_file(spec))
@@ -136,7 +142,9 @@ def sweep(
             ranks_argv = _argv_for_ranks(sys.argv[1:], out)
             if max_restarts and "--resume" not in ranks_argv:
                 ranks_argv.append("--resume")
-            code = finish_local(launch_local(nproc, ranks_argv, max_restarts), out, sweep_spec, nproc, argv)
+            with launcher_sharing(nproc, share):
+                status = launch_local(nproc, ranks_argv, max_restarts)
+            code = finish_local(status, out, sweep_spec, nproc, argv)
         finally:
             if lock is not None:
                 lock.release()
@@ -144,7 +152,7 @@ def sweep(
             raise typer.Exit(code)
     else:
         try:
-            run_sweep(sweep_spec, out, resume, argv, extend, wide)
+            run_sweep(sweep_spec, out, resume, argv, extend, wide, share)
         except Interrupted as exc:  # Typer would turn it into a silent exit
             if exc.report is not None:
                 print(f"a2a-bench: {exc.report}", file=sys.stderr, flush=True)
@@ -175,51 +183,71 @@ def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
 @app.command()
 def speedup(
     backends: Optional[str] = typer.Option(None, help="Backends, comma list."),
-    hidden: str = typer.Option("7168", help="Hidden sizes, comma list."),
-    tokens: str = typer.Option("4096", help="Tokens per rank, comma list."),
+    hidden: Optional[str] = typer.Option(None, help="Hidden sizes, comma list (default 7168; with --from-table: all)."),
+    tokens: Optional[str] = typer.Option(None, help="Tokens per rank, comma list (default 4096; with --from-table: all)."),
     topk: str = typer.Option("8", help="Experts per token."),
     experts: str = typer.Option("64", help="Number of experts."),
     dtype: str = typer.Option("bf16", help="Token dtype."),
+    routing: Optional[str] = typer.Option(None, help="Routings the job declares: uniform, zipf:<skew>, hot:<fraction> "
+                                                     "(default uniform; with --from-table: all)."),
+    path: str = typer.Option("api", help="Round trips: api (fused_a2a.dispatch/combine), seed (the seed functions: "
+                                         "fused_dispatch, hybrid_ep_dispatch, ...), or api,seed."),
+    from_table: bool = typer.Option(False, "--from-table", help="One case per entry of this cluster's tuning table "
+                                                                "(as a job finds it), kept by the options above."),
     warmup: int = typer.Option(5, help="Untimed round trips of each config."),
     iters: int = typer.Option(5, help="Timed round trips of each config per block."),
     blocks: int = typer.Option(8, help="Blocks of each config, alternating (>= 2): the ratio's interval is over them."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
-    """Benchmark: the library's tuned knobs vs. the backend's defaults in alternating blocks, same inputs;
-    the ratio with its 95% bootstrap interval, or "same config" / "no measurable difference"."""
-    from a2a_bench.bench.speedup import check_backends, run_speedups, speedup_table
+    """Benchmark: round trips through fused_a2a with the knobs it finds at run time (tuning table) vs. the backend's
+    defaults, in alternating blocks, same inputs; the ratio with its 95% bootstrap interval, or "same config" /
+    "no measurable difference"."""
+    from a2a_bench.bench.speedup import SpeedupRun, parse_paths, speedup_table
 
+    given = {"backends": _opt(backends, parse_words, "--backends"), "hidden": _opt(hidden, parse_ints, "--hidden"),
+             "tokens": _opt(tokens, parse_ints, "--tokens"), "routings": _opt(routing, parse_words, "--routing")}
     spec = merge(SweepSpec(), {
-        "backends": _opt(backends, parse_words, "--backends"), "hidden": parse_ints(hidden, "--hidden"),
-        "tokens": parse_ints(tokens, "--tokens"), "topk": parse_ints(topk, "--topk"),
-        "experts": parse_ints(experts, "--experts"), "dtypes": parse_words(dtype, "--dtype"),
-        "warmup": warmup, "iters": iters,
+        **given, "hidden": given["hidden"] or (7168,), "tokens": given["tokens"] or (4096,),
+        "topk": parse_ints(topk, "--topk"), "experts": parse_ints(experts, "--experts"),
+        "dtypes": parse_words(dtype, "--dtype"), "warmup": warmup, "iters": iters,
     })
     if blocks < 2:
         raise SpecError(f"--blocks must be >= 2, got {blocks}")
-    _run_benchmark("speedup", spec, nproc, check_backends, lambda where: run_speedups(spec, blocks, where.device),
-                   speedup_table)
+    run = SpeedupRun(spec, parse_paths(path), blocks, from_table, given)
+    _run_benchmark("speedup", spec, nproc, lambda checked: run.check(checked, nproc is None or launched_by_torchrun()),
+                   lambda where: run.measure(where.device), speedup_table, share_gpu)
 
 
-def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table) -> None:
+def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table,
+                   share_gpu: Optional[str]) -> None:
     """A benchmark command's body: with ``--nproc`` outside torchrun, check ``spec`` on ``nproc`` ranks
-    and relaunch this command on them; else join the group, ``measure(where)`` the rows and print
-    ``table(rows)`` on rank 0. ``check(spec)`` raises a user error before any group is joined."""
+    and relaunch this command on them (under MPS when they share GPUs, :mod:`a2a_bench.engine.sharing`);
+    else join the group, ``measure(where)`` the rows and print ``table(rows)`` on rank 0.
+    ``check(spec)`` raises a user error before any group is joined."""
+    from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank, launcher_sharing, parse_share_gpu
     from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
 
+    share = parse_share_gpu(share_gpu)
     if nproc is not None and not launched_by_torchrun():
         if nproc < 1:
             raise SpecError(f"--nproc must be >= 1, got {nproc}")
         validate(spec, nproc)
         check(spec)
-        raise typer.Exit(launch_local(nproc, [command, *_without(sys.argv[2:], "--nproc")]))
+        with launcher_sharing(nproc, share):
+            code = launch_local(nproc, [command, *_without(sys.argv[2:], "--nproc")])
+        raise typer.Exit(code)
     where = placement_from_env()
     validate(spec, where.world_size)
     check(spec)
+    sharing = check_rank(share, where.rank)
     with process_group(where):
         rows = measure(where)
     if where.rank == 0:
         make_console().print(table(rows))
+        if sharing is not None and sharing.mode == "timeslice":
+            print(f"a2a-bench: warning: {sharing.describe()} by time slices: every time in the table is {NOT_COMPARABLE}",
+                  file=sys.stderr)
 
 
 def _without(argv: list[str], option: str) -> list[str]:
@@ -246,6 +274,7 @@ def breakdown(
     warmup: int = typer.Option(5, help="Untimed iterations per stage."),
     iters: int = typer.Option(20, help="Timed iterations per stage."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: where the torch backend's api dispatch spends its time, stage by stage, against kernel mode."""
     from a2a_bench.bench.breakdown import measure_breakdown
@@ -260,7 +289,7 @@ def breakdown(
     def measure(where):
         return [measure_breakdown(point.workload, impl, warmup, iters, where.device) for point in expand(spec, where.world_size)]
 
-    _run_benchmark("breakdown", spec, nproc, lambda checked: None, measure, breakdown_table)
+    _run_benchmark("breakdown", spec, nproc, lambda checked: None, measure, breakdown_table, share_gpu)
 
 
 @app.command()
@@ -272,6 +301,7 @@ def overhead(
     experts: int = typer.Option(64, help="Number of experts."),
     iters: int = typer.Option(30, help="Timed batches (50 calls each) per path."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: host time fused_a2a adds per dispatch + combine over calling each backend's buffer directly."""
     from a2a_bench.bench.overhead import measure_overhead
@@ -293,7 +323,7 @@ def overhead(
         return [row for point in expand(spec, where.world_size)
                 for row in measure_overhead(point.backend, point.workload, iters, where.device)]
 
-    _run_benchmark("overhead", spec, nproc, installed, measure, overhead_table)
+    _run_benchmark("overhead", spec, nproc, installed, measure, overhead_table, share_gpu)
 
 
 @app.command()
@@ -306,6 +336,7 @@ def paths(
     warmup: int = typer.Option(5, help="Untimed calls of each path."),
     iters: int = typer.Option(30, help="Timed calls of each path (alternating)."),
     nproc: Optional[int] = typer.Option(None, help="Without torchrun: launch this many local ranks."),
+    share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: per call, each backend's own uncached dispatch/combine, fused_a2a's api, the seed path and
     the cached kernel, side by side with the api/raw and seed/raw ratios."""
@@ -328,7 +359,7 @@ def paths(
         return [measure_paths(point.backend, point.workload, warmup, iters, where.device)
                 for point in expand(spec, where.world_size)]
 
-    _run_benchmark("paths", spec, nproc, installed, measure, paths_table)
+    _run_benchmark("paths", spec, nproc, installed, measure, paths_table, share_gpu)
 
 
 @app.command()
@@ -511,8 +542,8 @@ def env(
     world_size: Optional[int] = typer.Option(None, help="World size for the cluster id (default: GPUs of this node)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Installed backends (version, or why not), GPUs, link topology and cluster id."""
-    from a2a_bench.reports.environment import describe
+    """Installed backends (version, or why not), GPUs, link topology, MPS and cluster id."""
+    from a2a_bench.reports.environment import describe, mps_line
 
     if world_size is not None and world_size < 1:
         raise SpecError(f"--world-size must be >= 1, got {world_size}")
@@ -525,6 +556,7 @@ def env(
     console.print(f"cluster id: [bold]{c['id']}[/bold]  gpu: {c['gpu'] or 'none'}  gpus/node: {c['gpus_per_node']}  "
                   f"nodes: {c['nodes']}  intranode link: {c['intranode_link'] or 'n/a'}  internode: {c['internode'] or 'n/a'}")
     console.print(f"GPUs: {', '.join(info['gpus']) or 'none'}")
+    console.print(mps_line(info["mps"]), markup=False, highlight=False)
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     out = Table(title="backends")
     for column in ("backend", "available", "version or reason"):
@@ -538,14 +570,20 @@ def env(
 def plot(
     run_dir: Path = typer.Argument(..., help="A sweep's run folder (holding results.csv)."),
     out: Optional[Path] = typer.Option(None, help="Folder of the PNGs (default RUN_DIR/plots)."),
+    metric: str = typer.Option("gbps", help="gbps: GB/s against SMs per backend and shape (against tokens without an "
+                                            "SM knob), with the link peak; time: dispatch and combine µs against SMs, "
+                                            "every backend of a shape in one plot, knees marked."),
 ) -> None:
-    """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link peak."""
-    from a2a_bench.reports.plot import plot_run
+    """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link
+    peak; or dispatch and combine time against SMs with each backend's knee (--metric time)."""
+    from a2a_bench.reports.plot import METRICS, plot_run
     from a2a_bench.engine.results import RESULTS_FILE, read_results
 
+    if metric not in METRICS:
+        raise SpecError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     out = out or run_dir / "plots"
     check_out_dir(out)
-    for path in plot_run(read_results(run_dir / RESULTS_FILE), out):
+    for path in plot_run(read_results(run_dir / RESULTS_FILE), out, metric):
         print(path)
 
 
@@ -569,6 +607,26 @@ def compare(
 
     table = compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing, by)
     print_table(make_console(), table, wide, str(run_dir / RESULTS_FILE))
+
+
+@app.command("search-check")
+def search_check(
+    default_run: Path = typer.Argument(..., help="A run folder swept with the default (coordinate) search."),
+    exhaustive_run: Path = typer.Argument(..., help="A run folder swept with --exhaustive over the same knob grid "
+                                                    "(all of the default run's shapes, or some)."),
+    within: float = typer.Option(3.0, help="Tolerance, percent: the search's choice may be this much slower than the "
+                                           "exhaustive best."),
+) -> None:
+    """How many points the default search timed against --exhaustive, and whether its choice is within 3% of the
+    exhaustive best, per backend and shape."""
+    from a2a_bench.reports.search_check import check_search, search_table, summary
+
+    if not within > 0:
+        raise SpecError(f"--within must be a positive percentage, got {within:g}")
+    checks = check_search(default_run, exhaustive_run)
+    console = make_console()
+    console.print(search_table(checks, within / 100))
+    console.print(summary(checks, within / 100), markup=False, highlight=False)
 
 
 @app.command()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from a2a_bench.engine.workload import WorkloadSpec
 from fused_a2a.backends.optional import OptionalModule
 from fused_a2a.teardown import free_all_buffers
+from nvlink_check_off import ranks_share_gpus, skip_nvlink_pair_check
 from ranks import under_torchrun
 from reference import Case
 
@@ -34,9 +35,7 @@ def gpu_ready() -> bool:
     return torch.cuda.is_available() and under_torchrun()
 
 
-def shares_gpus() -> bool:
-    """This node runs more test processes than it has GPUs."""
-    return torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+shares_gpus = ranks_share_gpus  # this node runs more test processes than it has GPUs
 
 
 def gpu_group():
@@ -55,18 +54,8 @@ def gpu_group():
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-        _skip_nvlink_pair_check()
+        skip_nvlink_pair_check()
     yield device
     free_all_buffers()
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _skip_nvlink_pair_check() -> None:
-    """Test-only: make DeepEP's NVLink-pair check a no-op (see :func:`gpu_group`)."""
-    try:
-        import deep_ep.buffer
-    except Exception:  # no deep_ep, or a build without that module: nothing to skip
-        return
-    if hasattr(deep_ep.buffer, "check_nvlink_connections"):
-        deep_ep.buffer.check_nvlink_connections = lambda *args, **kwargs: None

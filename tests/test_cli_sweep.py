@@ -181,11 +181,11 @@ def test_speedup_compares_tuned_with_default_or_says_same_config(run_dir: Path, 
                      "--dtype", "bf16,fp32", "--warmup", "1", "--iters", "2", "--blocks", "4",
                      env={"FUSED_A2A_TUNING_DIR": str(tables)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+    rows = {line.split("│")[3].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
             for line in proc.stdout.splitlines() if " h512 n64 k2 e8 " in line}
-    tuned = rows["bf16 h512 n64 k2 e8"]
-    assert tuned[2] == "impl=p2p | impl=p2p" and tuned[3] == "table"
-    assert re.fullmatch(r"(no measurable difference|\d+\.\d\dx) \(\d+\.\d\d–\d+\.\d\d\)", tuned[6]), tuned[6]
-    default = rows["fp32 h512 n64 k2 e8"]
-    assert default[2] == "impl=all_to_all | impl=all_to_all" and default[3] == "default"
-    assert default[5] == "= tuned" and default[6] == "same config"
+    tuned = rows["bf16 h512 n64 k2 e8 uniform"]
+    assert tuned[1] == "api" and tuned[3] == "impl=p2p | impl=p2p" and tuned[4] == "table"
+    assert re.fullmatch(r"(no measurable difference|\d+\.\d\dx) \(\d+\.\d\d–\d+\.\d\d\)", tuned[7]), tuned[7]
+    default = rows["fp32 h512 n64 k2 e8 uniform"]
+    assert default[3] == "impl=all_to_all | impl=all_to_all" and default[4] == "default"
+    assert default[6] == "= tuned" and default[7] == "same config"

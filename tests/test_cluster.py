@@ -1,12 +1,18 @@
-"""The cluster fingerprint: ids, the ``nvidia-smi topo -m`` parser, and detection with and without CUDA."""
+"""The cluster fingerprint: ids, the ``nvidia-smi topo -m`` parser, and detection with and without CUDA,
+ranks that share a GPU (under MPS or time-sliced) included."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from fused_a2a import mps
 from fused_a2a.cluster import ClusterInfo, cluster_id, detect_cluster, parse_topo_link
 
 TOPO_NV18 = (
@@ -56,6 +62,19 @@ def pcie_topo(link: str) -> str:
 )
 def test_cluster_id(gpu, per_node, nodes, link, expected) -> None:
     assert cluster_id(gpu, per_node, nodes, link) == expected
+
+
+@pytest.mark.parametrize(
+    "gpu, per_node, link, per_gpu, sharing, expected",
+    [
+        ("NVIDIA H200", 1, None, 2, "mps", "h200-x1-mps2"),
+        ("NVIDIA H200", 1, None, 2, "timeslice", "h200-x1-ts2"),
+        ("NVIDIA H100 80GB HBM3", 2, "NV18", 4, "mps", "h100-x2-nv18-mps4"),
+        ("NVIDIA H200", 1, None, 1, None, "h200-x1"),
+    ],
+)
+def test_cluster_id_says_how_ranks_share_a_gpu(gpu, per_node, link, per_gpu, sharing, expected) -> None:
+    assert cluster_id(gpu, per_node, 1, link, per_gpu, sharing) == expected
 
 
 def test_topo_nvlink() -> None:
@@ -129,6 +148,8 @@ def test_detect_on_gpus(fresh) -> None:
         "nodes": 1,
         "intranode_link": "NV18",
         "internode": None,
+        "ranks_per_gpu": 1,
+        "gpu_sharing": None,
     }
 
 
@@ -159,7 +180,75 @@ def test_detection_is_cached(fresh) -> None:
     assert detect_cluster(3) is first
 
 
-def test_ranks_sharing_a_gpu_do_not_make_more_gpus(fresh) -> None:
+@pytest.fixture
+def daemon(tmp_path, fresh):
+    """A live process whose pid is in an MPS pipe folder's pid file, as the control daemon leaves it;
+    ``$CUDA_MPS_PIPE_DIRECTORY`` names that folder."""
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (pipe / mps.PID_FILE).write_text(f"{proc.pid}\n")
+    fresh.setenv(mps.PIPE_DIR_ENV, str(pipe))
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_ranks_sharing_a_gpu_without_mps_time_slice_it(fresh, tmp_path) -> None:
     fake_cuda(fresh, "NVIDIA H100 80GB HBM3", 1, None)
     fresh.setenv("LOCAL_WORLD_SIZE", "2")
-    assert detect_cluster(2) == ClusterInfo("h100-x1", "NVIDIA H100 80GB HBM3", 1, 1, None, None)
+    fresh.setenv(mps.PIPE_DIR_ENV, str(tmp_path))  # no daemon there
+    assert detect_cluster(2) == ClusterInfo("h100-x1-ts2", "NVIDIA H100 80GB HBM3", 1, 1, None, None, 2, "timeslice")
+
+
+def test_ranks_sharing_a_gpu_under_a_running_mps_daemon(daemon, fresh) -> None:
+    fake_cuda(fresh, "NVIDIA H200", 1, None)
+    fresh.setenv("LOCAL_WORLD_SIZE", "2")
+    assert detect_cluster(2) == ClusterInfo("h200-x1-mps2", "NVIDIA H200", 1, 1, None, None, 2, "mps")
+    assert detect_cluster(2).to_json()["gpu_sharing"] == "mps"
+
+
+def test_a_gpu_per_rank_is_not_sharing_even_with_a_daemon(daemon, fresh) -> None:
+    fake_cuda(fresh, "NVIDIA H200", 2, TOPO_NV18)
+    fresh.setenv("LOCAL_WORLD_SIZE", "2")
+    assert detect_cluster(2) == ClusterInfo("h200-x2-nv18", "NVIDIA H200", 2, 1, "NV18", None)
+
+
+def test_three_ranks_on_two_gpus_put_two_on_one(daemon, fresh) -> None:
+    fake_cuda(fresh, "NVIDIA H200", 2, TOPO_NV18)
+    fresh.setenv("LOCAL_WORLD_SIZE", "3")
+    assert detect_cluster(3).id == "h200-x2-nv18-mps2"
+
+
+def test_a_stale_pid_file_is_no_daemon(fresh, tmp_path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / mps.PID_FILE).write_text(gone.stdout)
+    fresh.setenv(mps.PIPE_DIR_ENV, str(tmp_path))
+    assert mps.daemon_pid() is None
+    for junk in ("", "not a pid", "-5", "0", "\xff\xfe"):
+        (tmp_path / mps.PID_FILE).write_text(junk, encoding="latin-1")
+        assert mps.daemon_pid() is None
+    (tmp_path / mps.PID_FILE).unlink()
+    (tmp_path / mps.PID_FILE).mkdir()  # unreadable as a file
+    assert mps.daemon_pid() is None
+    assert mps.daemon_pid(tmp_path / "missing") is None
+
+
+def test_the_default_pipe_folder_is_cudas(fresh) -> None:
+    fresh.delenv(mps.PIPE_DIR_ENV, raising=False)
+    assert mps.pipe_dir() == Path("/tmp/nvidia-mps")
+    fresh.setenv(mps.PIPE_DIR_ENV, "")
+    assert mps.pipe_dir() == Path("/tmp/nvidia-mps")
+
+
+def test_a_zombie_daemon_is_gone(fresh, tmp_path) -> None:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reads process states from /proc")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().split(")")[1].split()[0] != "Z":  # exited, not waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not mps.process_exists(child.pid)
+    child.wait()
+    assert mps.process_exists(os.getpid())

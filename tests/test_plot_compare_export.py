@@ -13,7 +13,7 @@ from cli_runs import assert_one_line_error, run_cli
 from a2a_bench.reports.compare import compare_rows, compare_table, shape_rows
 from a2a_bench.reports.fit import rich_table
 from a2a_bench.reports.export import env_lines, find_entry, render, sglang_config
-from a2a_bench.reports.plot import plot_run, sms_series, tokens_series
+from a2a_bench.reports.plot import _time_figure, plot_run, sms_series, time_series, tokens_series
 from a2a_bench.engine.results import COLUMNS, ResultsError, append_row, read_results
 from fused_a2a.tuning import resolve as resolve_mod
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, write_table
@@ -30,7 +30,7 @@ def row(backend: str, knobs: dict, disp_us: float, comb_us: float, hidden: int =
         "point_id": f"{backend}-{json.dumps(knobs, sort_keys=True)}-{hidden}-{num_tokens}", "status": status,
         "verified": status == "ok", "backend": backend, "knobs": json.dumps(knobs, sort_keys=True),
         "is_default": is_default, "num_sms": knobs.get("num_sms", ""), "world_size": 2, "cluster": CLUSTER["id"],
-        "dtype": "bf16", "hidden": hidden, "num_tokens": num_tokens, "topk": 8, "num_experts": 64,
+        "gpu_sharing": "none", "ranks_per_gpu": 1, "comparable": True, "dtype": "bf16", "hidden": hidden, "num_tokens": num_tokens, "topk": 8, "num_experts": 64,
         "routing": "uniform", "skew": 1.0, "seed": 0, "inputs_hash": "abc", "recv_tokens": num_tokens,
         "link_peak_gbps": 40.0, "warmup": 1, "iters": 3, "timestamp": "2026-11-24T22:00:00Z",
     }
@@ -134,6 +134,39 @@ def test_plot_rejects_results_without_ok_rows(monkeypatch, capsys, tmp_path: Pat
     code, _, err = run_cli(monkeypatch, capsys, "plot", str(tmp_path))
     assert_one_line_error(code, err, "no 'ok' rows to plot")
     assert not (tmp_path / "plots").exists()
+
+
+def test_plot_time_puts_every_backend_of_a_shape_in_one_figure_with_its_knee(results, tmp_path: Path) -> None:
+    paths = plot_run(results, tmp_path / "plots", metric="time")
+    assert [p.name for p in paths] == ["w2_bf16_h4096_t1024_k8_e64_uniform_time.png"]  # the torch-only shapes: none
+    assert paths[0].read_bytes()[:8] == PNG_MAGIC and paths[0].stat().st_size > 10_000
+    deepep = results[(results["backend"] == "deepep") & (results["status"] == "ok")]
+    times = time_series(deepep)
+    assert list(times.index) == [16, 20, 32]
+    assert times.loc[16, "dispatch_kernel_us_median"] == 200.0 and times.loc[16, "combine_kernel_us_median"] == 260.0
+    shape = results[(results["hidden"] == 4096) & (results["status"] == "ok")]
+    figure = _time_figure({"world_size": 2, "dtype": "bf16", "hidden": 4096, "num_tokens": 1024, "topk": 8,
+                           "num_experts": 64, "routing": "uniform", "skew": 1.0}, shape)
+    dispatch, combine = figure.axes
+    labels = [line.get_label() for line in dispatch.get_lines() if not line.get_label().startswith("_")]
+    # 32 SMs: 220 µs; 16 SMs: 460 µs, not within 5% of it; the default (20 SMs, 900 µs) marked apart
+    assert labels == ["deepep", "deepep knee: 32 SMs", "deepep default", "torch (no SM knob)"]
+    assert [line.get_label() for line in combine.get_lines() if not line.get_label().startswith("_")] == labels
+    assert figure.texts[0].get_text().startswith("test-export-x2: hidden 4096, 1024 tokens/rank")
+
+
+def test_plot_time_cli_and_its_bad_inputs(monkeypatch, capsys, run_dir: Path, tmp_path: Path) -> None:
+    code, out, err = run_cli(monkeypatch, capsys, "plot", str(run_dir), "--metric", "time")
+    assert code == 0, err
+    assert [Path(p).name for p in out.split()] == ["w2_bf16_h4096_t1024_k8_e64_uniform_time.png"]
+    code, _, err = run_cli(monkeypatch, capsys, "plot", str(run_dir), "--metric", "speed", "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "--metric must be one of gbps, time, got 'speed'")
+    torch_only = tmp_path / "torch"
+    torch_only.mkdir()
+    append_row(torch_only / "results.csv", row("torch", {"impl": "p2p"}, 10.0, 10.0))
+    code, _, err = run_cli(monkeypatch, capsys, "plot", str(torch_only), "--metric", "time")
+    assert_one_line_error(code, err, "no 'ok' rows with an SM count (num_sms) to plot time against")
+    assert not (tmp_path / "x").exists() and not (torch_only / "plots").exists()
 
 
 # ---------------------------------------------------------------- compare

@@ -120,3 +120,31 @@ def test_install_backends_needs_a_cuda_torch_or_a_gpu() -> None:
         "install_backends.sh: error: this torch has no CUDA (torch.version.cuda is None): install a CUDA build of torch, or pass --cuda",
         "install_backends.sh: error: nvidia-smi reports no GPU: pass --arch (9.0 for H100/H200, 10.0 for B200)",
     )
+
+
+def test_gpu_checks_parses_and_refuses_an_unknown_stage(tmp_path: Path) -> None:
+    assert run("-n", str(SCRIPTS / "gpu_checks.sh")).returncode == 0
+    proc = run(str(SCRIPTS / "gpu_checks.sh"), str(tmp_path / "out"), "bogus")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "unknown stage bogus (tests1, tests2, compat, bench, sweep, mps)"
+
+
+def test_the_mps_table_spec_is_the_issues_grid_and_stays_lean() -> None:
+    from a2a_bench.engine.search import groups, search_size
+    from a2a_bench.engine.spec import SweepSpec, expand, knob_grid, load_spec_file, merge, validate
+    from fused_a2a.backends import get_backend
+
+    spec = merge(SweepSpec(), load_spec_file(SCRIPTS / "mps_table.toml"))
+    validate(spec, 2)
+    assert spec.backends == ("deepep", "hybridep", "uccl") and spec.dtypes == ("bf16",)
+    assert spec.hidden == (2048, 4096, 7168) and spec.tokens == (128, 512, 2048, 4096, 8192)
+    assert spec.routings == ("uniform", "zipf:1.2") and (spec.topk, spec.experts) == ((8,), (64,))
+    assert (spec.warmup, spec.iters, spec.exhaustive) == (5, 20, False)  # the DESIGN's timing rule, default search
+    for backend in spec.backends:  # each backend's default SM count is measured, within 8-64
+        grid = knob_grid(spec, backend)
+        sms = grid[get_backend(backend).sms_knobs[0]]
+        assert min(sms) == 8 and max(sms) <= 64 and get_backend(backend).defaults()[get_backend(backend).sms_knobs[0]] in sms
+    all_groups = groups(expand(spec, 2))
+    assert len(all_groups) == 90
+    bound = sum(search_size(g, get_backend(g[0].backend).sms_knobs[0]) for g in all_groups)
+    assert bound == 870  # README, "A table measured on one GPU": the cost estimate counts these

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-import fused_a2a
 from a2a_bench.bench.direct import DirectCalls, direct_calls
+from a2a_bench.bench.round_trips import round_trips
 from a2a_bench.engine.measure import Stats, slowest, summarize
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
 from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
@@ -146,36 +146,6 @@ def _current(backend: str, group) -> Any:
     return torch_a2a.get_torch_buffer(group)
 
 
-def _paths(backend: str, x, idx, weights, num_experts: int, group) -> dict[str, Callable[[], Any]]:
-    """The round trips to time: the backend-neutral one, and the seed functions' where they exist
-    (HybridEP's with the routing map and probabilities its callers build)."""
-    def api():
-        out = fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)
-        return fused_a2a.combine(out[0], out[4])
-
-    paths = {"api": api}
-    if backend == "hybridep":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
-        num_local = num_experts // dist.get_world_size(group)
-
-        def hybridep_seed():
-            out = fused_a2a.hybrid_ep_dispatch(x, routing_map, probs, group, num_local)
-            return fused_a2a.hybrid_ep_combine(out[0], out[4])
-
-        paths["seed"] = hybridep_seed
-    seed = {"deepep": (fused_a2a.fused_dispatch, fused_a2a.fused_combine),
-            "uccl": (fused_a2a.uccl_fused_dispatch, fused_a2a.uccl_fused_combine)}.get(backend)
-    if seed is not None:
-        dispatch_fn, combine_fn = seed
-
-        def seed_round_trip():
-            out = dispatch_fn(x, idx, weights, num_experts, group)
-            return combine_fn(out[0], group, out[4])
-
-        paths["seed"] = seed_round_trip
-    return paths
-
-
 def _round_trips(calls: DirectCalls, tokens) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """The direct round trip of ``calls`` on ``tokens``, and the same with each call in a bare
     autograd ``apply``."""
@@ -212,7 +182,7 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     # no grad first: an autograd Function marks the tensors its forward returns, so once a grad path
     # has run, the replayed answers require grad and a no-grad combine would record a graph node
     paths = {(path, grad): run for grad, tokens in ((False, x), (True, trained))
-             for path, run in _paths(backend, tokens, idx, weights, workload.num_experts, group).items()}
+             for path, run in round_trips(backend, tokens, idx, weights, workload.num_experts, group).items()}
     for run in paths.values():
         run()  # agree on the knobs
     comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,

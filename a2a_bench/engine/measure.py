@@ -174,14 +174,18 @@ def link_peak_gbps(device: torch.device, group=None, num_bytes: int = 1 << 30) -
     """The link's peak, measured once: the median of 10 large copies to a peer.
 
     On CUDA with two or more visible GPUs: a device-to-device copy of ``num_bytes`` from this GPU
-    to the next one (the copy engine over NVLink/PCIe). On CPU: a gloo send of 64 MiB from rank 0 to
-    rank 1. Every rank returns the same number; 0.0 on a single CPU rank. Collective.
+    to the next one (the copy engine over NVLink/PCIe); ranks that share GPUs (their group is gloo's)
+    the same, within the GPU when the node has one (their tokens move through its memory). On CPU: a
+    gloo send of 64 MiB from rank 0 to rank 1. Every rank returns the same number; 0.0 on a single
+    CPU rank. Collective.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     times = torch.zeros(10, dtype=torch.float64)
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and dist.get_backend(group) == "nccl":
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    sharing = world > 1 and dist.get_backend(group) == "gloo"
+    if device.type == "cuda" and (gpus > 1 and dist.get_backend(group) == "nccl" or sharing):
         if rank == 0:
-            peer = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
+            peer = torch.device("cuda", (device.index + 1) % gpus)
             src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
             dst = torch.empty(num_bytes, dtype=torch.uint8, device=peer)
             dst.copy_(src)

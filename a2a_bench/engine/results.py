@@ -26,7 +26,8 @@ _TIMED = [f"{op}_{mode}_us_{stat}" for mode in MODES for op in ("dispatch", "com
 
 COLUMNS = [
     "point_id", "status", "verified", "backend", "knobs", "is_default", "num_sms", "world_size", "cluster",
-    "build", "torch", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew", "seed",
+    "gpu_sharing", "ranks_per_gpu", "comparable", "build", "torch", "dtype", "hidden", "num_tokens", "topk",
+    "num_experts", "routing", "skew", "seed",
     "inputs_hash", "recv_tokens", "recv_tokens_max", "imbalance_rank", "expert_tokens_mean", "expert_tokens_max",
     "imbalance_expert", "compile_s", "graph_status", *_TIMED,
     "dispatch_algbw_gbps", "dispatch_xbw_gbps", "combine_algbw_gbps", "combine_xbw_gbps",
@@ -108,6 +109,19 @@ def check_header(path: Path) -> None:
         raise ResultsError(f"{path} has unexpected columns (not written by this version of a2a-bench)")
 
 
+def refuse_incomparable(results: pd.DataFrame, source: Path) -> None:
+    """Raise ``ResultsError`` when rows of ``results`` (read from ``source``) were timed while ranks
+    time-sliced a GPU (``comparable`` false, ``--share-gpu timeslice``): their times say nothing about
+    the knobs, so nothing may be chosen from them."""
+    if "comparable" not in results.columns:
+        return
+    bad = results[results["comparable"].astype(str).str.lower() == "false"]
+    if len(bad):
+        raise ResultsError(f"{source}: {len(bad)} of {len(results)} rows were timed with ranks time-slicing a GPU "
+                           "(--share-gpu timeslice): their times are not comparable, so there is nothing to choose "
+                           "from; sweep again with --share-gpu mps")
+
+
 def read_text(path: Path) -> str:
     """The UTF-8 text of ``path``; ``ResultsError`` naming the file when it cannot be read."""
     try:
@@ -118,8 +132,8 @@ def read_text(path: Path) -> str:
         raise ResultsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-_INT_COLUMNS = ("world_size", "hidden", "num_tokens", "topk", "num_experts", "seed", "warmup", "iters")
-_BOOL_COLUMNS = ("verified", "is_default")
+_INT_COLUMNS = ("world_size", "ranks_per_gpu", "hidden", "num_tokens", "topk", "num_experts", "seed", "warmup", "iters")
+_BOOL_COLUMNS = ("verified", "is_default", "comparable")
 
 
 def column_kind(name: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from a2a_bench.engine.measure import (
 from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.seedpath import seed_path
 from a2a_bench.engine.spec import Point
-from a2a_bench.engine.verify import verify
+from a2a_bench.engine.verify import RoundTrip, reference_round_trip, verify
 from a2a_bench.engine.workload import dispatch_input, make_inputs
 from fused_a2a.backends import Shape, get_backend, make_comm
 from fused_a2a.backends.torch_a2a import get_torch_buffer
@@ -47,6 +47,10 @@ class RunContext:
         group: the process group (``None``: the default one).
         on_phase: called with each phase's name as the point reaches it (watchdog, progress).
         ranks_per_node: ranks of one node (the limits of HybridEP depend on it).
+        gpu_sharing: how ranks share a GPU (``"mps"``, ``"timeslice"``; ``None``: they do not).
+        ranks_per_gpu: the most ranks on one GPU.
+        prepared: the last workload's :class:`Prepared` inputs (points of one workload follow each
+            other: every knob setting reuses them; a sweep's contexts share it).
     """
 
     device: torch.device
@@ -57,6 +61,47 @@ class RunContext:
     group: Any = None
     on_phase: Callable[[str], None] = lambda name: None
     ranks_per_node: int | None = None
+    gpu_sharing: str | None = None
+    ranks_per_gpu: int = 1
+    prepared: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """One workload's inputs on this rank's device, made once for all its knob settings.
+
+    Attributes:
+        key: ``(workload, rank, device)`` they were made for.
+        x: the dispatch input (tokens, or an FP8 pair), topk_idx, weights: as :func:`make_inputs`.
+        inputs_hash: the hash of every rank's inputs.
+        reference: the torch reference's round trip (:func:`reference_round_trip`), once computed.
+    """
+
+    key: tuple
+    x: Any
+    topk_idx: torch.Tensor
+    weights: torch.Tensor
+    inputs_hash: str
+    reference: RoundTrip | None = None
+
+
+def prepare(point: Point, ctx: RunContext) -> Prepared:
+    """The inputs of ``point``'s workload on this rank: those of the previous point when it had the
+    same workload, else made (seeded), moved to the device and hashed over the group. Collective
+    when made (every rank of a sweep runs the same points in the same order, so all make them or none)."""
+    w, rank = point.workload, dist.get_rank(ctx.group)
+    key = (w, rank, ctx.device)
+    last = ctx.prepared.get("last")
+    if last is not None and last.key == key:
+        return last
+    ctx.prepared.clear()
+    inputs = make_inputs(w, rank)
+    x, topk_idx, weights = (t.to(ctx.device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    digests: list[str | None] = [None] * point.world_size
+    dist.all_gather_object(digests, inputs.digest(), group=ctx.group)
+    inputs_hash = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+    ctx.prepared["last"] = Prepared(key, dispatch_input(w, x), topk_idx, weights, inputs_hash)
+    return ctx.prepared["last"]
 
 
 def routing_key(routing: str, skew: float) -> str:
@@ -73,8 +118,9 @@ def base_row(point: Point, ctx: RunContext) -> dict[str, Any]:
     return {
         "point_id": point.point_id, "backend": point.backend, "knobs": json.dumps(knobs, sort_keys=True),
         "is_default": knobs == backend.defaults(), "num_sms": "" if sms is None else sms,
-        "world_size": point.world_size, "cluster": ctx.cluster, "dtype": w.dtype, "hidden": w.hidden,
-        "num_tokens": w.num_tokens, "topk": w.topk, "num_experts": w.num_experts, "routing": w.routing,
+        "world_size": point.world_size, "cluster": ctx.cluster, "gpu_sharing": ctx.gpu_sharing or "none",
+        "ranks_per_gpu": ctx.ranks_per_gpu, "comparable": ctx.gpu_sharing != "timeslice", "dtype": w.dtype,
+        "hidden": w.hidden, "num_tokens": w.num_tokens, "topk": w.topk, "num_experts": w.num_experts, "routing": w.routing,
         "skew": w.skew, "seed": w.seed, "warmup": ctx.warmup, "iters": ctx.iters, "verified": False,
         "build": backend.version() or "", "torch": get_backend("torch").version(),
         "link_peak_gbps": round(ctx.link_peak_gbps, 1),
@@ -106,12 +152,9 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     w, group, device = point.workload, ctx.group, ctx.device
     rank = dist.get_rank(group)
     ctx.on_phase("inputs")
-    inputs = make_inputs(w, rank)
-    x, topk_idx, weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
-    x = dispatch_input(w, x)
-    digests: list[str | None] = [None] * point.world_size
-    dist.all_gather_object(digests, inputs.digest(), group=group)
-    row["inputs_hash"] = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+    prepared = prepare(point, ctx)
+    x, topk_idx, weights = prepared.x, prepared.topk_idx, prepared.weights
+    row["inputs_hash"] = prepared.inputs_hash
 
     ctx.on_phase("compile")
     started = time.perf_counter()
@@ -122,7 +165,10 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
     row["compile_s"] = round(time.perf_counter() - started, 3)
 
     ctx.on_phase("verify")
-    problem = verify(point.backend, point.knob_dict, x, topk_idx, weights, w.num_experts, w.seed, group)
+    if prepared.reference is None:
+        prepared.reference = reference_round_trip(x, topk_idx, weights, w.num_experts, w.seed, group)
+    problem = verify(point.backend, point.knob_dict, x, topk_idx, weights, w.num_experts, w.seed, group,
+                     prepared.reference)
     if problem is not None:
         return {**row, "status": f"error: verification failed: {problem}"}
     row["verified"] = True

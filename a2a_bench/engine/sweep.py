@@ -36,6 +36,7 @@ from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, Invocation, RunInfo
 from a2a_bench.engine.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.engine.runner import RunContext, base_row, run_point
 from a2a_bench.engine.search import coordinate_search, groups, search_size
+from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank
 from a2a_bench.engine.spec import Point, SpecError, SweepSpec, expand, validate
 from a2a_bench.engine.watchdog import Watchdog
 from fused_a2a.backends import get_backend
@@ -101,15 +102,16 @@ def init_group(where: Placement) -> None:
 
 
 def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], extend: bool = False,
-              wide: bool = False) -> Path:
+              wide: bool = False, share_gpu: str | None = None) -> Path:
     """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path.
 
     User errors raise ``SpecError``/``ResultsError`` before the process group is joined and before
-    anything is written: the spec on every rank; on rank 0 the run folder (writable, not locked by a
-    live sweep, and on ``--resume`` holding this tool's files of this cluster, of the same timing
-    settings and, unless ``extend``, the same grid). Rank 0 holds the folder's lock for the sweep
-    (unless its parent, ``a2a-bench --nproc``, holds it). Buffers are freed before the process group
-    is destroyed, also on an exception, Ctrl-C or SIGTERM.
+    anything is written: the spec and how ranks share GPUs (``share_gpu``: ``--share-gpu``,
+    :func:`a2a_bench.engine.sharing.check_rank`) on every rank; on rank 0 the run folder (writable,
+    not locked by a live sweep, and on ``--resume`` holding this tool's files of this cluster, of the
+    same timing settings and, unless ``extend``, the same grid). Rank 0 holds the folder's lock for
+    the sweep (unless its parent, ``a2a-bench --nproc``, holds it). Buffers are freed before the
+    process group is destroyed, also on an exception, Ctrl-C or SIGTERM.
 
     A process outside torchrun runs alone (1 rank): it says so in one warning line.
 
@@ -121,6 +123,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], ext
     """
     where = placement_from_env()
     validate(spec, where.world_size)
+    check_rank(share_gpu, where.rank)
     points = expand(spec, where.world_size)
     lock = (claim_run_folder(out_dir, resume, argv, detect_cluster(where.world_size).id, spec, extend)
             if where.rank == 0 else None)
@@ -279,7 +282,8 @@ def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[s
     known, attempts, given_up = plan[0]
     peak = link_peak_gbps(where.device)
     ctx = RunContext(where.device, cluster.id, peak, spec.warmup, spec.iters,
-                     ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)))
+                     ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", where.world_size)),
+                     gpu_sharing=cluster.gpu_sharing, ranks_per_gpu=cluster.ranks_per_gpu)
     done_before = {point.point_id for point in points if point.point_id in known}
     if where.rank == 0:
         write_run_info(folder.path / RUN_FILE, _run_info(folder, spec, cluster, where, argv, points, len(done_before),
@@ -342,7 +346,7 @@ def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[s
                 if not live:
                     console.print(point_line(len(visited), total, point, row), markup=False, highlight=False)
             progress.advance(task)
-            known[point.point_id] = _cost(row)
+            known[point.point_id] = search_cost(row)
             return known[point.point_id]
 
         for group in point_groups:
@@ -360,6 +364,10 @@ def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[s
                       f"link peak {peak:.1f} GB/s; results in {folder.results}, tables in {folder.path / SUMMARY_FILE}",
                       markup=False, highlight=False)
         print_summary(read_results(folder.results), folder.path, wide)
+        if cluster.gpu_sharing == "timeslice":
+            console.print(f"warning: {cluster.ranks_per_gpu} ranks time-sliced each GPU (--share-gpu timeslice): every "
+                          f"time of this run is {NOT_COMPARABLE} (results column comparable=False); tune refuses it",
+                          markup=False, highlight=False)
 
 
 def print_summary(results: pd.DataFrame, out_dir: Path, wide: bool) -> None:
@@ -400,7 +408,7 @@ def _sms_knob(group: list[Point]) -> str | None:
     return knobs[0] if knobs else None
 
 
-def _cost(row) -> float:
+def search_cost(row) -> float:
     """What the search ranks a point by: its dispatch + combine api median (µs; the kernel median where
     api was not timed); infinite for a point that is not ``ok``."""
     if row.get("status") != "ok":
@@ -415,7 +423,7 @@ def _cost(row) -> float:
 def _plan(folder: RunFolder, points: list[Point]):
     """Rank 0's plan: the cost of each point with a row, attempt numbers, and the points given up
     (a point left in flight by an interrupt keeps its attempt number)."""
-    known = {str(r["point_id"]): _cost(r) for r in folder.rows()}
+    known = {str(r["point_id"]): search_cost(r) for r in folder.rows()}
     left = folder.in_flight()
     attempts, given_up = {}, []
     if left is not None and left.point_id not in known:
@@ -432,7 +440,8 @@ def _plan(folder: RunFolder, points: list[Point]):
 def _measure(point: Point, ctx: RunContext) -> dict:
     """Run one point; any rank's exception becomes the point's ``error`` status on every rank.
 
-    After an error, every backend buffer is freed, so the next point starts from fresh ones.
+    After an error, every backend buffer and the workload's prepared inputs are dropped on every rank,
+    so the next point starts from fresh ones (and no rank reuses inputs another made again).
     """
     try:
         row, problem = run_point(point, ctx), None
@@ -443,6 +452,7 @@ def _measure(point: Point, ctx: RunContext) -> dict:
     first = next((p for p in problems if p is not None), None)
     if first is None:
         return row
+    ctx.prepared.clear()
     free_all_buffers()
     return {**base_row(point, ctx), "status": first}
 

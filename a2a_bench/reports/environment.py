@@ -1,9 +1,10 @@
-"""What this machine offers: backends (version or why not), GPUs, links, cluster id."""
+"""What this machine offers: backends (version or why not), GPUs, links, MPS, cluster id."""
 
 from __future__ import annotations
 
 import torch
 
+from a2a_bench.engine.sharing import mps_status
 from fused_a2a.backends import BACKENDS
 from fused_a2a.cluster import detect_cluster
 
@@ -58,4 +59,17 @@ def describe(world_size: int | None) -> dict:
         "gpus": gpus(),
         "versions": backend_versions(),
         "backends": [{"backend": b, "available": ok, "detail": d} for b, ok, d in backend_status()],
+        "mps": mps_status(),
     }
+
+
+def mps_line(status: dict) -> str:
+    """One line on MPS (:func:`a2a_bench.engine.sharing.mps_status`): whether it can run here and
+    whether a daemon serves this process."""
+    if status["daemon_pid"] is not None:
+        return f"MPS: control daemon running (pid {status['daemon_pid']}, pipe folder {status['pipe_dir']})"
+    if status["control"] is None:
+        return ("MPS: not available (nvidia-cuda-mps-control is not on PATH): ranks that share a GPU can only "
+                "time-slice it (--share-gpu timeslice)")
+    return (f"MPS: available ({status['control']}), no control daemon running for pipe folder {status['pipe_dir']} "
+            "(a2a-bench --nproc starts one when ranks share a GPU)")

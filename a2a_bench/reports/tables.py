@@ -50,15 +50,15 @@ def machine_ids() -> str:
 
 def machine_pattern() -> re.Pattern:
     """The cluster ids of this machine for any world size: ``$FUSED_A2A_CLUSTER_ID`` when set, else
-    its GPU model (``cpu-gloo`` on CPU) with any GPU count, any node count, and its link or none
-    (a table of one GPU names no link)."""
+    its GPU model (``cpu-gloo`` on CPU) with any GPU count, any node count, its link or none (a table
+    of one GPU names no link), and any GPU sharing (``-mps2``, ``-ts2``)."""
     override = os.environ.get(CLUSTER_ID_ENV)
     if override and cluster_id_problem(override) is None:
         return re.compile(re.escape(override) + "$")
     info = detect_cluster()
     head, _, link = cluster_id(info.gpu, _SENTINEL, 1, info.intranode_link).partition(f"-x{_SENTINEL}")
     tail = f"({re.escape(link)})?" if link else "(-[a-z0-9]+)?"
-    return re.compile(re.escape(head) + r"-x\d+(-n\d+)?" + tail + "$")
+    return re.compile(re.escape(head) + r"-x\d+(-n\d+)?" + tail + r"(-(mps|ts)\d+)?$")
 
 
 def machine_tables() -> list[Path]:

@@ -24,7 +24,9 @@ from pathlib import Path
 import pandas as pd
 
 from a2a_bench import __version__
-from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
+from a2a_bench.engine.results import (
+    RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info, refuse_incomparable,
+)
 from a2a_bench.engine.runner import routing_key
 from fused_a2a.tuning.resolve import TABLE_NAME, TUNING_DIR_ENV, tuning_dirs
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, VsDefault, update_table
@@ -180,7 +182,8 @@ def tune(run_dir: Path, out_root: Path, routing: str | None = None, by: str = DE
 
     Raises:
         ResultsError: ``results.csv`` or ``run.json`` is missing or not valid (the cluster id must be
-            a name, never a path), or holds nothing to tune from; nothing is written.
+            a name, never a path), holds nothing to tune from, or rows timed by time slices
+            (:func:`~a2a_bench.engine.results.refuse_incomparable`); nothing is written.
     """
     table = tuned_table(run_dir, routing, by)
     path = out_root / table.cluster["id"] / TABLE_NAME
@@ -190,6 +193,7 @@ def tune(run_dir: Path, out_root: Path, routing: str | None = None, by: str = DE
 def tuned_table(run_dir: Path, routing: str | None = None, by: str = DEFAULT_MODE) -> TuningTable:
     """The table :func:`tune` merges in, built from ``run_dir`` (writes nothing; raises as :func:`tune`)."""
     results = read_results(run_dir / RESULTS_FILE)
+    refuse_incomparable(results, run_dir / RESULTS_FILE)
     cluster = read_run_info(run_dir / RUN_FILE).cluster
     return build_table(results, cluster, routing, by)
 
