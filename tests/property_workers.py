@@ -32,6 +32,7 @@ HANG_S = 120  # one run (dispatch, combine, backward, twice) that takes longer o
 # HybridEP on ids outside [-1, E) and on the shapes it does not take (same ValueError on every rank):
 # switched on once the HybridEP adapter reports them on every rank (its device-side id check)
 HYBRIDEP_BAD_INPUT_CASES = False
+TRACE = os.environ.get("FUSED_A2A_PROPERTY_TRACE") == "1"  # print each run before it starts (to find a crash)
 
 
 def _backend_calls(name: str, case_index: int, group):
@@ -55,22 +56,27 @@ def _backend_calls(name: str, case_index: int, group):
 def expected_error(case: RoutingCase, backend: str) -> str | None:
     """A fragment of the ``ValueError`` every rank must raise for ``case`` on ``backend`` (``""``: any
     message), or ``None`` when the run must succeed."""
-    from fused_a2a.backends import BACKENDS
-    from fused_a2a.backends.chunk_config import rank_problem
-
-    spec = BACKENDS[backend]
-    cannot = None  # why the backend cannot take the case
-    if case.dtype not in spec.dtypes:
-        cannot = f"moves {', '.join(spec.dtypes)} tokens, not {case.dtype}"
-    elif backend in ("deepep", "uccl") and rank_problem(case.world) is not None:
-        cannot = rank_problem(case.world)
-    elif backend == "hybridep" and not hybridep_legal(case):
-        cannot = ""
+    cannot = _cannot(case, backend)
     if cannot is not None:
         return "" if case.fault != "none" else cannot  # either error may be the one raised
     if case.fault == "bad_id":
         return f"[-1, {case.num_experts})"
     if case.fault == "bad_dtype":
+        return ""
+    return None
+
+
+def _cannot(case: RoutingCase, backend: str) -> str | None:
+    """Why ``backend`` cannot take ``case`` whatever the fault (``""``: HybridEP's shape rules), or ``None``."""
+    from fused_a2a.backends import BACKENDS
+    from fused_a2a.backends.chunk_config import rank_problem
+
+    spec = BACKENDS[backend]
+    if case.dtype not in spec.dtypes:
+        return f"moves {', '.join(spec.dtypes)} tokens, not {case.dtype}"
+    if backend in ("deepep", "uccl") and rank_problem(case.world) is not None:
+        return rank_problem(case.world)
+    if backend == "hybridep" and not hybridep_legal(case):
         return ""
     return None
 
@@ -164,10 +170,17 @@ def judge(case: RoutingCase, backend: str, outcomes: list[str]) -> str | None:
         return f"expected a ValueError on every rank: {outcomes}"
     if expected and not all(expected in o for o in outcomes):
         return f"expected {expected!r} in every rank's error: {outcomes}"
-    at_fault = case.fault_rank if case.fault != "none" else None
-    peers = [o for rank, o in enumerate(outcomes) if rank != at_fault]
-    if any(o != peers[0] for o in peers) or (at_fault is not None and not outcomes[at_fault].startswith(peers[0])):
+    # one message on every rank; a rank with a reason of its own (its fault, or a call the backend cannot
+    # take on every rank) may add it ("; this rank: ..."), no other rank
+    shared = {o.split("; this rank: ")[0] for o in outcomes}
+    if len(shared) > 1:
         return f"the ranks raised different errors: {outcomes}"
+    everyone = _cannot(case, backend) is not None
+    added = [rank for rank, o in enumerate(outcomes) if "; this rank: " in o]
+    if not everyone and any(rank != case.fault_rank for rank in added):
+        return f"a rank without a fault gave a reason of its own: {outcomes}"
+    if not everyone and case.fault == "bad_dtype" and "topk_weights must be float32" not in outcomes[case.fault_rank]:
+        return f"the rank at fault did not name its reason: {outcomes}"
     return None
 
 
@@ -183,7 +196,10 @@ def property_run(rank: int, world_size: int, count: int, seed: int, backends: tu
         for backend in backends:
             if not runs_on(case, backend):
                 continue
-            watchdog = threading.Timer(HANG_S, _hung, (f"{backend} #{index} {case.describe()}",))
+            run = f"{backend} #{index} {case.describe()}"
+            if TRACE:
+                print(f"rank {rank}: {run}", file=sys.stderr, flush=True)
+            watchdog = threading.Timer(HANG_S, _hung, (run,))
             watchdog.start()
             outcome = _run(case, index, backend, rank, device, group)
             outcomes = [None] * world_size

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.autograd import Comm, dispatch_forward
+from fused_a2a.backends import BACKENDS
 from fused_a2a.checks import DTYPE_NAMES, dispatch_shape
 from fused_a2a.shared_errors import POISON_ID
 from fused_a2a.tuning import agreement
@@ -57,23 +58,25 @@ def agreed_dispatch(backend: str, group: dist.ProcessGroup | None, x, topk_idx, 
     try:
         agreed = agreed_comm(backend, group, dtype, hidden, num_tokens, topk, num_experts, explicit, num_sms_budget,
                              routing)
-    except LocalProblem as error:  # this rank's dtype (or expert count) cannot run: match the peers' call without it
-        raise_on_every_rank(str(error), backend, group, x, topk_idx, num_experts, explicit, num_sms_budget, routing,
-                            dtype_known=False)
+    except LocalProblem as error:  # this rank's dtype or expert count cannot run (nor its peers' at this shape)
+        raise_on_every_rank(str(error), backend, group, x, topk_idx, num_experts, explicit, num_sms_budget, routing)
     x = x.contiguous() if type(x) is not tuple else tuple(t.contiguous() for t in x)
     return agreed, x, topk_idx.contiguous(), topk_weights.contiguous()
 
 
 def raise_on_every_rank(problem: str, backend: str, group: dist.ProcessGroup | None, x, topk_idx, num_experts,
-                        explicit: dict[str, Any], num_sms_budget: int | None = None, routing: str | None = None,
-                        dtype_known: bool = True) -> NoReturn:
+                        explicit: dict[str, Any], num_sms_budget: int | None = None,
+                        routing: str | None = None) -> NoReturn:
     """Raise ``ValueError`` about ``problem`` (this rank's inputs) on every rank of ``group``: through
     the dispatch the peers most likely run (:func:`~fused_a2a.tuning.agreement.join_target`), else through
     the first-call exchange (:func:`~fused_a2a.tuning.agreement.refuse`). Collective.
 
-    ``dtype_known=False``: ``x``'s dtype is the problem, so it does not tell which call the peers run."""
+    The choice depends only on the call's shape (never on which check failed), so ranks that call with
+    the same shape choose alike: a dtype the backend does not move, or a value that is not a shape,
+    counts as not given."""
     dtype, hidden, topk = _shape_of(x, topk_idx)
-    dtype = dtype if dtype_known else None
+    if dtype is not None and backend in BACKENDS and dtype not in BACKENDS[backend].dtypes:
+        dtype = None
     experts = num_experts if type(num_experts) is int and num_experts > 0 else None
     target = agreement.join_target(group, dtype, hidden, topk, experts, backend, explicit, num_sms_budget, routing)
     if target is None:

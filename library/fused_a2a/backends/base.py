@@ -8,6 +8,7 @@ A backend module builds one :class:`BackendSpec` and imports nothing above this 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,20 +30,21 @@ def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
     Raises:
         ValueError: the group's size is not ``num_ranks`` (what the configs were resolved for).
     """
-    # the group as the caller named it (weakly: a cached Comm must not keep a destroyed group alive;
-    # None: the default group), row bytes, buffer
-    last = [GroupRef(None), 0, None]
+    # the group as the caller named it (None: the default group), row bytes, the buffer fitted: both held
+    # weakly, so that a cached Comm keeps neither a destroyed group nor a freed buffer (which holds its group)
+    last = [GroupRef(None), 0, lambda: None]
 
     def get_buffer(group: dist.ProcessGroup | None, tokens) -> Any:
         hidden_bytes = get_hidden_bytes(tokens)
-        buffer = last[2]
+        buffer = last[2]()
         if buffer is not None and last[1] == hidden_bytes and buffer is current() and last[0].refers_to(group):
             return buffer
         world = group_or_world(group)
         if world.size() != num_ranks:
             raise ValueError(f"{backend}: these configs were resolved for {num_ranks} ranks, but the group has {world.size()}")
-        last[:] = GroupRef(group), hidden_bytes, fit(world, hidden_bytes)
-        return last[2]
+        buffer = fit(world, hidden_bytes)
+        last[:] = GroupRef(group), hidden_bytes, weakref.ref(buffer)
+        return buffer
 
     return get_buffer
 
