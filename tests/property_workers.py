@@ -185,14 +185,15 @@ def judge(case: RoutingCase, backend: str, outcomes: list[str]) -> str | None:
 
 
 def property_run(rank: int, world_size: int, count: int, seed: int, backends: tuple[str, ...], summary: str,
-                 device_type: str = "cpu") -> None:
-    """Run :func:`generate`'s ``count`` cases on ``backends``; rank 0 writes the tally to ``summary``
-    (JSON); every rank raises ``AssertionError`` listing the runs that went wrong."""
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+                 device: torch.device = torch.device("cpu")) -> dict:
+    """Run :func:`generate`'s ``count`` cases on ``backends`` with tensors on ``device`` (a CUDA device:
+    the ``gpu`` profile of cases); rank 0 writes the tally to ``summary`` (JSON). Returns the tally;
+    raises ``AssertionError`` (every rank) listing the runs that went wrong."""
     group = dist.group.WORLD
     tally: dict[str, Counter] = {backend: Counter() for backend in backends}
     failures = []
-    for index, case in enumerate(generate(count, world_size, seed)):
+    profile = "gpu" if device.type == "cuda" else "cpu"
+    for index, case in enumerate(generate(count, world_size, seed, profile=profile)):
         for backend in backends:
             if not runs_on(case, backend):
                 continue
@@ -210,10 +211,11 @@ def property_run(rank: int, world_size: int, count: int, seed: int, backends: tu
             tally[backend]["failed"] += verdict is not None
             if verdict is not None:
                 failures.append(f"{backend} #{index} {case.describe()}: {verdict}")
+    result = {"world": world_size, "cases": count, "failures": failures, "runs": {b: dict(c) for b, c in tally.items()}}
     if rank == 0:
-        Path(summary).write_text(json.dumps({"world": world_size, "cases": count, "failures": failures,
-                                             "runs": {b: dict(c) for b, c in tally.items()}}, indent=1))
+        Path(summary).write_text(json.dumps(result, indent=1))
     assert not failures, f"{len(failures)} runs went wrong:\n" + "\n".join(failures[:20])
+    return result
 
 
 def _hung(run: str) -> None:

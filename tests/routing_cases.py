@@ -153,9 +153,17 @@ def hybridep_legal(case: RoutingCase) -> bool:
             and BACKENDS["hybridep"].shape_problem(shape, {}) is None)
 
 
-def generate(count: int, world: int, seed: int, fault_share: float = 0.12) -> list[RoutingCase]:
-    """``count`` cases for a group of ``world`` ranks. About a third have HybridEP's shapes (equal token
-    counts, 16-divisible hidden sizes, distinct experts), so every backend runs many of them."""
+# hidden sizes: on the CPU any with 16-byte bf16 rows (the fakes' rule); on GPUs multiples of 16, as DeepEP's
+# and UCCL-EP's SM90 kernels load a row in two halves of 16-byte units (a device assert otherwise), and
+# HybridEP on few (hidden, experts per rank) pairs, since each new pair builds (and compiles) a buffer
+HIDDEN = {"cpu": (8, 16, 24, 64), "gpu": (16, 32, 64, 128)}
+HYBRIDEP_FRIENDLY = {"cpu": None, "gpu": ((128, 4), (128, 16))}
+
+
+def generate(count: int, world: int, seed: int, fault_share: float = 0.12, profile: str = "cpu") -> list[RoutingCase]:
+    """``count`` cases for a group of ``world`` ranks (``profile``: ``cpu`` for the fakes, ``gpu`` for the
+    real libraries, see :data:`HIDDEN`). About a third have HybridEP's shapes (equal token counts,
+    16-divisible hidden sizes, distinct experts), so every backend runs many of them."""
     rng = random.Random(seed * 7 + world)
     cases = []
     for index in range(count):
@@ -168,10 +176,13 @@ def generate(count: int, world: int, seed: int, fault_share: float = 0.12) -> li
             num_experts -= num_experts % (4 * world)
             tokens = (rng.choice([4, 8, 12, 16, 24, 32, 48, 64]),) * world
             hidden, dtype, duplicates = rng.choice([16, 32, 64]), "bf16", False
+            if HYBRIDEP_FRIENDLY[profile]:
+                hidden, per_rank = rng.choice(HYBRIDEP_FRIENDLY[profile])
+                num_experts = per_rank * world
             topk = min(topk, num_experts)
         else:
             tokens = tuple(rng.choice([0, 0, 1, 1, 2, 3, 5, 7, 13, 31, 64, rng.randint(0, 64)]) for _ in range(world))
-            hidden = rng.choice([8, 16, 24, 64])
+            hidden = rng.choice(HIDDEN[profile])
             dtype = rng.choice(["bf16", "bf16", "fp32"])
             duplicates = rng.random() < 0.3
         fault, fault_rank = "none", rng.randrange(world)
