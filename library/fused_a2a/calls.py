@@ -1,5 +1,5 @@
 """What every dispatch entry (:func:`fused_a2a.dispatch`, the seed functions) runs before a backend sees
-its inputs: the checks, made to fail on every rank of the group, the agreed knobs, and the layout.
+its inputs: the checks, made to fail on every rank of the group, the agreed knobs, and contiguous inputs.
 
 A rank whose inputs fail a check does not raise alone (its peers would wait in the dispatch's exchange
 for the group's timeout). It takes part in what its peers run instead, and every rank raises the same
@@ -44,7 +44,8 @@ def agreed_dispatch(backend: str, group: dist.ProcessGroup | None, x, topk_idx, 
 
     Returns:
         ``(agreed, x, topk_idx, topk_weights)``: the ``Agreed`` of the call
-        (:func:`~fused_a2a.tuning.agreement.agreed_comm`), and the inputs made contiguous (copies only where they were not; an FP8 pair element-wise).
+        (:func:`~fused_a2a.tuning.agreement.agreed_comm`), and the inputs made contiguous (copies only
+        where they were not; an FP8 pair element-wise).
 
     Raises:
         ValueError: an input that fails a check on any rank (shape, dtype, expert count, a dtype the

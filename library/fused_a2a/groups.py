@@ -66,15 +66,13 @@ class GroupMap(Generic[V]):
         entries[key] = (weakref.ref(group, forget), value)
         return value
 
-    def values(self) -> list[V]:
-        """The values of the groups still alive."""
-        return [value for ref, value in list(self._entries.values()) if ref() is not None]
-
     def clear(self) -> None:
+        """Forget every entry."""
         self._entries.clear()
 
-    def __len__(self) -> int:
-        return len(self.values())
+    def groups(self) -> list[dist.ProcessGroup]:
+        """The groups that have an entry (every one alive: an entry goes with its group)."""
+        return [group for group in (ref() for ref, _ in list(self._entries.values())) if group is not None]
 
 
 class GroupRef:

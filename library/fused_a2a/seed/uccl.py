@@ -135,6 +135,12 @@ def uccl_fused_dispatch(x, token_indices, token_probs, num_experts, group, async
     Returns:
         ``(recv_x [R, hidden], recv_token_indices [R, topk] int64 local ids or -1,
         recv_token_probs [R, topk] float32, tokens_per_expert [num_local_experts] int64 (CPU), handle)``.
+
+    Tensors of any memory layout are taken (made contiguous once, before the library sees them).
+
+    Raises:
+        ValueError: inputs of the wrong shape or dtype, or ``token_indices`` outside ``[-1,
+            num_experts)``, on any rank: raised on every rank of ``group`` (:mod:`fused_a2a.calls`).
     """
     UCCL_EP.require("uccl_fused_dispatch")
     return run_function(

@@ -160,7 +160,7 @@ def refuse(problem: str, backend: str, group: dist.ProcessGroup | None, explicit
            num_sms_budget: int | None = None, routing: str | None = None) -> None:
     """Raise the same ``ValueError`` (naming this rank and ``problem``) on every rank of ``group``, whose
     other ranks are at the first call of their key. Collective: this rank's side of :func:`agreed_comm`'s
-    first-call exchange, for a call whose inputs have no key."""
+    first-call exchange, for a call that failed a check before it had a key."""
     _agree(group, (backend, None, None, None, None, routing, _frozen(explicit), num_sms_budget), 0, problem)
     raise ValueError(problem)  # a group of one rank: nothing to exchange
 
@@ -267,8 +267,9 @@ def _table_digest(world_size: int) -> str | None:
 
 def _agree(group, key: tuple, num_tokens: int, problem: str | None) -> tuple[int, bool]:
     """The group's largest token count and whether its ranks read the same table; raises the same
-    ``ValueError`` on every rank when a rank has a ``problem``, when the ranks' calls (:func:`_call`)
-    differ, or when their explicit knobs or overrides differ. Collective."""
+    ``ValueError`` on every rank when a rank has a ``problem``, when the ranks' calls (backend, dtype,
+    hidden, top-k, experts, routing, SM budget) differ, or when their explicit knobs or overrides differ.
+    Collective."""
     backend = key[0]
     world_size = dist.get_world_size(group)
     local = {
