@@ -144,13 +144,12 @@ def _lay_out(tensor: torch.Tensor, layout: str, index: int) -> torch.Tensor:
     return tensor
 
 
-def hybridep_legal(case: RoutingCase) -> bool:
-    """Whether HybridEP takes the case as it is (its shape rules, bf16, distinct experts per token, no fault)."""
+def hybridep_shape_ok(case: RoutingCase) -> bool:
+    """Whether HybridEP's kernels take the case's shape (its rules, :func:`shape_problem` of the backend)."""
     from fused_a2a.backends import BACKENDS, Shape
 
     shape = Shape(case.world, case.tokens, case.hidden, case.topk, case.num_experts, case.dtype)
-    return (case.fault == "none" and not case.duplicates
-            and BACKENDS["hybridep"].shape_problem(shape, {}) is None)
+    return BACKENDS["hybridep"].shape_problem(shape, {}) is None
 
 
 # hidden sizes: on the CPU any with 16-byte bf16 rows (the fakes' rule); on GPUs multiples of 16, as DeepEP's
