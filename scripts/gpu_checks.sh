@@ -9,6 +9,9 @@
 #   tests2  two processes (they may share one GPU: gloo group, tokens through CUDA IPC): DeepEP, UCCL-EP,
 #           HybridEP and graph capture of the fused backends, in one pytest command
 #   compat  two processes: the compat modules on the real libraries
+#   property  two processes: the routing property run (tests/test_gpu_routing_property.py) on the torch
+#           backend and the installed DeepEP, UCCL-EP and HybridEP; PROPERTY_CASES cases (default 120), the
+#           tally in OUT_DIR/property_summary.json
 #   bench   a2a-bench env, breakdown (torch backend, 1 process) and overhead (1 and 2 processes)
 #   sweep   a 1-process torch sweep (kernel/api/graph), and a 2-process sweep of the fused backends'
 #           knobs with two routings, then tune, table, compare and export; the run folders in runs.tar.gz
@@ -51,6 +54,9 @@ for stage in "$@"; do
             tests/test_gpu_deepep.py tests/test_gpu_uccl.py tests/test_gpu_hybridep.py tests/test_gpu_graph.py ;;
     compat)
         run compat $launch --nproc-per-node 2 -m pytest -m gpu -q -s -rfE -p no:cacheprovider tests/test_gpu_compat.py ;;
+    property)
+        PROPERTY_SUMMARY=$out/property_summary.json run property $launch --nproc-per-node 2 -m pytest -m gpu -q -s -rfE \
+            -p no:cacheprovider tests/test_gpu_routing_property.py ;;
     bench)
         run bench python -m a2a_bench env
         run bench $launch --nproc-per-node 1 -m a2a_bench breakdown --hidden 2048,7168 --tokens 128,4096 --iters 20
@@ -88,7 +94,7 @@ for stage in "$@"; do
         run mps bash -c "echo quit | $mps_env nvidia-cuda-mps-control"
         tar -czf "$out/runs-mps.tar.gz" -C "$runs" mps-2 tables-mps ;;
     *)
-        echo "unknown stage $stage (tests1, tests2, compat, bench, sweep, mps)" >&2
+        echo "unknown stage $stage (tests1, tests2, compat, property, bench, sweep, mps)" >&2
         exit 2 ;;
     esac
 done

@@ -13,7 +13,7 @@ BACKENDS = LIBRARY / "backends"
 # what a backend module may import from fused_a2a: the layer below backends
 BELOW_BACKENDS = {
     "fused_a2a.autograd", "fused_a2a.checks", "fused_a2a.fp8", "fused_a2a.environment", "fused_a2a.backends.base",
-    "fused_a2a.backends.optional", "fused_a2a.backends.chunk_config",
+    "fused_a2a.backends.optional", "fused_a2a.backends.chunk_config", "fused_a2a.groups", "fused_a2a.shared_errors",
 }
 # a backend's own helper modules
 OWN_HELPERS = {

@@ -9,6 +9,7 @@ import torch
 import fused_a2a
 import fused_a2a.backends.torch_a2a as torch_a2a
 from fused_a2a.backends.torch_routing import Capacity, receive_with_torch, send_with_torch, read_counts
+from fused_a2a.shared_errors import POISON_ID
 from ranks import spawn
 from routing_plans import expected, routing_inputs, simulate
 
@@ -42,8 +43,11 @@ def test_read_counts_names_the_ranks_with_ids_out_of_range() -> None:
     world, num_experts = 2, 4
     row = lambda rows, low, high, n: [rows, 1, 1, low, high, n]  # noqa: E731
     host = torch.tensor(row(1, 0, 3, 5) + row(2, -2, 1, 7) + row(3, 0, 1, 5) + row(4, 0, 1, 5))
-    with pytest.raises(ValueError, match=r"found range \[-2, 3\] \(rank 1\)"):
+    with pytest.raises(ValueError, match=r"found range \[-2, 1\] \(rank 1\)$"):  # the offending ranks' range
         read_counts(host, world, num_experts)
+    poisoned = torch.tensor(row(1, 0, 3, 5) + row(2, POISON_ID, POISON_ID, 1) + row(3, 0, 1, 5) + row(4, 0, 1, 5))
+    with pytest.raises(ValueError, match=r"^the dispatch inputs of rank 1 failed a check \(that rank's error says which\)$"):
+        read_counts(poisoned, world, num_experts)
     counts = read_counts(torch.tensor(row(1, 0, 3, 5) + row(2, -1, 1, 7) + row(3, 0, 1, 5) + row(4, 0, 1, 5)),
                          world, num_experts)
     assert counts.send == (3, 4) and counts.recv == (1, 2) and counts.per_local_expert == (2, 2)

@@ -16,13 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from reference import BF16_CASES as ALL_BF16_CASES
-from reference import check_case
+from reference import BF16_CASES, check_case
 
 FAKES = (str(Path(__file__).parent / "fakes"),)
-
-# uccl 0.1.1 asserts that every rank has tokens
-BF16_CASES = [case for case in ALL_BF16_CASES if case.edit != "empty0"]
 
 CPU = torch.device("cpu")
 
@@ -297,10 +293,18 @@ def comm_and_fake_contract(rank: int, world_size: int) -> None:
     copies = in_rank.sum(dim=1, keepdim=True).float()
     assert torch.equal(combined, (x.float() * copies + 1).to(torch.bfloat16))
     assert torch.equal(combined_weights, copies.expand(-1, 2))
+    # uccl 0.1.1 asserts num_tokens > 0: a rank without tokens dispatches a placeholder row that goes nowhere
+    with pytest.raises(RuntimeError, match="num_tokens > 0"):
+        buffer.runtime.intranode_prepare(per_rank.data_ptr(), in_rank.data_ptr(), per_expert.data_ptr(), 0, 8,
+                                         0, 0, 1, 0, dispatch)
     empty = buffer.get_dispatch_layout(idx[:0], 8)
-    with pytest.raises(RuntimeError, match="num_tokens > 0"):  # uccl 0.1.1: every rank dispatches a token
-        buffer.dispatch(x[:0], num_tokens_per_rank=empty[0], is_token_in_rank=empty[3], num_tokens_per_expert=empty[2],
-                        topk_idx=idx[:0], topk_weights=weights[:0])
+    assert empty[3].shape == (0, world_size) and not empty[0].any() and not empty[2].any()
+    from_empty = buffer.dispatch(x[:0], num_tokens_per_rank=empty[0], is_token_in_rank=empty[3],
+                                 num_tokens_per_expert=empty[2], topk_idx=idx[:0], topk_weights=weights[:0])
+    assert from_empty[0].shape == (0, x.size(1)) and from_empty[1].shape == (0, 2) and from_empty[3] == [0] * 4
+    assert from_empty[4].num_tokens == 0 and buffer.dispatch(x[:0], handle=from_empty[4])[0].shape == (0, x.size(1))
+    back, back_weights, _ = buffer.combine(from_empty[0], from_empty[4], topk_weights=from_empty[2], bias=x[:0])
+    assert back.shape == (0, x.size(1)) and back_weights.shape == (0, 2)
     free_uccl_buffer()
 
     # the fake's own contract

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.autograd import BufferCombine, BufferDispatch, Comm, run_function
-from fused_a2a.checks import dispatch_shape
-from fused_a2a.tuning.agreement import agreed_comm
+from fused_a2a.calls import agreed_dispatch
 
 @dataclass(slots=True, eq=False)  # not frozen: a cheaper __init__
 class DispatchHandle:
@@ -76,15 +75,18 @@ def dispatch(
         tokens_per_expert: ``[E / W]`` int64 CPU tensor, received tokens per local expert.
         handle: a :class:`DispatchHandle` for :func:`combine`.
 
+    Inputs of any memory layout are taken (made contiguous once, here).
+
     Raises:
-        ValueError: inputs of the wrong shape or dtype, a knob the backend rejects, a shape the
-            backend's kernels do not take, or knobs that differ between the ranks.
+        ValueError: inputs of the wrong shape or dtype, ``topk_idx`` values outside ``[-1,
+            num_experts)``, a knob the backend rejects, a shape the backend's kernels do not take, or
+            knobs that differ between the ranks: on one rank or several, raised on every rank of
+            ``group`` (the rank concerned names its reason; :mod:`fused_a2a.calls` says how, and its limit).
         RuntimeError: the backend's library is not installed.
     """
-    dtype, num_tokens, hidden, topk = dispatch_shape(x, topk_idx, topk_weights, num_experts)
-    x = x.contiguous() if dtype != "fp8" else tuple(t.contiguous() for t in x)
-    comm = agreed_comm(backend, group, dtype, hidden, num_tokens, topk, num_experts, knobs, num_sms_budget,
-                       routing).comm  # checks num_experts against the group size at the key's first call
+    agreed, x, topk_idx, topk_weights = agreed_dispatch(backend, group, x, topk_idx, topk_weights, num_experts, knobs,
+                                                        num_sms_budget, routing)
+    comm = agreed.comm
     recv_x, recv_idx, recv_weights, tokens_per_expert, raw = run_function(
         BufferDispatch, x, topk_idx, topk_weights, (num_experts, group, comm, async_finish, allocate_on_comm_stream)
     )

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from fused_a2a.shared_errors import flag_counts, ids_detail, raise_if_flagged, sanitize_topk
+
 
 def get_hidden_bytes(x) -> int:
     """Bytes of one token row as the buffers size it: ``H * max(element_size, 2)``.
@@ -66,7 +68,10 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
     """Layout + dispatch; saves what the backward needs on ``ctx`` (``None``: saves nothing).
 
     A buffer whose ``needs_layout`` is ``False`` routes from top-k itself: it gets ``num_experts``
-    instead of the layout of ``get_dispatch_layout``.
+    instead of the layout of ``get_dispatch_layout``. Any other buffer gets ids outside ``[-1, E)``
+    as ``-1``, and its per-expert counts must be DeepEP's (the sum of the senders'
+    ``num_tokens_per_expert``): a rank with such ids flags them there, and every rank raises the same
+    ``ValueError`` after the dispatch (:mod:`fused_a2a.shared_errors`).
 
     Returns:
         ``(recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle)`` where
@@ -79,29 +84,32 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
             x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts, config=comm.dispatch_config,
             previous_event=event, async_finish=async_finish, allocate_on_comm_stream=on_comm_stream,
         )
-    else:
+    else:  # DeepEP's contract: the library sees only ids in [-1, E); bad ones flag the counts instead
+        ids, bad = sanitize_topk(topk_idx, num_experts)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = (
             buffer.get_dispatch_layout(
-                topk_idx,
+                ids,
                 num_experts,
                 previous_event=event,
                 async_finish=async_finish,
                 allocate_on_comm_stream=on_comm_stream,
             )
         )
+        world_size = num_tokens_per_rank.numel()
         out = buffer.dispatch(
             x,
-            topk_idx=topk_idx,
+            topk_idx=ids,
             topk_weights=topk_weights,
             num_tokens_per_rank=num_tokens_per_rank,
             num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
             is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert,
+            num_tokens_per_expert=flag_counts(num_tokens_per_expert, bad, world_size),
             config=comm.dispatch_config,
             previous_event=event,
             async_finish=async_finish,
             allocate_on_comm_stream=on_comm_stream,
         )
+        raise_if_flagged(out[3], world_size, num_experts, lambda: ids_detail(topk_idx, num_experts) if bad else None)
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, after = out
     if async_finish:
         _wait(after)

@@ -1,9 +1,10 @@
 """Input validation shared by every backend: one clear ``ValueError`` per mistake.
 
-The shape and dtype checks read only tensor metadata (no device synchronisation). The range check
-of ``topk_idx`` reads its minimum and maximum, which synchronises with the device; the torch backend
-runs it on every call (it synchronises anyway to learn the receive counts), the fused GPU backends
-leave it to the caller of :func:`check_topk_range`.
+The shape and dtype checks read only tensor metadata (no device synchronisation). These checks see one
+rank's inputs: :mod:`fused_a2a.calls` makes a failure raise on every rank of the group, and the range
+of ``topk_idx`` is checked on every rank through the counts a dispatch exchanges
+(:mod:`fused_a2a.shared_errors`). :func:`check_topk_range` reads the minimum and maximum on this rank
+alone (a device synchronisation), for a caller that raises on every rank by other means.
 """
 
 from __future__ import annotations

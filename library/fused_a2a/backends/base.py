@@ -8,17 +8,14 @@ A backend module builds one :class:`BackendSpec` and imports nothing above this 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 from fused_a2a.autograd import Comm, get_hidden_bytes
-
-
-def group_or_world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """``group``, or the default group for ``None``."""
-    return dist.group.WORLD if group is None else group
+from fused_a2a.groups import GroupRef, group_or_world
 
 
 def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
@@ -33,18 +30,21 @@ def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
     Raises:
         ValueError: the group's size is not ``num_ranks`` (what the configs were resolved for).
     """
-    last = [None, 0, None]  # group as the caller named it (None: the default group), row bytes, buffer
+    # the group as the caller named it (None: the default group), row bytes, the buffer fitted: both held
+    # weakly, so that a cached Comm keeps neither a destroyed group nor a freed buffer (which holds its group)
+    last = [GroupRef(None), 0, lambda: None]
 
     def get_buffer(group: dist.ProcessGroup | None, tokens) -> Any:
         hidden_bytes = get_hidden_bytes(tokens)
-        buffer = last[2]
-        if buffer is not None and last[0] is group and last[1] == hidden_bytes and buffer is current():
+        buffer = last[2]()
+        if buffer is not None and last[1] == hidden_bytes and buffer is current() and last[0].refers_to(group):
             return buffer
         world = group_or_world(group)
         if world.size() != num_ranks:
             raise ValueError(f"{backend}: these configs were resolved for {num_ranks} ranks, but the group has {world.size()}")
-        last[:] = group, hidden_bytes, fit(world, hidden_bytes)
-        return last[2]
+        buffer = fit(world, hidden_bytes)
+        last[:] = GroupRef(group), hidden_bytes, weakref.ref(buffer)
+        return buffer
 
     return get_buffer
 

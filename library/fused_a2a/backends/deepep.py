@@ -31,6 +31,7 @@ from fused_a2a.backends.chunk_config import (
     configs_from_knobs,
 )
 from fused_a2a.backends.optional import distribution_version, try_import
+from fused_a2a.groups import GroupMap
 
 DEEP_EP = try_import("deep_ep", "build DeepEP from source for your torch and CUDA (scripts/install_backends.sh)")
 HAVE_DEEP_EP = DEEP_EP.available
@@ -218,14 +219,17 @@ def ensure_buffer(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: t
     return _buffer
 
 
-_sizes: dict[tuple, tuple[int, int]] = {}
+_sizes: GroupMap[dict[tuple, tuple[int, int]]] = GroupMap()  # per group: an entry goes with its group
 
 
 def _needed_bytes(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: tuple, values: tuple) -> tuple[int, int]:
     """``(NVLink bytes, RDMA bytes)`` the configs need for rows of ``hidden_bytes`` (DeepEP's size hints,
     remembered per group, row size and config values: a warm call asks DeepEP nothing)."""
-    key = (group, hidden_bytes, values)
-    if key not in _sizes:
+    sizes = _sizes.get(group)
+    if sizes is None:
+        sizes = _sizes.set(group, {})
+    key = (hidden_bytes, values)
+    if key not in sizes:
         size = group.size()
         nvshmem = is_nvshmem_available()
         if not nvshmem and size > NVL_PEERS:
@@ -235,8 +239,8 @@ def _needed_bytes(group: dist.ProcessGroup, hidden_bytes: int, configs_in_use: t
             )
         nvl = max(config.get_nvl_buffer_size_hint(hidden_bytes, size) for config in configs_in_use)
         rdma = max(config.get_rdma_buffer_size_hint(hidden_bytes, size) for config in configs_in_use) if nvshmem else 0
-        _sizes[key] = (nvl, rdma)
-    return _sizes[key]
+        sizes[key] = (nvl, rdma)
+    return sizes[key]
 
 
 def free_buffer() -> None:

@@ -40,6 +40,7 @@ import fused_a2a.backends.hybridep_routing as routing
 from fused_a2a.backends.base import BackendSpec, Knob, Shape
 from fused_a2a.backends.optional import distribution_version, try_import
 from fused_a2a.checks import check_topk_range, dtype_name
+from fused_a2a.groups import GroupMap, GroupRef, group_or_world
 
 HYBRID_EP = try_import("deep_ep", "build DeepEP's hybrid-ep branch from source (scripts/install_backends.sh)")
 HAVE_HYBRIDEP = HYBRID_EP.available and hasattr(HYBRID_EP.module, "HybridEPBuffer")
@@ -321,9 +322,9 @@ def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, s
     """
     deep_ep = require("the hybridep backend")
     group = dist.group.WORLD if group is None else group
-    key = (group, hidden, num_local_experts, fp8, settings)
+    key = (id(group), hidden, num_local_experts, fp8, settings)  # no reference: the buffer holds its group
     apply_environment(settings)
-    if _current.buffer is None or _current.key != key:
+    if _current.buffer is None or _current.key != key or getattr(_current.buffer, "group", group) is not group:
         _current.buffer = None  # the old buffer lives on only while a handle holds it
         buffer = deep_ep.HybridEPBuffer(group=group, hidden_dim=hidden, max_num_of_tokens_per_rank=max(num_tokens, 1),
                                         num_local_experts=num_local_experts, use_fp8=fp8, **settings.constructor_kwargs(),
@@ -463,7 +464,8 @@ def _synchronize(device: torch.device) -> None:
 
 def _bad_ids_error(num_experts: int, bad_rows: int) -> ValueError:
     return ValueError(f"hybridep: topk_idx values must lie in [-1, {num_experts}); {bad_rows} token(s) of the group "
-                      "named other experts (the same error on every rank of the group)")
+                      "named other experts, or a rank's inputs failed another check (that rank's error says "
+                      "which; the same error on every rank of the group)")
 
 
 class HybridEPAdapter:
@@ -480,7 +482,7 @@ class HybridEPAdapter:
     needs_layout = False
 
     def __init__(self, group, settings: Settings) -> None:
-        self.group = group
+        self._group = GroupRef(group)  # weak: the adapters' cache must not keep a destroyed group alive
         self.settings = settings
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -505,7 +507,7 @@ class HybridEPAdapter:
         columns = self._columns.get(num_experts)
         if columns is None:
             columns = self._columns[num_experts] = routing.ExpertColumns(num_experts, self.world)
-        buffer = ensure_buffer(self.group, hidden, columns.padded, num_tokens, self.settings)
+        buffer = ensure_buffer(self._group(), hidden, columns.padded, num_tokens, self.settings)
         per_node = ranks_per_node(buffer)
         self._check_shape(num_tokens, hidden, topk_idx.size(1), num_experts, dtype_name(x.dtype), per_node)
         routing_map, probs = routing.dense_routing(topk_idx, topk_weights, columns)
@@ -577,13 +579,11 @@ def make_hybridep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, 
     """
     require("the hybridep backend")
     settings = Settings.from_knobs(dispatch_knobs, combine_knobs)
-    adapters: dict = {}
+    adapters: GroupMap[HybridEPAdapter] = GroupMap()
 
     def get_buffer_for(group, tokens) -> HybridEPAdapter:
-        group = dist.group.WORLD if group is None else group
-        if group not in adapters:
-            adapters[group] = HybridEPAdapter(group, settings)
-        return adapters[group]
+        adapter = adapters.get(group)
+        return adapter if adapter is not None else adapters.set(group, HybridEPAdapter(group_or_world(group), settings))
 
     return Comm(name="hybridep", get_buffer=get_buffer_for, dispatch_config=settings, combine_config=settings)
 

@@ -26,10 +26,11 @@ from fused_a2a.autograd import Comm, counts_tensor
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
 from fused_a2a.backends.torch_routing import (
     Capacity, Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts, routing_rows,
-    row_destinations,
+    row_destinations, split_routing_rows,
 )
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
+from fused_a2a.groups import GroupMap, GroupRef
 
 IMPLS = ("all_to_all", "p2p")
 
@@ -93,12 +94,17 @@ class TorchBuffer:
     needs_layout = False
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
+        self._group = GroupRef(group)  # weak: a cached buffer must not keep a destroyed group alive
         self.group_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._graphs = RoutingGraphs(group, self.group_size)
+        self._graphs = RoutingGraphs(self._group, self.group_size)
         self._captures = dist.get_backend(group) == "nccl"
         self.capacity = Capacity()
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (``None``: the default group); ``RuntimeError`` once it was destroyed and freed."""
+        return self._group()
 
     def get_dispatch_layout(
         self,
@@ -234,10 +240,9 @@ class TorchBuffer:
 
     def exchange_routing(self, routing: torch.Tensor, topk: int, counts: Counts,
                          config: TorchConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Send each row's local expert ids and weights (``[S, 12 K]`` bytes of :func:`routing_rows`) in one exchange;
-        returns the received ``[R, K]`` int64 ids and float32 weights."""
-        received = self._exchange(routing, counts.send, counts.recv, config)
-        return received[:, :8 * topk].contiguous().view(torch.int64), received[:, 8 * topk:].contiguous().view(torch.float32)
+        """Send each row's local expert ids and weights (``[S, 2 K]`` int64 of :func:`routing_rows`) in one
+        exchange; returns the received ``[R, K]`` int64 ids and float32 weights."""
+        return split_routing_rows(self._exchange(routing, counts.send, counts.recv, config), topk)
 
     def combine(
         self,
@@ -331,22 +336,22 @@ def _bias_terms(bias) -> tuple[torch.Tensor, ...]:
     return tuple(b for b in bias if b is not None)
 
 
-_buffers: dict[object, TorchBuffer] = {}
+_buffers: GroupMap[TorchBuffer] = GroupMap()  # an entry goes with its group
 
 
 def get_torch_buffer(group: dist.ProcessGroup | None, tokens=None) -> TorchBuffer:
     """The torch buffer of ``group`` (``None``: the default group), created on first use (one
     buffer moves tokens of any size: ``tokens``, what :attr:`Comm.get_buffer` passes, is unused)."""
-    key = group if group is not None else dist.group.WORLD
-    buffer = _buffers.get(key)
+    buffer = _buffers.get(group)
     if buffer is None:
-        buffer = _buffers[key] = TorchBuffer(group)
+        buffer = _buffers.set(group, TorchBuffer(group))
     return buffer
 
 
 def set_torch_buffer(group: dist.ProcessGroup | None, buffer) -> None:
-    """Make ``buffer`` the torch buffer of ``group`` (a stand-in, e.g. a benchmark's replay of it)."""
-    _buffers[group if group is not None else dist.group.WORLD] = buffer
+    """Make ``buffer`` the torch buffer of ``group`` (a stand-in, e.g. a benchmark's replay of it;
+    it must not hold ``group`` strongly, or the group outlives ``destroy_process_group``)."""
+    _buffers.set(group, buffer)
 
 
 def free_torch_buffers() -> None:

@@ -25,12 +25,13 @@ import operator
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 import fused_a2a.backends.torch_routing_kernels as kernels
+from fused_a2a.shared_errors import range_error
 
 _ALIGN = 16
 
@@ -241,23 +242,30 @@ def send_with_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor, shape: P
     ids.index_put_((slot,), row_ids)
     weights = torch.empty(world * capacity + 1, k, dtype=torch.float32, device=device)
     weights.index_put_((slot,), row_weights)
-    parts = [meta, ids[:-1], weights[:-1]] if capacity else [meta]
-    segments = torch.cat([part.view(torch.uint8).view(world, -1) for part in parts], dim=1)
-    pad = shape.segment_bytes - segments.size(1)
-    return torch.cat([segments, segments.new_zeros(world, pad)], dim=1) if pad else segments
+    # the segments are written through typed views of one fresh, contiguous buffer whose rows are a
+    # multiple of 16 bytes: no view depends on the strides or the row width of the inputs
+    segments = torch.zeros(world, shape.segment_bytes, dtype=torch.uint8, device=device)
+    words, floats = segments.view(torch.int64), segments.view(torch.float32)
+    words[:, :shape.meta_len] = meta
+    if capacity:
+        ids_at, weights_at = shape.ids_offset // 8, shape.weights_offset // 4
+        words[:, ids_at:ids_at + capacity * k] = ids[:-1].reshape(world, capacity * k)
+        floats[:, weights_at:weights_at + capacity * k] = weights[:-1].reshape(world, capacity * k)
+    return segments
 
 
 def receive_with_torch(received: torch.Tensor, shape: PlanShape, views: PlanViews) -> None:
     """Torch operations for the receive side: the received ids and weights packed by source rank into
     ``views.ids``/``views.weights``, the received counts into ``views.staging[0]``."""
     world, k, capacity = shape.world, shape.topk, shape.capacity
-    meta = received[:, :shape.ids_offset].contiguous().view(torch.int64)
+    words = received.view(torch.int64)  # received: contiguous [W, segment_bytes], rows of 16-byte multiples
+    meta = words[:, :shape.meta_len]
     views.staging[0].copy_(meta)
     if not capacity:
         return
-    ids = received[:, shape.ids_offset:shape.weights_offset].contiguous().view(torch.int64).view(world * capacity, k)
-    weights = received[:, shape.weights_offset:shape.weights_offset + 4 * capacity * k].contiguous()
-    weights = weights.view(torch.float32).view(world * capacity, k)
+    ids_at, weights_at = shape.ids_offset // 8, shape.weights_offset // 4
+    ids = words[:, ids_at:ids_at + capacity * k].reshape(world * capacity, k)
+    weights = received.view(torch.float32)[:, weights_at:weights_at + capacity * k].reshape(world * capacity, k)
     counts = meta[:, 0]
     first = torch.cumsum(counts, 0) - counts
     row = torch.arange(capacity, device=received.device)
@@ -288,18 +296,16 @@ def read_counts(host: torch.Tensor, world: int, num_experts: int) -> Counts:
     """The :class:`Counts` in a plan's ``host`` buffer (after the synchronisation).
 
     Raises:
-        ValueError: an expert id outside ``[-1, num_experts)`` on any rank (the same on every rank).
+        ValueError: an expert id outside ``[-1, num_experts)`` on any rank, or a rank whose inputs failed
+            another check (:data:`~fused_a2a.shared_errors.POISON_ID`): the same on every rank.
     """
     num_local = num_experts // world
     meta_len = num_local + 4
     end = world * meta_len
     values = host.tolist()  # [W, meta_len] received metadata (one row per source rank), then the sent rows
     lows, highs = values[num_local + 1:end:meta_len], values[num_local + 2:end:meta_len]
-    low, high = min(lows), max(highs)
-    if low < -1 or high >= num_experts:
-        bad = [r for r in range(world) if lows[r] < -1 or highs[r] >= num_experts]
-        raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), found range [{low}, {high}] "
-                         f"(rank {', '.join(map(str, bad))})")
+    if min(lows) < -1 or max(highs) >= num_experts:
+        raise range_error(num_experts, lows, highs)
     per_expert = values[1:num_local + 1]
     for start in range(meta_len + 1, end, meta_len):
         per_expert = list(map(operator.add, per_expert, values[start:start + num_local]))
@@ -309,10 +315,16 @@ def read_counts(host: torch.Tensor, world: int, num_experts: int) -> Counts:
 
 def routing_rows(topk_idx: torch.Tensor, topk_weights: torch.Tensor, token: torch.Tensor,
                  send: tuple[int, ...], num_local: int) -> torch.Tensor:
-    """``[S, 12 K]`` uint8: each sent row's ``K`` local expert ids (int64, ``-1`` elsewhere) then its
-    ``K`` weights (float32, ``0`` elsewhere), for rows ``token`` sent ``send[r]`` to rank ``r``."""
+    """``[S, 2 K]`` int64: each sent row's ``K`` local expert ids (``-1`` elsewhere), then the bits of its
+    ``K`` float32 weights (``0`` elsewhere) as int32 values widened to int64, for rows ``token`` sent
+    ``send[r]`` to rank ``r`` (only same-width views: any strides and any ``K`` work)."""
     ids, weights = local_routing(topk_idx, topk_weights, token, row_destinations(send, token), num_local)
-    return torch.cat([ids.view(torch.uint8), weights.view(torch.uint8)], dim=1)
+    return torch.cat([ids, weights.view(torch.int32).to(torch.int64)], dim=1)
+
+
+def split_routing_rows(rows: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``([R, K] int64 ids, [R, K] float32 weights)`` of received :func:`routing_rows`."""
+    return rows[:, :topk].contiguous(), rows[:, topk:].to(torch.int32).view(torch.float32)
 
 
 def row_destinations(send: tuple[int, ...], token: torch.Tensor) -> torch.Tensor:
@@ -394,8 +406,8 @@ are overwritten by the next replay of the same shape.
     done (a dispatch synchronises with it before returning).
     """
 
-    def __init__(self, group, world: int) -> None:
-        self.group = group
+    def __init__(self, group: Callable[[], dist.ProcessGroup | None], world: int) -> None:
+        self._group = group  # the group, when called (a weak reference: see fused_a2a.groups)
         self.world = world
         self._graphs: dict[tuple, _Captured | None] = {}
         self._warm = False
@@ -432,7 +444,7 @@ are overwritten by the next replay of the same shape.
 
     def _eager(self, topk_idx, topk_weights, num_experts: int, capacity: int) -> RoutingPlan:
         host = host_buffer(self.world, num_experts, topk_idx.device)
-        return plan_routing(topk_idx, topk_weights, num_experts, self.group, self.world, capacity, host)
+        return plan_routing(topk_idx, topk_weights, num_experts, self._group(), self.world, capacity, host)
 
     def _capture(self, topk_idx, topk_weights, num_experts: int, capacity: int) -> _Captured | None:
         static_idx, static_weights = topk_idx.contiguous().clone(), topk_weights.float().contiguous().clone()
@@ -445,7 +457,7 @@ are overwritten by the next replay of the same shape.
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                plan = plan_routing(static_idx, static_weights, num_experts, self.group, self.world, capacity, host,
+                plan = plan_routing(static_idx, static_weights, num_experts, self._group(), self.world, capacity, host,
                                     inputs)
         except RuntimeError:  # an op or a collective that cannot be captured here: eager from now on
             torch.cuda.synchronize(topk_idx.device)

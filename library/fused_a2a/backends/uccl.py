@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
-from fused_a2a.backends.base import BackendSpec, Knob, Shape, buffer_getter
+from fused_a2a.backends.base import BackendSpec, Knob, buffer_getter
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
     ChunkConfig,
@@ -142,13 +142,6 @@ def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
     return None
 
 
-def shape_problem(shape: Shape, knobs: dict[str, Any] | None = None) -> str | None:
-    """Why UCCL-EP cannot take a dispatch of ``shape``: uccl 0.1.1 asserts that every rank sends at least one token."""
-    if min(shape.tokens) < 1:
-        return "UCCL-EP needs at least 1 token on every rank (uccl 0.1.1 asserts num_tokens > 0)"
-    return None
-
-
 def make_uccl_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int | None = None) -> Comm:
     """The :class:`Comm` of the ``uccl`` backend for two full knob dicts.
 
@@ -187,7 +180,6 @@ SPEC = BackendSpec(
     make_comm=make_uccl_comm,
     unavailable=unavailable,
     invalid=invalid_knobs,
-    shape_problem=shape_problem,
     teardown=free_uccl_buffer,
     version=version,
     dtypes=("bf16",),  # UCCL-EP's combine kernel exists for bf16 alone

@@ -9,10 +9,11 @@ internode path moves tokens through CPU proxy threads and RDMA NICs (``Proxy.sta
 ``internode_prepare``/``internode_dispatch``/``internode_combine``); this adapter refuses such a group
 with one clear ``RuntimeError`` (it cannot be run or tested here: no RDMA NIC).
 
-Contract notes for ``uccl`` 0.1.1: every rank must dispatch at least one token (its
-``intranode_prepare``/``intranode_dispatch`` assert ``num_tokens > 0``); combine is bf16-only; the
-channel count (``num_sms / 2``) of a dispatch is baked into its handle, so its combine and cached
-dispatches run with the dispatch's ``num_sms``.
+Contract notes for ``uccl`` 0.1.1: its ``intranode_prepare``/``intranode_dispatch`` assert
+``num_tokens > 0``, so a rank without tokens dispatches one placeholder row that goes nowhere (top-k
+ids all ``-1``, in no rank's ``is_token_in_rank``) and its combine returns ``[0, H]``: callers may pass
+0 tokens on any rank; combine is bf16-only; the channel count (``num_sms / 2``) of a dispatch is baked
+into its handle, so its combine and cached dispatches run with the dispatch's ``num_sms``.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ class UCCLHandle:
         recv_channel_prefix_matrix: ``[R, C]`` int32, per source, prefix over its channels (receive side).
         num_recv_tokens: ``M``.
         recv_src_idx: ``[max(M, 1)]`` int32, the source token index of each received row.
-        is_token_in_rank: ``[N, R]`` bool, which ranks received each token.
-        send_head: ``[N, R]`` int32, where each token landed on each rank (``-1``: not sent there).
+        is_token_in_rank: ``[max(N, 1), R]`` bool, which ranks received each token (with ``N = 0``, the
+            placeholder row, sent nowhere).
+        send_head: ``[max(N, 1), R]`` int32, where each token landed on each rank (``-1``: not sent there).
+        num_tokens: ``N``, the tokens this rank dispatched.
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -134,16 +137,12 @@ class UCCLHandle:
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
     send_head: torch.Tensor
+    num_tokens: int
 
     @property
     def num_sms(self) -> int:
         """The SM count of the dispatch (two per channel)."""
         return 2 * self.channel_prefix_matrix.size(1)
-
-    @property
-    def num_tokens(self) -> int:
-        """``N``, the tokens this rank dispatched."""
-        return self.send_head.size(0)
 
 
 class UCCLBuffer:
@@ -252,7 +251,9 @@ class UCCLBuffer:
             is_token_in_rank: ``[N, R]`` bool.
             event: an :class:`EventOverlap` (its ``event`` is ``None`` unless ``async_finish``).
         """
-        device = topk_idx.device
+        device, num_tokens = topk_idx.device, topk_idx.size(0)
+        if not num_tokens:  # the kernels take no empty top-k: count a placeholder row of -1 instead
+            topk_idx = _placeholder_rows(topk_idx, -1)
         with self._allocation_stream(previous_event, async_finish, allocate_on_comm_stream, device):
             num_tokens_per_rank = torch.empty(self.group_size, dtype=torch.int32, device=device)
             num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
@@ -264,7 +265,7 @@ class UCCLBuffer:
         )
         outputs = (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank)
         return (
-            num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank,
+            num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank[:num_tokens],
             _overlap(event, async_finish, previous_event, (topk_idx, *outputs)),
         )
 
@@ -288,7 +289,8 @@ class UCCLBuffer:
         """Send each token to the ranks that hold its experts (received rows: by source rank, then token).
 
         Args:
-            x: ``[N, H]`` tokens (bf16 for a later combine; ``H * element_size`` a multiple of 16, ``N > 0``).
+            x: ``[N, H]`` tokens (bf16 for a later combine; ``H * element_size`` a multiple of 16; ``N = 0``
+                dispatches a placeholder row that goes nowhere).
             handle: a :class:`UCCLHandle`: repeat that dispatch's layout ("cached" dispatch, no top-k).
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: the layout from
                 :meth:`get_dispatch_layout` (required without ``handle``).
@@ -319,6 +321,11 @@ class UCCLBuffer:
             return self._cached_dispatch(x, handle, config, previous_event, async_finish, allocate_on_comm_stream)
         assert num_tokens_per_rank is not None and is_token_in_rank is not None and num_tokens_per_expert is not None
         assert (topk_idx is None) == (topk_weights is None), "give topk_idx and topk_weights together"
+        num_tokens = x.size(0)
+        if not num_tokens:  # uccl asserts num_tokens > 0: one placeholder row, in no rank, routed nowhere
+            x, is_token_in_rank = _placeholder_rows(x, 0), _placeholder_rows(is_token_in_rank, False)
+            if topk_idx is not None:
+                topk_idx, topk_weights = _placeholder_rows(topk_idx, -1), _placeholder_rows(topk_weights, 0)
         config = config if config is not None else self.get_dispatch_config(self.group_size)
         size, channels, device = self.group_size, config.num_sms // 2, x.device
         with self._allocation_stream(previous_event, async_finish, allocate_on_comm_stream, device):
@@ -349,7 +356,7 @@ class UCCLBuffer:
         )
         handle = UCCLHandle(
             rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, num_recv_tokens,
-            recv_src_idx, is_token_in_rank, send_head,
+            recv_src_idx, is_token_in_rank, send_head, num_tokens,
         )
         used = (x, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_expert, recv_x, recv_topk_idx,
                 recv_topk_weights)
@@ -392,11 +399,13 @@ class UCCLBuffer:
             raise ValueError(f"combine input has {x.size(0)} rows, but its dispatch received {handle.num_recv_tokens}")
         config = self._config_for(config, handle, self.get_combine_config)
         bias_0, bias_1 = bias if isinstance(bias, tuple) else (bias, None)
+        if not handle.num_tokens:  # the placeholder row of the dispatch comes back too: its bias rows
+            bias_0, bias_1 = (None if b is None else _placeholder_rows(b, 0) for b in (bias_0, bias_1))
         hidden, topk, device = x.size(1), 0 if topk_weights is None else topk_weights.size(1), x.device
         # the kernels take no null pointers: a rank that received nothing sends one unused row
         x_rows = x if x.size(0) else x.new_empty(1, hidden)
         weight_rows = topk_weights if topk_weights is None or topk_weights.size(0) else topk_weights.new_empty(1, topk)
-        rows = max(handle.num_tokens, 1)
+        rows = handle.send_head.size(0)  # the dispatched rows, a placeholder row included
         with self._allocation_stream(previous_event, async_finish, allocate_on_comm_stream, device):
             combined_x = torch.empty(rows, hidden, dtype=x.dtype, device=device)
             combined_weights = None
@@ -404,7 +413,7 @@ class UCCLBuffer:
                 combined_weights = torch.empty(rows, topk, dtype=torch.float32, device=device)
         event = self.runtime.intranode_combine(
             _ptr(x_rows), x.size(0), hidden, DTYPE_CODES[x.dtype], x.element_size(), _ptr(weight_rows), topk,
-            _ptr(bias_0), _ptr(bias_1), _ptr(handle.recv_src_idx), handle.num_tokens,
+            _ptr(bias_0), _ptr(bias_1), _ptr(handle.recv_src_idx), rows,
             _ptr(handle.rank_prefix_matrix), _ptr(handle.recv_channel_prefix_matrix), _ptr(handle.send_head),
             config, _ptr(combined_x), _ptr(combined_weights),
             _native(previous_event), async_finish, allocate_on_comm_stream, _stream_ptr(device),
@@ -431,6 +440,8 @@ class UCCLBuffer:
     def _cached_dispatch(self, x, handle: UCCLHandle, config, previous_event, async_finish, allocate_on_comm_stream):
         """Dispatch ``x`` with the layout of ``handle``; returns DeepEP's cached 6-tuple."""
         device = x.device
+        if not x.size(0):  # the dispatch of the handle sent a placeholder row: send one again
+            x = _placeholder_rows(x, 0)
         with self._allocation_stream(previous_event, async_finish, allocate_on_comm_stream, device):
             recv_x = torch.empty(max(handle.num_recv_tokens, 1), x.size(1), dtype=x.dtype, device=device)
         event = self.runtime.intranode_dispatch(
@@ -465,6 +476,11 @@ class UCCLBuffer:
         if device.type != "cuda":
             return nullcontext()
         return torch.cuda.stream(torch.cuda.ExternalStream(int(self.runtime.get_comm_stream()), device=device))
+
+
+def _placeholder_rows(tensor: torch.Tensor, value) -> torch.Tensor:
+    """A ``[1, *tensor.shape[1:]]`` tensor like ``tensor`` (which has no rows), filled with ``value``."""
+    return torch.full((1, *tensor.shape[1:]), value, dtype=tensor.dtype, device=tensor.device)
 
 
 def _native(event: EventOverlap | None):

@@ -15,9 +15,10 @@ import torch
 
 from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import deepep
-from fused_a2a.backends.base import group_or_world
 from fused_a2a.backends.deepep import DEEP_EP, HAVE_DEEP_EP, KNOBS, handle_layout, is_nvshmem_available
+from fused_a2a.calls import agreed_dispatch
 from fused_a2a.checks import dtype_name
+from fused_a2a.groups import group_or_world
 from fused_a2a.seed.handles import comm_of, remember
 from fused_a2a.tuning.agreement import agreed_comm
 from fused_a2a.tuning.resolve import env_var
@@ -93,13 +94,6 @@ def set_deepep_num_sms(num_sms: int | None) -> None:
     _num_sms = num_sms
 
 
-def dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
-    """The agreed ``deepep`` :class:`~fused_a2a.autograd.Comm` of a seed dispatch. Collective at a shape's first call."""
-    shape = x.shape
-    return agreed_comm("deepep", group, dtype_name(x.dtype), shape[1], shape[0], token_indices.shape[1], num_experts,
-                       explicit_knobs()).comm
-
-
 def combine_comm(group, x: torch.Tensor, handle: tuple):
     """The Comm of the dispatch that made ``handle``; for a handle made elsewhere, the agreed one with
     the handle's SM count."""
@@ -119,10 +113,11 @@ class FusedDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass of fused dispatch (see :func:`fused_dispatch`)."""
-        comm = dispatch_comm(group, x, token_indices, num_experts)
-        out = dispatch_forward(ctx, comm, x, token_indices, token_probs, num_experts, group, async_finish,
+        agreed, x, token_indices, token_probs = agreed_dispatch("deepep", group, x, token_indices, token_probs,
+                                                                num_experts, explicit_knobs())
+        out = dispatch_forward(ctx, agreed.comm, x, token_indices, token_probs, num_experts, group, async_finish,
                                allocate_on_comm_stream)
-        remember(out[4], comm)
+        remember(out[4], agreed.comm)
         return out
 
     @staticmethod
@@ -167,10 +162,16 @@ def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_fini
     Returns:
         ``(recv_x [R, hidden], recv_token_indices [R, topk] int64 local ids or -1,
         recv_token_probs [R, topk] float32, tokens_per_expert [num_local_experts] int64 (CPU), handle)``.
+
+    Tensors of any memory layout are taken (made contiguous once, before the library sees them).
+
+    Raises:
+        ValueError: inputs of the wrong shape or dtype, or ``token_indices`` outside ``[-1,
+            num_experts)``, on any rank: raised on every rank of ``group`` (:mod:`fused_a2a.calls`).
     """
     DEEP_EP.require("fused_dispatch")
     return run_function(
-        FusedDispatch, x.contiguous(), token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
+        FusedDispatch, x, token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
     )
 
 

@@ -15,9 +15,10 @@ import torch
 from fused_a2a import environment
 from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
 from fused_a2a.backends import uccl
-from fused_a2a.backends.base import group_or_world
 from fused_a2a.backends.uccl import HAVE_UCCL_EP, SM_ENV_VARS, UCCL_EP, UCCLBuffer
+from fused_a2a.calls import agreed_dispatch
 from fused_a2a.checks import dtype_name
+from fused_a2a.groups import group_or_world
 from fused_a2a.seed.handles import comm_of, remember
 from fused_a2a.tuning.agreement import agreed_comm
 
@@ -71,12 +72,6 @@ def set_uccl_num_sms(num_sms: int | None) -> None:
     _set_by_caller = num_sms is not None
 
 
-def _dispatch_comm(group, x: torch.Tensor, token_indices: torch.Tensor, num_experts: int):
-    shape = x.shape
-    return agreed_comm("uccl", group, dtype_name(x.dtype), shape[1], shape[0], token_indices.shape[1], num_experts,
-                       explicit_knobs()).comm
-
-
 def _combine_comm(group, x: torch.Tensor, handle):
     comm = comm_of(handle)
     if comm is None:
@@ -94,10 +89,11 @@ class UCCLFusedDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass: layout + dispatch (see :func:`uccl_fused_dispatch`)."""
-        comm = _dispatch_comm(group, x, token_indices, num_experts)
-        out = dispatch_forward(ctx, comm, x, token_indices, token_probs, num_experts, group, async_finish,
+        agreed, x, token_indices, token_probs = agreed_dispatch("uccl", group, x, token_indices, token_probs,
+                                                                num_experts, explicit_knobs())
+        out = dispatch_forward(ctx, agreed.comm, x, token_indices, token_probs, num_experts, group, async_finish,
                                allocate_on_comm_stream)
-        remember(out[4], comm)
+        remember(out[4], agreed.comm)
         return out
 
     @staticmethod
@@ -128,7 +124,7 @@ def uccl_fused_dispatch(x, token_indices, token_probs, num_experts, group, async
     """Dispatch tokens to the ranks holding their experts, with UCCL-EP (intranode).
 
     Args:
-        x: ``[num_tokens, hidden]`` bf16 tokens of this rank (``num_tokens > 0``).
+        x: ``[num_tokens, hidden]`` bf16 tokens of this rank (``num_tokens`` may be 0).
         token_indices: ``[num_tokens, topk]`` int64 global expert ids, ``-1`` for none.
         token_probs: ``[num_tokens, topk]`` float32 routing probabilities.
         num_experts: total number of experts (divisible by the group size).
@@ -139,10 +135,16 @@ def uccl_fused_dispatch(x, token_indices, token_probs, num_experts, group, async
     Returns:
         ``(recv_x [R, hidden], recv_token_indices [R, topk] int64 local ids or -1,
         recv_token_probs [R, topk] float32, tokens_per_expert [num_local_experts] int64 (CPU), handle)``.
+
+    Tensors of any memory layout are taken (made contiguous once, before the library sees them).
+
+    Raises:
+        ValueError: inputs of the wrong shape or dtype, or ``token_indices`` outside ``[-1,
+            num_experts)``, on any rank: raised on every rank of ``group`` (:mod:`fused_a2a.calls`).
     """
     UCCL_EP.require("uccl_fused_dispatch")
     return run_function(
-        UCCLFusedDispatch, x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+        UCCLFusedDispatch, x, token_indices, token_probs, num_experts, group, async_finish,
         allocate_on_comm_stream,
     )
 

@@ -16,7 +16,16 @@ Each key's choice (backend, knobs, their sources, the table entry) is logged at 
 ``fused_a2a`` logger once, on global rank 0 (again only if a refresh changes it); ``FUSED_A2A_LOG=info``
 shows it without configuring logging (:mod:`fused_a2a.log`).
 
-Call :func:`clear` on every rank of a group or on none (a cleared rank runs the collective again).
+The first call's exchange also carries each rank's call (backend, dtype, hidden size, top-k, experts,
+routing, SM budget) and any problem this rank's own inputs have: ranks that call with different shapes,
+or a rank whose inputs failed a check, make every rank raise the same ``ValueError``. A rank whose own
+inputs fail a check at a key it has not seen, on a group that has run a call already, cannot know
+whether its peers are at a first call too: :func:`agreed_comm` raises :class:`LocalProblem` without any
+collective, and the caller (:mod:`fused_a2a.calls`) joins the call its peers most likely run.
+
+The cache holds process groups weakly (:class:`~fused_a2a.groups.GroupMap`): a destroyed group's
+entries go with it. Call :func:`clear` on every rank of a group or on none (a cleared rank runs the
+collective again).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from fused_a2a.autograd import Comm
 from fused_a2a.backends import BACKENDS, Shape, get_backend
 from fused_a2a.checks import check_experts_divisible
 from fused_a2a.cluster import CLUSTER_ID_ENV, detect_cluster
+from fused_a2a.groups import GroupMap
 from fused_a2a.tuning import resolve as resolution
 
 STAT_EVERY = 32  # warm calls of a key between two looks at the table files
@@ -72,7 +82,20 @@ class Agreed:
     calls: list = field(default_factory=lambda: [0])
 
 
-_cache: dict[tuple, Agreed] = {}
+class LocalProblem(ValueError):
+    """This rank's call cannot run (its dtype, its expert count, its backend), found before any collective
+    at a key this rank has not agreed yet, on a group that has run a call already."""
+
+
+@dataclass(eq=False)
+class _GroupCalls:
+    """One group's agreed keys on this rank and the key of its last dispatch (``None``: none yet)."""
+
+    agreed: dict[tuple, Agreed] = field(default_factory=dict)
+    last: tuple | None = None
+
+
+_cache: GroupMap[_GroupCalls] = GroupMap()
 _stats = {"hits": 0, "agreements": 0, "refreshes": 0}
 _announced: dict[tuple, str] = {}  # key -> the last line logged for it
 
@@ -109,47 +132,109 @@ def agreed_comm(
     local. Arguments as in :func:`fused_a2a.tuning.resolve.resolve`; ``backend`` may be ``"auto"``.
 
     Raises:
-        ValueError: unknown backend or knob, a knob value the backend rejects, or explicit knobs or
-            ``FUSED_A2A_*`` overrides that differ between the ranks (raised on every rank).
+        ValueError: unknown backend or knob, a knob value the backend rejects, a dtype or shape the
+            backend does not take, explicit knobs or ``FUSED_A2A_*`` overrides that differ between the
+            ranks, or ranks that call with different shapes (raised on every rank).
+        LocalProblem: this rank's dtype, expert count or backend cannot run, at a first call on a group
+            that has run a call already (raised on this rank only, before any collective).
         RuntimeError: the backend's library is not installed.
     """
-    key = (group, backend, dtype, hidden, topk, num_experts, routing, _frozen(explicit), num_sms_budget)
-    agreed = _cache.get(key)
+    key = (backend, dtype, hidden, topk, num_experts, routing, _frozen(explicit), num_sms_budget)
+    calls = _cache.get(group)
+    agreed = None if calls is None else calls.agreed.get(key)
     if agreed is not None:
+        if num_experts is not None:
+            calls.last = key
         if environment.values(agreed.watch[0]) == agreed.stamp[0] and _files_unchanged(agreed):
             _stats["hits"] += 1
             return agreed
         _stats["refreshes"] += 1
-        agreed = _resolve(key, agreed.lookup_tokens, agreed.use_table)
+        agreed = _resolve(group, key, agreed.lookup_tokens, agreed.use_table)
     else:
-        if backend != "auto":
-            get_backend(backend)
-        if num_experts is not None:
-            check_experts_divisible(num_experts, dist.get_world_size(group))
+        world_size = dist.get_world_size(group)
+        problem = _local_problem(backend, dtype, num_experts, world_size)
+        if problem is not None and calls is not None and calls.last is not None:
+            raise LocalProblem(problem)
         _stats["agreements"] += 1
-        lookup_tokens, use_table = _agree(key, group, num_tokens, explicit)
-        agreed = _resolve(key, lookup_tokens, use_table)
-    _cache[key] = agreed
-    _announce(key, agreed)
+        lookup_tokens, use_table = _agree(group, key, num_tokens, problem)
+        agreed = _resolve(group, key, lookup_tokens, use_table)
+        if calls is None:
+            calls = _cache.set(group, _GroupCalls())
+        if num_experts is not None:
+            calls.last = key
+    calls.agreed[key] = agreed
+    _announce(group, key, agreed)
     return agreed
 
 
-def _announce(key: tuple, agreed: Agreed) -> None:
+def refuse(problem: str, backend: str, group: dist.ProcessGroup | None, explicit: dict[str, Any],
+           num_sms_budget: int | None = None, routing: str | None = None) -> None:
+    """Raise the same ``ValueError`` (naming this rank and ``problem``) on every rank of ``group``, whose
+    other ranks are at the first call of their key. Collective: this rank's side of :func:`agreed_comm`'s
+    first-call exchange, for a call that failed a check before it had a key."""
+    _agree(group, (backend, None, None, None, None, routing, _frozen(explicit), num_sms_budget), 0, problem)
+    raise ValueError(problem)  # a group of one rank: nothing to exchange
+
+
+def join_target(group: dist.ProcessGroup | None, dtype: str | None, hidden: int | None, topk: int | None,
+                num_experts: int | None, backend: str, explicit: dict[str, Any], num_sms_budget: int | None = None,
+                routing: str | None = None) -> tuple[tuple, Comm] | None:
+    """The dispatch this rank's peers most likely run now, for a rank whose own call failed a check.
+
+    The call's dtype, hidden size, top-k and experts are what the failed call still gives (``None``: not
+    known). Returns ``((dtype, hidden, top-k, experts), Comm)`` of the group's last dispatch on this rank
+    if it matches every part given, else of the latest agreed dispatch that does; ``None`` when none does
+    (a shape the group has not run: its peers are at its first call) or this rank has run none. A call
+    that gives none of the four parts takes the last dispatch. The target becomes the last dispatch."""
+    calls = _cache.get(group)
+    if calls is None or calls.last is None:
+        return None
+    given = (backend, dtype, hidden, topk, num_experts)
+    rest = (routing, _frozen(explicit), num_sms_budget)
+
+    def matches(key: tuple) -> bool:
+        return (key[4] is not None and key[5:] == rest
+                and all(want is None or want == have for want, have in zip(given, key[:5])))
+
+    target = calls.last
+    if given[1:] != (None, None, None, None) and not matches(target):
+        target = next((key for key in reversed(calls.agreed) if matches(key)), None)
+        if target is None:
+            return None
+    calls.last = target
+    return target[1:5], calls.agreed[target].comm
+
+
+def _local_problem(backend: str, dtype: str | None, num_experts: int | None, world_size: int) -> str | None:
+    """Why this rank's call cannot run whatever its peers do (unknown backend, a dtype the backend does
+    not move, experts not divisible by the group size), or ``None``."""
+    try:
+        spec = get_backend(backend) if backend != "auto" else None
+        if num_experts is not None:
+            check_experts_divisible(num_experts, world_size)
+    except ValueError as err:
+        return str(err)
+    if spec is not None and dtype is not None and dtype not in spec.dtypes:
+        return f"{backend} moves {', '.join(spec.dtypes)} tokens, not {dtype}"
+    return None
+
+
+def _announce(group, key: tuple, agreed: Agreed) -> None:
     """Log what ``key`` resolved to, on global rank 0, unless that very line was logged for it."""
     log.configure()
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    line = describe(key, agreed)
+    line = describe(group, key, agreed)
     if _announced.get(key) == line:
         return
     _announced[key] = line
     log.logger.info("%s", line)
 
 
-def describe(key: tuple, agreed: Agreed) -> str:
-    """One line: the backend a key runs (and why, for ``auto``), its knobs with their sources, and
-    the table entry they came from."""
-    group, backend, dtype, hidden, topk, num_experts, *_ = key
+def describe(group, key: tuple, agreed: Agreed) -> str:
+    """One line: the backend a key of ``group`` runs (and why, for ``auto``), its knobs with their
+    sources, and the table entry they came from."""
+    backend, dtype, hidden, topk, num_experts, *_ = key
     res = agreed.resolved
     shape = (f"{dtype} hidden {hidden}" + (f" top-{topk}" if topk else "") + (f" {num_experts} experts" if num_experts else "")
              + f" on {dist.get_world_size(group)} ranks, {res.routing if res else 'uniform'} routing, "
@@ -235,14 +320,18 @@ def _table_digest(world_size: int) -> str | None:
     return None
 
 
-def _agree(key: tuple, group, num_tokens: int, explicit: dict[str, Any]) -> tuple[int, bool]:
+def _agree(group, key: tuple, num_tokens: int, problem: str | None) -> tuple[int, bool]:
     """The group's largest token count and whether its ranks read the same table; raises the same
-    ``ValueError`` on every rank when their explicit knobs or overrides differ. Collective."""
-    backend = key[1]
+    ``ValueError`` on every rank when a rank has a ``problem``, when the ranks' calls (backend, dtype,
+    hidden, top-k, experts, routing, SM budget) differ, or when their explicit knobs or overrides differ.
+    Collective."""
+    backend = key[0]
     world_size = dist.get_world_size(group)
     local = {
+        "problem": problem,
+        "call": key[:6] + key[7:],
         "tokens": int(num_tokens),
-        "explicit": _frozen(explicit),
+        "explicit": key[6],
         "env": tuple((name, os.environ.get(name)) for name in _env_names(backend)),
         "table": _table_digest(world_size),
     }
@@ -250,6 +339,13 @@ def _agree(key: tuple, group, num_tokens: int, explicit: dict[str, Any]) -> tupl
     if world_size > 1:
         views = [None] * world_size
         dist.all_gather_object(views, local, group=group)
+    problems = [f"rank {rank}: {view['problem']}" for rank, view in enumerate(views) if view["problem"] is not None]
+    if problems:
+        raise ValueError(f"fused_a2a: invalid dispatch on {'; '.join(problems)} (raised on every rank of the group)")
+    if any(view["call"] != views[0]["call"] for view in views):
+        calls = "; ".join(f"rank {rank}: {_describe_call(view['call'])}" for rank, view in enumerate(views))
+        raise ValueError(f"fused_a2a: the ranks of the group called dispatch with different arguments ({calls}); "
+                         "every rank must pass the same backend, dtype, hidden size, top-k, experts, routing and SM budget")
     for part, what in (("explicit", "knob arguments"), ("env", "FUSED_A2A_* environment overrides")):
         if any(view[part] != views[0][part] for view in views):
             differing = "; ".join(f"rank {rank}: {_describe(view[part])}" for rank, view in enumerate(views))
@@ -265,14 +361,19 @@ def _agree(key: tuple, group, num_tokens: int, explicit: dict[str, Any]) -> tupl
 
 
 def _check_shape(key: tuple, world_size: int, tokens: tuple[int, ...]) -> None:
-    """``ValueError`` (the same on every rank) for a dtype or shape the backend's kernels do not take."""
-    _, backend, dtype, hidden, topk, num_experts, *_ = key
+    """``ValueError`` (the same on every rank) for a shape the backend's kernels do not take (its dtypes
+    are checked before, :func:`_local_problem`)."""
+    backend, dtype, hidden, topk, num_experts, *_ = key
     spec = get_backend(backend)
-    if dtype not in spec.dtypes:
-        raise ValueError(f"{backend} moves {', '.join(spec.dtypes)} tokens, not {dtype}")
     problem = spec.shape_problem(Shape(world_size, tokens, hidden, topk or 1, num_experts or world_size, dtype), {})
     if problem is not None:
         raise ValueError(f"{backend}: {problem}")
+
+
+def _describe_call(call: tuple) -> str:
+    backend, dtype, hidden, topk, num_experts, routing, budget = call
+    return (f"{backend} {dtype} hidden {hidden} top-{topk} {num_experts} experts routing {routing or 'default'}"
+            f"{'' if budget is None else f' SM budget {budget}'}")
 
 
 def _describe(items: tuple) -> str:
@@ -280,8 +381,8 @@ def _describe(items: tuple) -> str:
     return ", ".join(shown) or "none"
 
 
-def _resolve(key: tuple, lookup_tokens: int, use_table: bool) -> Agreed:
-    group, backend, dtype, hidden, topk, num_experts, routing, explicit, budget = key
+def _resolve(group, key: tuple, lookup_tokens: int, use_table: bool) -> Agreed:
+    backend, dtype, hidden, topk, num_experts, routing, explicit, budget = key
     world_size = dist.get_world_size(group)
     watch = _watch(backend, world_size)
     stamp = _stamp(watch)

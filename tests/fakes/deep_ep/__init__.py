@@ -10,6 +10,9 @@ where its Python asserts):
   ``destroy_process_group``); every dispatch/combine checks an even SM count, 16-byte rows, a buffer at
   least as large as the config's size hint, and the comm-stream flags; a cached dispatch takes no top-k;
   a handle's channel count must match the config's; combine takes bf16 only;
+* ``num_recv_tokens_per_expert_list`` is what ``notify_dispatch`` computes: each local expert's entries
+  of the senders' ``num_tokens_per_expert`` summed (int32), aligned up; expert ids outside ``[-1, E)``
+  stop the rank (DeepEP would read out of bounds);
 * handles are DeepEP's intranode 6-tuple ``(rank_prefix_matrix [R, R], channel_prefix_matrix [R, C],
   recv_channel_prefix_matrix [R, C], recv_src_idx [M], is_token_in_rank [N, R], send_head [N, R])`` with
   ``C = num_sms / 2``.
@@ -194,6 +197,7 @@ class Buffer:
         """``(num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool, event)``."""
         self._check_call(previous_event, async_finish, allocate_on_comm_stream)
         _check(topk_idx.dim() == 2 and topk_idx.is_contiguous() and topk_idx.dtype == torch.int64, "topk_idx is a contiguous [N, K] int64 tensor")
+        _check_ids(topk_idx, num_experts)
         per_rank, _, per_expert, in_rank, _ = self.runtime.get_dispatch_layout(topk_idx, num_experts)
         return per_rank, None, per_expert, in_rank, _event(async_finish)
 
@@ -229,7 +233,13 @@ class Buffer:
         assert num_tokens_per_rank is not None and is_token_in_rank is not None and num_tokens_per_expert is not None
         if topk_idx is None or topk_weights is None or num_worst_tokens:
             raise NotImplementedError("the fake dispatches with topk_idx and topk_weights, without num_worst_tokens")
-        recv_x, recv_idx, recv_weights, counts, torch_handle, _ = self.runtime.dispatch(
+        _check(num_tokens_per_expert.dtype == torch.int32 and num_tokens_per_expert.dim() == 1
+               and num_tokens_per_expert.is_contiguous(), "num_tokens_per_expert is a contiguous [E] int32 tensor")
+        _check(num_tokens_per_expert.size(0) % self.group_size == 0, "num_tokens_per_expert->size(0) % num_ranks == 0")
+        _check(topk_idx.is_contiguous() and topk_weights.is_contiguous(), "topk_idx and topk_weights are contiguous")
+        _check_ids(topk_idx, num_tokens_per_expert.size(0))
+        counts = self._received_per_expert(num_tokens_per_expert, expert_alignment)
+        recv_x, recv_idx, recv_weights, _, torch_handle, _ = self.runtime.dispatch(
             x,
             num_tokens_per_rank=num_tokens_per_rank,
             is_token_in_rank=is_token_in_rank,
@@ -238,7 +248,7 @@ class Buffer:
             topk_weights=topk_weights,
             expert_alignment=expert_alignment,
         )
-        return recv_x, recv_idx, recv_weights, counts.tolist(), self._handle(torch_handle, config), _event(async_finish)
+        return recv_x, recv_idx, recv_weights, counts, self._handle(torch_handle, config), _event(async_finish)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         """DeepEP's normal combine (bf16 only); returns ``(combined_x [N, H], combined_topk_weights or None, event)``."""
@@ -251,6 +261,15 @@ class Buffer:
         _check(topk_weights is None or topk_weights.dtype == torch.float32, "topk_weights are float32")
         combined, combined_weights, _ = self.runtime.combine(x, self._torch_handle(handle), topk_weights=topk_weights, bias=bias)
         return combined, combined_weights, _event(async_finish)
+
+    def _received_per_expert(self, num_tokens_per_expert: torch.Tensor, expert_alignment: int) -> list[int]:
+        """``notify_dispatch``: each local expert's count summed over the senders' ``num_tokens_per_expert``
+        (only returned, never used for sizes), rounded up to ``expert_alignment`` (collective)."""
+        every = [torch.empty_like(num_tokens_per_expert) for _ in range(self.group_size)]
+        dist.all_gather(every, num_tokens_per_expert, group=self.group)
+        local = num_tokens_per_expert.size(0) // self.group_size
+        mine = torch.stack(every)[:, self.rank * local:(self.rank + 1) * local].sum(0, dtype=torch.int32)
+        return ((mine + expert_alignment - 1) // expert_alignment * expert_alignment).tolist()
 
     def _check_call(self, previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> None:
         _check(self.runtime is not None, "the buffer is alive (not destroyed)")
@@ -314,6 +333,13 @@ class Buffer:
             recv_counts=tuple(recv_counts.tolist()),
             num_tokens=in_rank.size(0),
         )
+
+
+def _check_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """DeepEP reads an expert id outside ``[-1, num_experts)`` out of bounds (undefined behaviour on that
+    rank alone): the fake stops that rank instead, so a caller that lets one through fails here."""
+    _check(topk_idx.numel() == 0 or bool(((topk_idx >= -1) & (topk_idx < num_experts)).all()),
+           f"topk_idx values lie in [-1, {num_experts}) (DeepEP reads others out of bounds)")
 
 
 def _event(async_finish: bool) -> EventOverlap:

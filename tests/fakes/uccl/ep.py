@@ -12,6 +12,9 @@ over the default (gloo) process group. It enforces the parts of the contract an 
 * ``Buffer``: ``sync`` needs one device id and one 64-byte IPC handle per rank, in rank order, and every
   kernel call needs it first; ``destroy`` needs ``explicitly_destroy``, runs once, is collective and
   needs the process group alive;
+* ``intranode_prepare``'s per-expert counts are ``notify_dispatch``'s: each local expert's entries of the
+  senders' ``num_tokens_per_expert`` summed, aligned up; expert ids outside ``[-1, E)`` stop the rank
+  (the real kernels would read out of bounds);
 * kernels: no null pointers where the real ones assert, ``num_tokens > 0`` (0.1.1), an even SM count,
   16-byte rows, an NVLink buffer at least as large as the config's size hint (stricter than the real
   kernels, which would overrun it), events as native ``EventHandle`` objects, combine bf16-only, and
@@ -328,6 +331,7 @@ class Buffer:
         _check(num_experts > 0, "num_experts > 0")
         _check(num_tokens_per_rdma_rank_ptr == 0, "no RDMA ranks within one node")
         topk_idx = _view(topk_idx_ptr, (num_tokens, num_topk), torch.int64)
+        _check_ids(topk_idx, num_experts)
         per_rank, _, per_expert, in_rank, _ = self.torch.get_dispatch_layout(topk_idx, num_experts)
         _view(num_tokens_per_rank_ptr, (self.num_ranks,), torch.int32).copy_(per_rank)
         _view(num_tokens_per_expert_ptr, (num_experts,), torch.int32).copy_(per_expert)
@@ -398,6 +402,7 @@ class Buffer:
         _check(torch.equal(_channel_prefix(in_rank, channels), _view(channel_prefix_matrix_ptr, (size, channels), torch.int32).long()),
                "channel_prefix_matrix is what intranode_prepare wrote")
         topk_idx = _view(topk_idx_ptr, (num_tokens, num_topk), torch.int64)
+        _check_ids(topk_idx, num_experts)
         topk_weights = _view(topk_weights_ptr, (num_tokens, num_topk), torch.float32)
         recv_x, recv_idx, recv_weights, _, handle, _ = self.torch.dispatch(
             x, num_tokens_per_rank=in_rank.sum(0).int(), is_token_in_rank=in_rank,
@@ -493,6 +498,13 @@ class Buffer:
             tokens = in_rank[:, dest].nonzero().squeeze(1)
             send_head[tokens, dest] = (first_slot[dest] + torch.arange(tokens.numel())).to(torch.int32)
         return send_head
+
+
+def _check_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """UCCL-EP reads an expert id outside ``[-1, num_experts)`` out of bounds (undefined behaviour on
+    that rank alone): the fake stops that rank instead, so a caller that lets one through fails here."""
+    _check(topk_idx.numel() == 0 or bool(((topk_idx >= -1) & (topk_idx < num_experts)).all()),
+           f"topk_idx values lie in [-1, {num_experts}) (UCCL-EP reads others out of bounds)")
 
 
 def _channel_prefix(in_rank: torch.Tensor, channels: int) -> torch.Tensor:
