@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 
 from reference import TOLERANCE, assert_close, dense_output, expected_dispatch, expert_op, grad_seed
-from routing_cases import RoutingCase, generate, hybridep_shape_ok
+from routing_cases import RoutingCase, generate, hybridep_shape_ok, hybridep_tokens_ok
 
 FAKES = (str(Path(__file__).parent / "fakes"),)
 HANG_S = 120  # one run (dispatch, combine, backward, twice) that takes longer on a rank counts as a hang
-# HybridEP on ids outside [-1, E) and on the shapes it does not take (same ValueError on every rank):
-# switched on once the HybridEP adapter reports them on every rank (its device-side id check)
-HYBRIDEP_BAD_INPUT_CASES = False
+# HybridEP on ids outside [-1, E), other faults and the shapes it does not take (same ValueError on every
+# rank), with the same legal token count on every rank: HybridEP needs one count on every rank, which the
+# group checks at a shape's first call only (a count that differs between ranks at a later call hangs it)
+HYBRIDEP_BAD_INPUT_CASES = True
 TRACE = os.environ.get("FUSED_A2A_PROPERTY_TRACE") == "1"  # print each run before it starts (to find a crash)
 
 
@@ -84,10 +85,15 @@ def _cannot(case: RoutingCase, backend: str) -> str | None:
 def runs_on(case: RoutingCase, backend: str) -> bool:
     """Whether the property run tries ``case`` on ``backend``. HybridEP: cases with distinct experts per
     token (it merges a repeated expert's slots, which the reference does not model); of those, the ones
-    with a legal shape and no fault, and the rest only with :data:`HYBRIDEP_BAD_INPUT_CASES`."""
+    with a legal shape and no fault, and with :data:`HYBRIDEP_BAD_INPUT_CASES` also faults and illegal
+    shapes whose token counts keep its rules."""
     if backend != "hybridep":
         return True
-    return not case.duplicates and (HYBRIDEP_BAD_INPUT_CASES or (case.fault == "none" and hybridep_shape_ok(case)))
+    if case.duplicates:
+        return False
+    if HYBRIDEP_BAD_INPUT_CASES:
+        return hybridep_tokens_ok(case)
+    return case.fault == "none" and hybridep_shape_ok(case)
 
 
 def _run(case: RoutingCase, index: int, backend: str, rank: int, device: torch.device, group) -> str:

@@ -152,6 +152,16 @@ def hybridep_shape_ok(case: RoutingCase) -> bool:
     return BACKENDS["hybridep"].shape_problem(shape, {}) is None
 
 
+def hybridep_tokens_ok(case: RoutingCase) -> bool:
+    """Whether the case's token counts keep HybridEP's token rules (the same count on every rank, at least
+    one, its TMA and allgather alignments), whatever its dtype, hidden size or faults."""
+    from fused_a2a.backends import BACKENDS, Shape
+
+    shape = Shape(case.world, case.tokens, 16, case.topk, case.num_experts, "bf16")
+    problem = BACKENDS["hybridep"].shape_problem(shape, {})
+    return problem is None or "token" not in problem
+
+
 # hidden sizes: on the CPU any with 16-byte bf16 rows (the fakes' rule); on GPUs multiples of 16, as DeepEP's
 # and UCCL-EP's SM90 kernels load a row in two halves of 16-byte units (a device assert otherwise), and
 # HybridEP on few (hidden, experts per rank) pairs, since each new pair builds (and compiles) a buffer

@@ -126,7 +126,7 @@ def test_gpu_checks_parses_and_refuses_an_unknown_stage(tmp_path: Path) -> None:
     assert run("-n", str(SCRIPTS / "gpu_checks.sh")).returncode == 0
     proc = run(str(SCRIPTS / "gpu_checks.sh"), str(tmp_path / "out"), "bogus")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "unknown stage bogus (tests1, tests2, compat, bench, sweep, mps)"
+    assert proc.stderr.strip() == "unknown stage bogus (tests1, tests2, compat, property, bench, sweep, mps)"
 
 
 def test_the_mps_table_spec_is_the_issues_grid_and_stays_lean() -> None:

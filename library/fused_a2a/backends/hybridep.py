@@ -456,6 +456,9 @@ class HybridEPHandle:
         return self.columns.num_experts
 
 
+_PLACEHOLDER_ID = -2  # a bad expert id: a placeholder row's, which every rank reports
+
+
 def _synchronize(device: torch.device) -> None:
     """Wait for the current stream of ``device`` (nothing to wait for on the CPU)."""
     if device.type == "cuda":
@@ -533,15 +536,35 @@ class HybridEPAdapter:
         return recv_x, recv_idx, recv_weights, counts[:columns.local], made, None
 
     def _check_shape(self, num_tokens: int, hidden: int, topk: int, num_experts: int, dtype: str, per_node: int) -> None:
-        """``ValueError`` for a shape HybridEP cannot take (a repeat of the last shape found fine is not checked)."""
+        """``ValueError`` for a shape HybridEP cannot take, on every rank (a repeat of the last shape found
+        fine is not checked).
+
+        A key's first call was checked with every rank's token count by the group's agreement; a rule
+        broken by this rank's token count at a later call is this rank's alone, so it joins its peers'
+        dispatch with a placeholder of the group's last token count whose ids are bad: every rank then
+        raises the phantom error (HybridEP needs the same count on every rank: peers that change their
+        count at that very call break its rule themselves)."""
         key = (num_tokens, hidden, topk, num_experts, dtype, per_node)
         if key == self._checked:
             return
         shape = Shape(self.world, (num_tokens,), hidden, topk, num_experts, dtype, per_node)
         problem = shape_problem(shape)
-        if problem is not None:
+        if problem is None:
+            self._checked = key
+            return
+        last = self._checked
+        if last is None or (hidden, topk, num_experts) != last[1:4]:
             raise ValueError(f"hybridep: {problem}")
-        self._checked = key
+        rows = last[0]
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        placeholder = torch.full((rows, topk), _PLACEHOLDER_ID, dtype=torch.int64, device=device)
+        try:
+            self.dispatch(torch.zeros(rows, hidden, dtype=torch.bfloat16, device=device), topk_idx=placeholder,
+                          topk_weights=torch.zeros(rows, topk, dtype=torch.float32, device=device),
+                          num_experts=num_experts)
+        except ValueError as shared:
+            raise ValueError(f"{shared}; this rank: hybridep: {problem}") from None
+        raise ValueError(f"hybridep: {problem}")
 
     def combine(self, x, handle: HybridEPHandle, topk_weights=None, bias=None, config=None, previous_event=None,
                 async_finish=False, allocate_on_comm_stream=False):
