@@ -9,6 +9,7 @@ GUI backend is needed and pyplot's global state is never touched.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -129,8 +130,8 @@ def _time_figure(shape: dict, rows: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     cluster = str(rows["cluster"].iloc[0]) if "cluster" in rows else ""
-    fig.suptitle(f"{cluster}{_sharing(rows)}: " + _title(shape).split(": ", 1)[1]
-                 + "; knee = fewest SMs within 5% of the best dispatch + combine", fontsize=10)
+    fig.suptitle(textwrap.fill(f"{cluster}{_sharing(rows)}: " + _title(shape).split(": ", 1)[1]
+                               + "; knee = fewest SMs within 5% of the best dispatch + combine", 110), fontsize=10)
     return fig
 
 

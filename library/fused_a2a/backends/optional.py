@@ -51,8 +51,9 @@ def distribution_version(optional: OptionalModule, distributions: tuple[str, ...
 
     In order: the package metadata of the first of ``distributions`` installed (DeepEP's setup
     writes its git commit there: ``1.2.1+94a9f8f``); the module's ``__version__``; for a build used
-    in place (a source folder on ``PYTHONPATH``), ``git:<commit>`` of that folder. ``None`` when the
-    module is not importable, ``"unknown"`` when nothing records a version.
+    in place (a source checkout on ``PYTHONPATH``), ``git:<commit>`` of that checkout when the package
+    sits at its top (a checkout without its ``.git`` inside another repository is not that repository's
+    commit). ``None`` when the module is not importable, ``"unknown"`` when nothing records a version.
     """
     if optional.module is None:
         return None
@@ -68,10 +69,14 @@ def distribution_version(optional: OptionalModule, distributions: tuple[str, ...
     return f"git:{commit}" if commit else "unknown"
 
 
-def _git_commit(folder: Path) -> str | None:
+def _git_commit(package: Path) -> str | None:
+    """The short commit of the git checkout whose top folder holds the ``package`` folder, else ``None``."""
     try:
-        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True)
+        out = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    if len(lines) != 2 or Path(lines[0]).resolve() != package.resolve().parent:
+        return None
+    return lines[1]
