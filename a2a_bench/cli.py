@@ -1,29 +1,21 @@
-"""The ``a2a-bench`` command line: parse options, call one function per command, print."""
+"""The ``a2a-bench`` command line: parse the options, call the command's body (:mod:`a2a_bench.commands`)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sys
-import time
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from a2a_bench import __version__
-from a2a_bench.engine.lifeline import die_with_launcher, launched_by_torchrun
-from a2a_bench.output import make_console
-from a2a_bench.paths import check_out_dir, check_out_file
+from a2a_bench.commands.exit import CommandExit
 from a2a_bench.engine.plugins import load_backend_plugins
 from a2a_bench.engine.results import ResultsError
-from a2a_bench.engine.spec import (
-    QUICK, SpecError, SweepSpec, expand, load_spec_file, merge, parse_ints, parse_knob, parse_words, validate,
-)
+from a2a_bench.engine.spec import REFERENCE, SpecError, SweepSpec
+from a2a_bench.launch.lifeline import die_with_launcher, launched_by_torchrun
+from a2a_bench.launch.report import user_error
+from a2a_bench.output import log_to_stderr
 from fused_a2a.tuning.table import TuningFileError
 
 SHARE_GPU_HELP = ("When ranks outnumber a node's GPUs: mps (the default: an MPS daemon serves them; --nproc starts one "
@@ -31,8 +23,6 @@ SHARE_GPU_HELP = ("When ranks outnumber a node's GPUs: mps (the default: an MPS 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a.")
-# a rank other than 0 that hits a user error waits this long for rank 0 to report it (torchrun then stops it)
-RANK0_REPORTS_S = 5.0
 
 
 def _version(value: bool) -> None:
@@ -48,13 +38,8 @@ def _root(
     """Sweep, verify and tune MoE dispatch/combine backends; write tuning tables for fused_a2a."""
 
 
-def _opt(text: Optional[str], parse, what: str):
-    return None if text is None else parse(text, what)
-
-
 def _grid_help(text: str, field: str) -> str:
-    """``text`` with the default of a :class:`SweepSpec` field (the value when neither the option, a
-    spec file nor ``--quick`` gives one)."""
+    """``text`` with the default of a :class:`SweepSpec` field (when no option, spec file or preset sets it)."""
     value = getattr(SweepSpec(), field)
     return f"{text} (default: {','.join(map(str, value)) if isinstance(value, tuple) else value})"
 
@@ -73,7 +58,7 @@ def sweep(
     routing: Optional[str] = typer.Option(None, help=_grid_help("Routings: uniform, zipf:<skew>, hot:<fraction>.", "routings")),
     knob: Optional[List[str]] = typer.Option(None, help="A backend knob's values: backend.knob=v1,v2 (repeatable; "
                                                         "default: the knob's default)."),
-    seed: Optional[int] = typer.Option(None, help=_grid_help("Base seed of the workloads.", "seed")),
+    rng_seed: Optional[int] = typer.Option(None, "--seed", help=_grid_help("Base seed of the workloads.", "rng_seed")),
     warmup: Optional[int] = typer.Option(None, help=_grid_help("Untimed iterations per mode.", "warmup")),
     iters: Optional[int] = typer.Option(None, help=_grid_help("Timed iterations per mode (>= 1).", "iters")),
     point_timeout: Optional[float] = typer.Option(None, help=_grid_help("Seconds before a point is recorded as timeout.",
@@ -97,87 +82,13 @@ def sweep(
     share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Measure every point of the grid on every rank; append one row per point to RUN_DIR/results.csv."""
-    from a2a_bench.engine.interrupt import Interrupted
-    from a2a_bench.engine.sharing import launcher_sharing, parse_share_gpu
-    from a2a_bench.engine.sweep import (
-        claim_run_folder, command_line, finish_local, launch_local, placement_from_env, run_sweep,
-    )
-    from a2a_bench.reports.tune import default_out_root
+    from a2a_bench.commands import sweep as command
+    from a2a_bench.engine.sharing import parse_share_gpu
 
     share = parse_share_gpu(share_gpu)
-    base = QUICK if quick else SweepSpec()
-    if spec is not None:
-        base = merge(base, load_spec_file(spec))
-    knobs = {b: dict(v) for b, v in base.knobs.items()}
-    if backends is not None:  # the preset's or spec file's knobs of backends the command line leaves out
-        knobs = {b: v for b, v in knobs.items() if b in parse_words(backends, "--backends")}
-    for text in knob or []:
-        backend, name, values = parse_knob(text)
-        knobs.setdefault(backend, {})[name] = values
-    sweep_spec = merge(base, {
-        "backends": _opt(backends, parse_words, "--backends"), "sms": _opt(sms, parse_ints, "--sms"),
-        "hidden": _opt(hidden, parse_ints, "--hidden"), "tokens": _opt(tokens, parse_ints, "--tokens"),
-        "topk": _opt(topk, parse_ints, "--topk"), "experts": _opt(experts, parse_ints, "--experts"),
-        "dtypes": _opt(dtype, parse_words, "--dtype"), "routings": _opt(routing, parse_words, "--routing"),
-        "knobs": knobs, "seed": seed, "warmup": warmup, "iters": iters, "point_timeout_s": point_timeout,
-        "exhaustive": exhaustive,
-    })
-    out = out or Path("runs") / datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
-    if extend and not resume:
-        raise SpecError("--extend adds grid points to a run folder: it needs --resume")
-    tables = (tune_out or default_out_root()) if then_tune else None
-    if tune_out is not None and not then_tune:
-        raise SpecError("--tune-out names where --tune writes: pass --tune too")
-    if tables is not None:
-        check_out_dir(tables, "--tune-out")
-    argv = command_line()
-    if nproc is not None and not launched_by_torchrun():
-        if nproc < 1:
-            raise SpecError(f"--nproc must be >= 1, got {nproc}")
-        if max_restarts < 0:
-            raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
-        validate(sweep_spec, nproc)
-        lock = claim_run_folder(out, resume, argv, None, sweep_spec, extend)  # rank 0 checks the cluster
-        try:
-            ranks_argv = _argv_for_ranks(sys.argv[1:], out)
-            if max_restarts and "--resume" not in ranks_argv:
-                ranks_argv.append("--resume")
-            with launcher_sharing(nproc, share):
-                status = launch_local(nproc, ranks_argv, max_restarts)
-            code = finish_local(status, out, sweep_spec, nproc, argv)
-        finally:
-            if lock is not None:
-                lock.release()
-        if code:
-            raise typer.Exit(code)
-    else:
-        try:
-            run_sweep(sweep_spec, out, resume, argv, extend, wide, share)
-        except Interrupted as exc:  # Typer would turn it into a silent exit
-            if exc.report is not None:
-                print(f"a2a-bench: {exc.report}", file=sys.stderr, flush=True)
-            raise typer.Exit(130)
-        if placement_from_env().rank != 0:
-            return
-    if tables is not None:
-        _tune_and_print(out, tables, None, "api", wide)
-
-
-def _argv_for_ranks(argv: list[str], out: Path) -> list[str]:
-    """The command line each launched rank runs: ``--nproc`` and what the launcher does itself
-    (``--tune``) removed, ``--out`` fixed."""
-    kept, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        if word in ("--nproc", "--out", "--max-restarts", "--tune-out"):
-            skip = True
-            continue
-        if word.startswith(("--nproc=", "--out=", "--max-restarts=", "--tune-out=")) or word == "--tune":
-            continue
-        kept.append(word)
-    return [*kept, "--out", str(out)]
+    grid = command.sweep_spec(backends, sms, hidden, tokens, topk, experts, dtype, routing, knob, rng_seed, warmup, iters,
+                              point_timeout, exhaustive, spec, quick)
+    command.sweep(grid, out, resume, extend, then_tune, tune_out, wide, nproc, max_restarts, share)
 
 
 @app.command()
@@ -203,64 +114,10 @@ def speedup(
     """Benchmark: round trips through fused_a2a with the knobs it finds at run time (tuning table) vs. the backend's
     defaults, in alternating blocks, same inputs; the ratio with its 95% bootstrap interval, or "same config" /
     "no measurable difference"."""
-    from a2a_bench.bench.speedup import SpeedupRun, parse_paths, speedup_table
+    from a2a_bench.commands.bench import speedup as command
 
-    given = {"backends": _opt(backends, parse_words, "--backends"), "hidden": _opt(hidden, parse_ints, "--hidden"),
-             "tokens": _opt(tokens, parse_ints, "--tokens"), "routings": _opt(routing, parse_words, "--routing")}
-    spec = merge(SweepSpec(), {
-        **given, "hidden": given["hidden"] or (7168,), "tokens": given["tokens"] or (4096,),
-        "topk": parse_ints(topk, "--topk"), "experts": parse_ints(experts, "--experts"),
-        "dtypes": parse_words(dtype, "--dtype"), "warmup": warmup, "iters": iters,
-    })
-    if blocks < 2:
-        raise SpecError(f"--blocks must be >= 2, got {blocks}")
-    run = SpeedupRun(spec, parse_paths(path), blocks, from_table, given)
-    _run_benchmark("speedup", spec, nproc, lambda checked: run.check(checked, nproc is None or launched_by_torchrun()),
-                   lambda where: run.measure(where.device), speedup_table, share_gpu)
-
-
-def _run_benchmark(command: str, spec: SweepSpec, nproc: Optional[int], check, measure, table,
-                   share_gpu: Optional[str]) -> None:
-    """A benchmark command's body: with ``--nproc`` outside torchrun, check ``spec`` on ``nproc`` ranks
-    and relaunch this command on them (under MPS when they share GPUs, :mod:`a2a_bench.engine.sharing`);
-    else join the group, ``measure(where)`` the rows and print ``table(rows)`` on rank 0.
-    ``check(spec)`` raises a user error before any group is joined."""
-    from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank, launcher_sharing, parse_share_gpu
-    from a2a_bench.engine.sweep import launch_local, placement_from_env, process_group
-
-    share = parse_share_gpu(share_gpu)
-    if nproc is not None and not launched_by_torchrun():
-        if nproc < 1:
-            raise SpecError(f"--nproc must be >= 1, got {nproc}")
-        validate(spec, nproc)
-        check(spec)
-        with launcher_sharing(nproc, share):
-            code = launch_local(nproc, [command, *_without(sys.argv[2:], "--nproc")])
-        raise typer.Exit(code)
-    where = placement_from_env()
-    validate(spec, where.world_size)
-    check(spec)
-    sharing = check_rank(share, where.rank)
-    with process_group(where):
-        rows = measure(where)
-    if where.rank == 0:
-        make_console().print(table(rows))
-        if sharing is not None and sharing.mode == "timeslice":
-            print(f"a2a-bench: warning: {sharing.describe()} by time slices: every time in the table is {NOT_COMPARABLE}",
-                  file=sys.stderr)
-
-
-def _without(argv: list[str], option: str) -> list[str]:
-    """``argv`` without ``option`` and its value (``--opt v`` or ``--opt=v``)."""
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == option:
-            skip = True
-        elif not word.startswith(option + "="):
-            out.append(word)
-    return out
+    command(backends, hidden, tokens, topk, experts, dtype, routing, path, from_table, warmup, iters, blocks, nproc,
+            share_gpu)
 
 
 @app.command()
@@ -277,19 +134,9 @@ def breakdown(
     share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: where the torch backend's api dispatch spends its time, stage by stage, against kernel mode."""
-    from a2a_bench.bench.breakdown import measure_breakdown
-    from a2a_bench.reports.report import breakdown_table
-    from fused_a2a.backends import get_backend
+    from a2a_bench.commands.bench import breakdown as command
 
-    get_backend("torch").knob("impl").validate(impl)
-    spec = merge(SweepSpec(), {"hidden": parse_ints(hidden, "--hidden"), "tokens": parse_ints(tokens, "--tokens"),
-                               "topk": (topk,), "experts": (experts,), "dtypes": parse_words(dtype, "--dtype"),
-                               "warmup": warmup, "iters": iters})
-
-    def measure(where):
-        return [measure_breakdown(point.workload, impl, warmup, iters, where.device) for point in expand(spec, where.world_size)]
-
-    _run_benchmark("breakdown", spec, nproc, lambda checked: None, measure, breakdown_table, share_gpu)
+    command(hidden, tokens, topk, experts, dtype, impl, warmup, iters, nproc, share_gpu)
 
 
 @app.command()
@@ -304,26 +151,9 @@ def overhead(
     share_gpu: Optional[str] = typer.Option(None, help=SHARE_GPU_HELP),
 ) -> None:
     """Benchmark: host time fused_a2a adds per dispatch + combine over calling each backend's buffer directly."""
-    from a2a_bench.bench.overhead import measure_overhead
-    from a2a_bench.reports.report import overhead_table
-    from fused_a2a.backends import BACKENDS
+    from a2a_bench.commands.bench import overhead as command
 
-    names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
-    spec = merge(SweepSpec(), {"backends": names, "hidden": (hidden,), "tokens": (tokens,), "topk": (topk,),
-                               "experts": (experts,), "iters": iters})
-
-    def installed(checked: SweepSpec) -> None:
-        from a2a_bench.engine.installed import not_installed
-
-        for name in checked.backends:
-            if not_installed(name) is not None:
-                raise SpecError(not_installed(name))
-
-    def measure(where):
-        return [row for point in expand(spec, where.world_size)
-                for row in measure_overhead(point.backend, point.workload, iters, where.device)]
-
-    _run_benchmark("overhead", spec, nproc, installed, measure, overhead_table, share_gpu)
+    command(backends, hidden, tokens, topk, experts, iters, nproc, share_gpu)
 
 
 @app.command()
@@ -340,26 +170,9 @@ def paths(
 ) -> None:
     """Benchmark: per call, each backend's own uncached dispatch/combine, fused_a2a's api, the seed path and
     the cached kernel, side by side with the api/raw and seed/raw ratios."""
-    from a2a_bench.bench.paths import measure_paths
-    from a2a_bench.reports.report import paths_table
-    from fused_a2a.backends import BACKENDS
+    from a2a_bench.commands.bench import paths as command
 
-    names = parse_words(backends, "--backends") if backends else tuple(n for n, b in BACKENDS.items() if b.unavailable() is None)
-    spec = merge(SweepSpec(), {"backends": names, "hidden": parse_ints(hidden, "--hidden"),
-                               "tokens": parse_ints(tokens, "--tokens"), "topk": (topk,), "experts": (experts,),
-                               "warmup": warmup, "iters": iters})
-
-    def installed(checked: SweepSpec) -> None:
-        for name in checked.backends:
-            reason = BACKENDS[name].unavailable()
-            if reason is not None:
-                raise SpecError(f"backend {name!r} is not available: {reason}")
-
-    def measure(where):
-        return [measure_paths(point.backend, point.workload, warmup, iters, where.device)
-                for point in expand(spec, where.world_size)]
-
-    _run_benchmark("paths", spec, nproc, installed, measure, paths_table, share_gpu)
+    command(backends, hidden, tokens, topk, experts, warmup, iters, nproc, share_gpu)
 
 
 @app.command()
@@ -374,30 +187,9 @@ def tune(
 ) -> None:
     """Select the fastest verified config per shape, routing and backend build; keep the backend's default
     unless it is beaten beyond the noise; merge the entries into the cluster's tuning.json."""
-    from a2a_bench.reports.tune import default_out_root
-    from fused_a2a.tuning.resolve import declared_routing
+    from a2a_bench.commands.tables import tune as command
 
-    out = out or default_out_root()
-    check_out_dir(out)
-    _tune_and_print(run_dir, out, None if routing is None else declared_routing(routing), by, wide)
-
-
-def _tune_and_print(run_dir: Path, out: Path, routing: Optional[str], by: str, wide: bool) -> None:
-    """Tune ``run_dir`` into ``out`` and print the table, where it went and how a job uses it."""
-    from a2a_bench.reports.fit import print_table
-    from a2a_bench.reports.report import tuning_table
-    from a2a_bench.reports.tables import MARKDOWN_NAME, publish
-    from a2a_bench.reports.tune import library_reads
-
-    path, table = publish(run_dir, out, routing, by)
-    console = make_console()
-    print_table(console, tuning_table(table), wide, str(path.parent / MARKDOWN_NAME))
-    e = table.entries[0]
-    console.print(f"wrote {path}; {library_reads(path)}", markup=False, highlight=False)
-    console.print(f"the whole table as Markdown: {path.parent / MARKDOWN_NAME}; jobs get these knobs from "
-                  f"fused_a2a.dispatch/combine and fused_a2a.compat; what a call uses: a2a-bench show --backend "
-                  f"{e.backend} --hidden {e.hidden} --tokens {e.num_tokens} --world-size {e.world_size}",
-                  markup=False, highlight=False)
+    command(run_dir, out, routing, by, wide)
 
 
 @app.command()
@@ -407,35 +199,14 @@ def table(
     wide: bool = typer.Option(False, "--wide", help="Print every column (default: those that fit the terminal)."),
 ) -> None:
     """Print a cluster's tuning table and write it as Markdown to CLUSTER_DIR/TABLE.md."""
-    from a2a_bench.reports.fit import print_table
-    from a2a_bench.reports.report import tuning_markdown, tuning_table
-    from a2a_bench.reports.tables import MARKDOWN_NAME, check_printable, machine_ids, machine_tables
-    from fused_a2a.files import atomic_write_text
-    from fused_a2a.tuning.resolve import tuning_dirs
-    from fused_a2a.tuning.table import read_table
+    from a2a_bench.commands.tables import table as command
 
-    folders = [cluster_dir] if cluster_dir is not None else machine_tables()
-    if not folders:
-        raise ResultsError(f"no tuning table for this machine yet: looked for {machine_ids()} in "
-                           f"{' or '.join(map(str, tuning_dirs()))}; make one with a2a-bench sweep --nproc 2 --tune, "
-                           "or pass a CLUSTER_DIR")
-    tables = []
-    for folder in folders:
-        path = folder / "tuning.json"
-        tuning = read_table(path)
-        check_printable(tuning, str(path))
-        check_out_file(folder / MARKDOWN_NAME, "CLUSTER_DIR")
-        tables.append((folder, tuning))
-    console = make_console()
-    for folder, tuning in tables:
-        atomic_write_text(folder / MARKDOWN_NAME, tuning_markdown(tuning))
-        print_table(console, tuning_table(tuning), wide, str(folder / MARKDOWN_NAME))
-        console.print(f"wrote {folder / MARKDOWN_NAME}", markup=False, highlight=False)
+    command(cluster_dir, wide)
 
 
 @app.command()
 def show(
-    backend: str = typer.Option("torch", help="Backend name."),
+    backend: str = typer.Option(REFERENCE, help="Backend name."),
     hidden: int = typer.Option(..., help="Hidden size of the call."),
     tokens: int = typer.Option(..., help="Tokens per rank of the call."),
     world_size: int = typer.Option(..., help="Ranks in the expert-parallel group."),
@@ -453,88 +224,9 @@ def show(
     The call is checked by the library's own checks; an unusable FUSED_A2A_* variable or tuning file
     is an error here (the library in a job ignores it with a warning unless FUSED_A2A_TUNING_STRICT=1).
     """
-    from a2a_bench.call import Call, check_call
-    from fused_a2a.backends import get_backend
-    from fused_a2a.cluster import cluster_id_problem
-    from fused_a2a.tuning.resolve import resolve
+    from a2a_bench.commands.show import show as command
 
-    if cluster is not None and cluster_id_problem(cluster):
-        raise SpecError(f"--cluster: {cluster_id_problem(cluster)}")
-    backends = [backend]
-    console = make_console()
-    if framework is not None:
-        from fused_a2a.compat import FRAMEWORKS, replaced
-
-        if framework not in FRAMEWORKS:
-            raise SpecError(f"--framework must be one of {', '.join(sorted(FRAMEWORKS))}, got {framework!r}")
-        here = "replaced in this process" if framework in replaced() else "not replaced in this process"
-        console.print(f"{framework}: fused_a2a.compat.install({framework!r}) (or python -m fused_a2a.compat {framework} -- "
-                      f"SCRIPT) puts fused_a2a.compat.{framework} in place of {FRAMEWORKS[framework]} ({here}); "
-                      "the framework's default SM counts count as not set", markup=False)
-        backends = ["deepep", "hybridep", "uccl"] if framework == "automodel" else ["deepep", "hybridep"]
-    for name in backends:
-        spec = get_backend(name)
-        check_call(Call(name, world_size, dtype, hidden, tokens, topk, experts))
-        explicit = {}
-        for text in knob or []:
-            knob_name, sep, value = text.partition("=")
-            if not sep:
-                raise SpecError(f"--knob takes name=value, got {text!r}")
-            if framework is None or knob_name in {k.name for k in spec.knobs}:
-                explicit[knob_name] = spec.knob(knob_name).parse(value)
-        with _strict_tuning():
-            res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
-                          cluster=cluster, routing=routing)
-        _print_resolution(console, res, hidden, tokens, world_size, dtype, cluster)
-
-
-def _print_resolution(console, res, hidden: int, tokens: int, world_size: int, dtype: str,
-                      cluster: Optional[str]) -> None:
-    """One backend's knobs, their sources and the table entry they came from, with the mode that chose
-    it and how it compared with the default."""
-    from a2a_bench.reports.report import entry_verdict
-    from fused_a2a.cluster import detect_cluster
-    from fused_a2a.tuning.resolve import tuning_dirs
-
-    out = Table(title=f"{res.backend}: hidden {hidden}, {tokens} tokens, {world_size} ranks, {dtype}, {res.routing} routing")
-    for column in ("knob", "dispatch", "combine", "source"):
-        out.add_column(column)
-    for name in res.dispatch:
-        out.add_row(name, str(res.dispatch[name]), str(res.combine[name]), res.sources[name])
-    console.print(out)
-    if res.entry is not None:
-        e = res.entry
-        console.print(f"table entry: {res.table_path} ({e.backend}, {e.world_size} ranks, {e.dtype}, {e.routing} routing, "
-                      f"hidden {e.hidden}, {e.num_tokens} tokens, top-{e.topk}, {e.num_experts} experts, "
-                      f"measured with {e.build or 'an unrecorded build'}; installed: {res.build or 'not installed'})",
-                      markup=False)
-        mode = f"chosen by {e.selected_by} mode"
-        if e.selected_by == "kernel":
-            mode += (" (the buffer's cached calls, not the full call a training step makes: a table tuned before "
-                     "a2a-bench tune ranked by api, or with --by kernel)")
-        console.print(f"{mode}; vs the default: {entry_verdict(e)}", markup=False)
-    elif res.table_path is not None:
-        console.print(f"no table entry for this call in {res.table_path}: the backend's defaults apply", markup=False)
-    else:
-        cluster = cluster or detect_cluster(world_size).id
-        console.print(f"no tuning table for cluster {cluster} (looked in {' and '.join(map(str, tuning_dirs()))}): "
-                      "the backend's defaults apply; a2a-bench sweep --tune makes one", markup=False)
-
-
-@contextmanager
-def _strict_tuning():
-    """The library's strict mode for the body: unusable overrides and tables raise instead of warning."""
-    from fused_a2a.tuning.resolve import STRICT_ENV
-
-    before = os.environ.get(STRICT_ENV)
-    os.environ[STRICT_ENV] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[STRICT_ENV]
-        else:
-            os.environ[STRICT_ENV] = before
+    command(backend, hidden, tokens, world_size, dtype, topk, experts, cluster, knob, routing, framework)
 
 
 @app.command()
@@ -543,27 +235,9 @@ def env(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Installed backends (version, or why not), GPUs, link topology, MPS and cluster id."""
-    from a2a_bench.reports.environment import describe, mps_line
+    from a2a_bench.commands.show import env as command
 
-    if world_size is not None and world_size < 1:
-        raise SpecError(f"--world-size must be >= 1, got {world_size}")
-    info = describe(world_size)
-    console = make_console()
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    c = info["cluster"]
-    console.print(f"cluster id: [bold]{c['id']}[/bold]  gpu: {c['gpu'] or 'none'}  gpus/node: {c['gpus_per_node']}  "
-                  f"nodes: {c['nodes']}  intranode link: {c['intranode_link'] or 'n/a'}  internode: {c['internode'] or 'n/a'}")
-    console.print(f"GPUs: {', '.join(info['gpus']) or 'none'}")
-    console.print(mps_line(info["mps"]), markup=False, highlight=False)
-    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
-    out = Table(title="backends")
-    for column in ("backend", "available", "version or reason"):
-        out.add_column(column)
-    for b in info["backends"]:
-        out.add_row(b["backend"], "yes" if b["available"] else "no", b["detail"])
-    console.print(out)
+    command(world_size, as_json)
 
 
 @app.command()
@@ -576,15 +250,9 @@ def plot(
 ) -> None:
     """PNG plots: GB/s against SMs per backend and shape (GB/s against tokens without an SM knob), with the link
     peak; or dispatch and combine time against SMs with each backend's knee (--metric time)."""
-    from a2a_bench.reports.plot import METRICS, plot_run
-    from a2a_bench.engine.results import RESULTS_FILE, read_results
+    from a2a_bench.commands.results import plot as command
 
-    if metric not in METRICS:
-        raise SpecError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    out = out or run_dir / "plots"
-    check_out_dir(out)
-    for path in plot_run(read_results(run_dir / RESULTS_FILE), out, metric):
-        print(path)
+    command(run_dir, out, metric)
 
 
 @app.command()
@@ -601,12 +269,9 @@ def compare(
     wide: bool = typer.Option(False, "--wide", help="Print every column (default: those that fit the terminal)."),
 ) -> None:
     """Backends side by side for one shape: best verified knobs (by --by), µs, GB/s, default's µs, speedup vs torch."""
-    from a2a_bench.reports.compare import compare_table
-    from a2a_bench.reports.fit import print_table
-    from a2a_bench.engine.results import RESULTS_FILE, read_results
+    from a2a_bench.commands.results import compare as command
 
-    table = compare_table(read_results(run_dir / RESULTS_FILE), hidden, tokens, dtype, topk, experts, routing, by)
-    print_table(make_console(), table, wide, str(run_dir / RESULTS_FILE))
+    command(run_dir, hidden, tokens, dtype, topk, experts, routing, by, wide)
 
 
 @app.command("search-check")
@@ -619,14 +284,9 @@ def search_check(
 ) -> None:
     """How many points the default search timed against --exhaustive, and whether its choice is within 3% of the
     exhaustive best, per backend and shape."""
-    from a2a_bench.reports.search_check import check_search, search_table, summary
+    from a2a_bench.commands.results import search_check as command
 
-    if not within > 0:
-        raise SpecError(f"--within must be a positive percentage, got {within:g}")
-    checks = check_search(default_run, exhaustive_run)
-    console = make_console()
-    console.print(search_table(checks, within / 100))
-    console.print(summary(checks, within / 100), markup=False, highlight=False)
+    command(default_run, exhaustive_run, within)
 
 
 @app.command()
@@ -645,21 +305,9 @@ def export(
 ) -> None:
     """The tuning table's knobs for a call, as SGLang's --deepep-config JSON or environment variables
     (with the Megatron-LM and NeMo Automodel settings that give them)."""
-    from a2a_bench.reports.export import check_request, describe, find_entry, load_table, render
-    from fused_a2a.files import atomic_write_text
-    from fused_a2a.tuning.resolve import declared_routing
+    from a2a_bench.commands.tables import export as command
 
-    check_request(fmt, backend)
-    if out is not None:
-        check_out_file(out)
-    entry = find_entry(load_table(cluster_dir, world_size), backend, world_size, dtype, hidden, tokens, topk, experts,
-                       declared_routing(routing))
-    text = render(fmt, entry)
-    if out is None:
-        print(text, end="")
-        return
-    atomic_write_text(out, text)
-    print(f"wrote {out} (entry: {describe(entry)})")
+    command(fmt, backend, hidden, tokens, world_size, dtype, topk, experts, cluster_dir, out, routing)
 
 
 USER_ERRORS = (SpecError, ResultsError, TuningFileError, ValueError)
@@ -669,13 +317,10 @@ def main() -> None:
     """Entry point: a user error prints one line and exits with status 2.
 
     Under torchrun every rank parses the same command: rank 0 prints the error; another rank prints
-    it only if rank 0 has not ended the job within :data:`RANK0_REPORTS_S` (the error was its own).
-    A rank launched by torchrun dies with its launcher (:func:`a2a_bench.engine.lifeline.die_with_launcher`).
+    it only if rank 0 has not ended the job meanwhile (:func:`a2a_bench.launch.report.user_error`).
+    A rank launched by torchrun dies with its launcher (:func:`a2a_bench.launch.lifeline.die_with_launcher`).
     """
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("a2a-bench: %(message)s"))
-    logging.getLogger("a2a_bench").addHandler(handler)
-    logging.getLogger("a2a_bench").setLevel(logging.INFO)
+    log_to_stderr()
     if launched_by_torchrun():
         die_with_launcher()
     try:
@@ -683,29 +328,23 @@ def main() -> None:
         result = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except CommandExit as exc:
+        sys.exit(exc.code)
     except (typer.Abort, KeyboardInterrupt):
         print("a2a-bench: interrupted", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as exc:
-        _user_error(str(exc))
+        user_error(str(exc))
     except OSError as exc:
         if exc.filename is None:
             raise
-        _user_error(f"cannot use {exc.filename}: {exc.strerror or exc}")
+        user_error(f"cannot use {exc.filename}: {exc.strerror or exc}")
     except Exception as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `a2a-bench`: the help, on stdout
             print(exc.format_message())
             sys.exit(0)
         if not hasattr(exc, "format_message"):  # Typer's usage errors (bad or unknown option) have it
             raise
-        _user_error(exc.format_message())
+        user_error(exc.format_message())
     sys.exit(result if isinstance(result, int) else 0)
 
-
-def _user_error(message: str) -> None:
-    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
-    if rank != 0:
-        time.sleep(RANK0_REPORTS_S)
-        message = f"rank {rank}: {message}"
-    print(f"a2a-bench: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)

@@ -1,8 +1,9 @@
-"""Where the CLI prints: a terminal gets rich's live output, a file or pipe (a Slurm log) gets plain
+"""Where the CLI prints (and logs): a terminal gets rich's live output, a file or pipe (a Slurm log) gets plain
 lines and tables at their full width (rich would cut them to 80 columns)."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from rich.console import Console
@@ -17,3 +18,11 @@ def make_console(stderr: bool = False) -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(stderr=stderr, width=FILE_WIDTH)
     return console
+
+
+def log_to_stderr() -> None:
+    """Send the ``a2a_bench`` logger's records (INFO and up) to stderr as ``a2a-bench: <message>`` lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("a2a-bench: %(message)s"))
+    logging.getLogger("a2a_bench").addHandler(handler)
+    logging.getLogger("a2a_bench").setLevel(logging.INFO)

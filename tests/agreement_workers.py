@@ -14,7 +14,7 @@ from reference import Case
 
 
 def _inputs(rank: int, world_size: int, num_tokens: int):
-    return Case(WorkloadSpec(num_tokens=num_tokens, hidden=32, topk=2, num_experts=8, seed=3)).inputs(rank, world_size)
+    return Case(WorkloadSpec(num_tokens=num_tokens, hidden=32, topk=2, num_experts=8, rng_seed=3)).inputs(rank, world_size)
 
 
 def _gathered(value) -> list:

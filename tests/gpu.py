@@ -19,11 +19,11 @@ FAKES = Path(__file__).parent / "fakes"
 
 # hidden {2048, 7168} x tokens {128, 4096} x top-k {2, 8}, 64 experts, bf16, plus -1 entries
 BACKEND_CASES = [
-    Case(WorkloadSpec(num_tokens=tokens, hidden=hidden, topk=topk, num_experts=64, dtype="bf16", seed=seed))
+    Case(WorkloadSpec(num_tokens=tokens, hidden=hidden, topk=topk, num_experts=64, dtype="bf16", rng_seed=seed))
     for seed, (hidden, tokens, topk) in enumerate(
         (h, n, k) for h in (2048, 7168) for n in (128, 4096) for k in (2, 8)
     )
-] + [Case(WorkloadSpec(num_tokens=4096, hidden=7168, topk=8, num_experts=64, dtype="bf16", drop=0.2, seed=20))]
+] + [Case(WorkloadSpec(num_tokens=4096, hidden=7168, topk=8, num_experts=64, dtype="bf16", drop=0.2, rng_seed=20))]
 
 
 def real(module: OptionalModule) -> bool:

@@ -21,13 +21,13 @@ CPU = torch.device("cpu")
 # HybridEP's limits: bf16, hidden % 16, the same tokens on every rank, tokens x ranks per node % 4,
 # local experts x ranks per node % 4
 CASES = [
-    Case(WorkloadSpec(num_tokens=48, hidden=32, topk=4, num_experts=16, dtype="bf16", seed=1)),
-    Case(WorkloadSpec(num_tokens=40, hidden=64, topk=2, num_experts=8, dtype="bf16", seed=2)),
-    Case(WorkloadSpec(num_tokens=32, hidden=16, topk=3, num_experts=8, dtype="bf16", drop=0.3, seed=3)),
-    Case(WorkloadSpec(num_tokens=36, hidden=32, topk=4, num_experts=16, dtype="bf16", routing="zipf", skew=1.5, seed=4)),
-    Case(WorkloadSpec(num_tokens=36, hidden=32, topk=2, num_experts=8, dtype="bf16", routing="hot", skew=0.9, seed=5)),
-    Case(WorkloadSpec(num_tokens=20, hidden=16, topk=2, num_experts=8, dtype="bf16", seed=6), edit="silent0"),
-    Case(WorkloadSpec(num_tokens=20, hidden=16, topk=2, num_experts=8, dtype="bf16", seed=8), edit="deaf_last"),
+    Case(WorkloadSpec(num_tokens=48, hidden=32, topk=4, num_experts=16, dtype="bf16", rng_seed=1)),
+    Case(WorkloadSpec(num_tokens=40, hidden=64, topk=2, num_experts=8, dtype="bf16", rng_seed=2)),
+    Case(WorkloadSpec(num_tokens=32, hidden=16, topk=3, num_experts=8, dtype="bf16", drop=0.3, rng_seed=3)),
+    Case(WorkloadSpec(num_tokens=36, hidden=32, topk=4, num_experts=16, dtype="bf16", routing="zipf", skew=1.5, rng_seed=4)),
+    Case(WorkloadSpec(num_tokens=36, hidden=32, topk=2, num_experts=8, dtype="bf16", routing="hot", skew=0.9, rng_seed=5)),
+    Case(WorkloadSpec(num_tokens=20, hidden=16, topk=2, num_experts=8, dtype="bf16", rng_seed=6), edit="silent0"),
+    Case(WorkloadSpec(num_tokens=20, hidden=16, topk=2, num_experts=8, dtype="bf16", rng_seed=8), edit="deaf_last"),
 ]
 
 
@@ -151,7 +151,7 @@ def limits(rank: int, world_size: int) -> None:
     from deep_ep import hybrid_ep_buffer as fake
 
     def inputs(num_tokens: int):
-        spec = WorkloadSpec(num_tokens=num_tokens, hidden=32, topk=2, num_experts=8, seed=9)
+        spec = WorkloadSpec(num_tokens=num_tokens, hidden=32, topk=2, num_experts=8, rng_seed=9)
         return Case(spec).inputs(rank, world_size)
 
     seven = inputs(7)

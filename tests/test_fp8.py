@@ -13,9 +13,9 @@ from ranks import spawn
 from reference import Case, check_fp8_case
 
 CASES = [
-    Case(WorkloadSpec(num_tokens=40, hidden=256, topk=4, num_experts=16, dtype="fp8", seed=1)),
-    Case(WorkloadSpec(num_tokens=24, hidden=128, topk=2, num_experts=8, dtype="fp8", drop=0.3, seed=2)),
-    Case(WorkloadSpec(num_tokens=16, hidden=128, topk=2, num_experts=8, dtype="fp8", seed=3), edit="silent0"),
+    Case(WorkloadSpec(num_tokens=40, hidden=256, topk=4, num_experts=16, dtype="fp8", rng_seed=1)),
+    Case(WorkloadSpec(num_tokens=24, hidden=128, topk=2, num_experts=8, dtype="fp8", drop=0.3, rng_seed=2)),
+    Case(WorkloadSpec(num_tokens=16, hidden=128, topk=2, num_experts=8, dtype="fp8", rng_seed=3), edit="silent0"),
 ]
 
 

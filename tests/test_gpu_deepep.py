@@ -54,7 +54,7 @@ def test_deepep_matches_reference(gpu_device, case: Case, call: str) -> None:
     check_case(case, dist.get_rank(), dist.get_world_size(), gpu_device, dispatch_fn, combine_fn)
 
 
-FP8_CASES = [Case(WorkloadSpec(num_tokens=n, hidden=7168, topk=8, num_experts=64, dtype="fp8", drop=d, seed=30 + i))
+FP8_CASES = [Case(WorkloadSpec(num_tokens=n, hidden=7168, topk=8, num_experts=64, dtype="fp8", drop=d, rng_seed=30 + i))
              for i, (n, d) in enumerate(((128, 0.0), (4096, 0.0), (4096, 0.2)))]
 
 

@@ -21,7 +21,7 @@ from reference import Case, expected_dispatch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_ready(), reason="needs CUDA GPUs under torchrun")]
 
-CASE = Case(WorkloadSpec(num_tokens=128, hidden=2048, topk=8, num_experts=16, dtype="bf16", seed=3))
+CASE = Case(WorkloadSpec(num_tokens=128, hidden=2048, topk=8, num_experts=16, dtype="bf16", rng_seed=3))
 
 
 def _runs_here(backend: str) -> bool:

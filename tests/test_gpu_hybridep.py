@@ -29,7 +29,7 @@ pytestmark = [
 # buffer (hidden, experts) the larger token count first, so HybridEP's kernels are compiled once per buffer
 CASES = [
     Case(WorkloadSpec(num_tokens=n, hidden=h, topk=k, num_experts=e, dtype="bf16", drop=0.1 if k == 8 else 0.0,
-                      seed=40 + i))
+                      rng_seed=40 + i))
     for i, (h, n, k, e) in enumerate((h, n, k, e) for h in (2048, 7168) for e in (16, 64) for n in (4096, 128) for k in (2, 8))
 ]
 
@@ -98,7 +98,7 @@ def test_knob_change_keeps_each_handle_on_its_buffer(gpu_device) -> None:
 
 
 def test_limits_are_value_errors(gpu_device) -> None:
-    spec = WorkloadSpec(num_tokens=7, hidden=2048, topk=2, num_experts=16, seed=5)
+    spec = WorkloadSpec(num_tokens=7, hidden=2048, topk=2, num_experts=16, rng_seed=5)
     mine = Case(spec).inputs(dist.get_rank(), dist.get_world_size())
     with pytest.raises(ValueError, match="divisible by 4"):
         fused_a2a.dispatch(mine.x.to(gpu_device), mine.topk_idx.to(gpu_device), mine.topk_weights.to(gpu_device), 16,

@@ -29,8 +29,8 @@ pytestmark = [
 ]
 
 GPU_CASES = CASES + [
-    Case(WorkloadSpec(num_tokens=4096, hidden=7168, topk=8, num_experts=64, dtype="bf16", seed=11)),
-    Case(WorkloadSpec(num_tokens=128, hidden=2048, topk=2, num_experts=64, dtype="bf16", drop=0.2, seed=12)),
+    Case(WorkloadSpec(num_tokens=4096, hidden=7168, topk=8, num_experts=64, dtype="bf16", rng_seed=11)),
+    Case(WorkloadSpec(num_tokens=128, hidden=2048, topk=2, num_experts=64, dtype="bf16", drop=0.2, rng_seed=12)),
 ]
 
 
@@ -49,7 +49,7 @@ def test_replays_of_the_routing_graph_read_each_calls_tensors(gpu_device) -> Non
     view), in turn and again, each receive what the reference says for their own inputs."""
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = WorkloadSpec(num_tokens=256, hidden=128, topk=4, num_experts=8 * world, dtype="bf16")
-    cases = [Case(replace(spec, seed=seed)) for seed in (21, 22, 23)]
+    cases = [Case(replace(spec, rng_seed=seed)) for seed in (21, 22, 23)]
     all_inputs = [[case.inputs(r, world) for r in range(world)] for case in cases]
     mine = [inputs[rank] for inputs in all_inputs]
     tensors = [(i.x.to(gpu_device), i.topk_idx.to(gpu_device), i.topk_weights.to(gpu_device)) for i in mine]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV
+from a2a_bench.launch.lifeline import LAUNCHER_PID_ENV
 from a2a_bench.engine.lock import LOCK_FILE, RunFolderBusy, RunLock
 from a2a_bench.engine.results import read_results
 
@@ -181,7 +181,7 @@ def test_a_rank_whose_launcher_is_already_gone_kills_itself() -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     launcher = int(gone.stdout)  # a launcher that died before the rank asked for its parent-death signal
     proc = subprocess.run(
-        [sys.executable, "-c", "import time; from a2a_bench.engine.lifeline import die_with_launcher; die_with_launcher(); "
+        [sys.executable, "-c", "import time; from a2a_bench.launch.lifeline import die_with_launcher; die_with_launcher(); "
          "time.sleep(30)"], env={**os.environ, LAUNCHER_PID_ENV: str(launcher), "RANK": "1"},
         capture_output=True, text=True, timeout=30)
     assert proc.returncode == -signal.SIGKILL

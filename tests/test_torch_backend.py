@@ -12,14 +12,14 @@ from ranks import spawn
 from reference import Case, check_case
 
 CASES = [
-    Case(WorkloadSpec(num_tokens=48, hidden=32, topk=4, num_experts=16, dtype="fp32", seed=1)),
-    Case(WorkloadSpec(num_tokens=40, hidden=64, topk=2, num_experts=8, dtype="bf16", seed=2)),
-    Case(WorkloadSpec(num_tokens=32, hidden=16, topk=3, num_experts=8, dtype="fp16", drop=0.3, seed=3)),
-    Case(WorkloadSpec(num_tokens=36, hidden=24, topk=4, num_experts=16, dtype="bf16", routing="zipf", skew=1.5, seed=4)),
-    Case(WorkloadSpec(num_tokens=36, hidden=24, topk=2, num_experts=8, dtype="fp32", routing="hot", skew=0.9, seed=5)),
-    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="fp32", seed=6), edit="silent0"),
-    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="bf16", seed=7), edit="empty0"),
-    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="fp32", seed=8), edit="deaf_last"),
+    Case(WorkloadSpec(num_tokens=48, hidden=32, topk=4, num_experts=16, dtype="fp32", rng_seed=1)),
+    Case(WorkloadSpec(num_tokens=40, hidden=64, topk=2, num_experts=8, dtype="bf16", rng_seed=2)),
+    Case(WorkloadSpec(num_tokens=32, hidden=16, topk=3, num_experts=8, dtype="fp16", drop=0.3, rng_seed=3)),
+    Case(WorkloadSpec(num_tokens=36, hidden=24, topk=4, num_experts=16, dtype="bf16", routing="zipf", skew=1.5, rng_seed=4)),
+    Case(WorkloadSpec(num_tokens=36, hidden=24, topk=2, num_experts=8, dtype="fp32", routing="hot", skew=0.9, rng_seed=5)),
+    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="fp32", rng_seed=6), edit="silent0"),
+    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="bf16", rng_seed=7), edit="empty0"),
+    Case(WorkloadSpec(num_tokens=20, hidden=8, topk=2, num_experts=8, dtype="fp32", rng_seed=8), edit="deaf_last"),
 ]
 
 

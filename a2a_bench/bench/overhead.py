@@ -21,11 +21,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from a2a_bench.bench.direct import DirectCalls, direct_calls
 from a2a_bench.bench.round_trips import round_trips
 from a2a_bench.engine.measure import Stats, slowest, summarize
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
-from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
+from fused_a2a.backends import get_backend
+from fused_a2a.backends.direct import DirectCalls
 from fused_a2a.tuning.agreement import agreed_comm
 
 BATCH = 50  # calls per timed batch: perf_counter's resolution is far below one call
@@ -124,28 +124,6 @@ class _Bare(torch.autograd.Function):
         return call[0](tokens, *call[1:])
 
 
-def _install(backend: str, group, buffer: Replay) -> None:
-    """Make ``buffer`` the backend's process-wide buffer (what its sessions fetch)."""
-    if backend == "deepep":
-        deepep.set_current_buffer(buffer)
-    elif backend == "uccl":
-        uccl.set_current_buffer(buffer)
-    elif backend == "hybridep":
-        hybridep.set_current_buffer(buffer)
-    else:
-        torch_a2a.set_torch_buffer(group, buffer)
-
-
-def _current(backend: str, group) -> Any:
-    if backend == "deepep":
-        return deepep.current_buffer()
-    if backend == "uccl":
-        return uccl.current_buffer()
-    if backend == "hybridep":
-        return hybridep.current_buffer()
-    return torch_a2a.get_torch_buffer(group)
-
-
 def _round_trips(calls: DirectCalls, tokens) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """The direct round trip of ``calls`` on ``tokens``, and the same with each call in a bare
     autograd ``apply``."""
@@ -173,7 +151,14 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     """:class:`Overhead` of each call path of ``backend`` (warm: knobs agreed and cached first).
 
     Collective over ``group``. The backend's buffer is restored afterwards.
+
+    Raises:
+        ValueError: the backend keeps no process-wide buffer (``BackendSpec.buffer_slot``) to replay.
     """
+    spec = get_backend(backend)
+    if spec.buffer_slot is None:
+        raise ValueError(f"{backend} keeps no process-wide buffer to replay")
+    slot = spec.buffer_slot
     rank = dist.get_rank(group)
     inputs = make_inputs(workload, rank)
     x = inputs.x.to(device)
@@ -190,11 +175,11 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
     results = []
     for (path, grad), run in paths.items():
         run()  # this path's buffer is now the backend's (HybridEP's api and seed paths use different ones)
-        real = _current(backend, group)
+        real = slot.current(group)
         replay = Replay(real)
-        _install(backend, group, replay)
+        slot.install(group, replay)
         try:
-            calls = direct_calls(backend, path, replay, comm, idx, weights, workload.num_experts, group)
+            calls = spec.direct_calls(path, replay, comm, idx, weights, workload.num_experts, group)
             direct, bare = _round_trips(calls, trained if grad else x)
             timed = (run, direct, bare) if grad else (run, direct)
             for fn in timed:
@@ -204,7 +189,7 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
                 for row, fn in enumerate(timed):
                     local[row, i] = _batch_us(fn)
         finally:
-            _install(backend, group, real)
+            slot.install(group, real)
         local = slowest(local, device, group)
         wrapped, direct_us = local[0], local[1]
         extra = {}

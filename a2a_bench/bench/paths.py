@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 import fused_a2a
-from a2a_bench.bench.direct import direct_calls
 from a2a_bench.engine.measure import Stats, time_alternating
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
-from fused_a2a.backends import hybridep
+from fused_a2a.backends import get_backend
+from fused_a2a.seed.round_trip import seed_calls
 from fused_a2a.tuning.agreement import agreed_comm
 
 PATHS = ("raw", "api", "kernel", "seed raw", "seed")
@@ -49,30 +49,6 @@ class PathTimes:
         return times[path].median / times[base].median
 
 
-def _seed_functions(backend: str, x, idx, weights, num_experts: int, group) -> tuple[Callable, Callable] | None:
-    """``(dispatch() -> (rows, handle), combine(rows, handle))`` of the seed module, or ``None``."""
-    if backend == "hybridep":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
-        local = num_experts // dist.get_world_size(group)
-
-        def dispatch_hybridep():
-            out = fused_a2a.hybrid_ep_dispatch(x, routing_map, probs, group, local)
-            return out[0], out[4]
-
-        return dispatch_hybridep, lambda rows, handle: fused_a2a.hybrid_ep_combine(rows, handle)
-    seed = {"deepep": (fused_a2a.fused_dispatch, fused_a2a.fused_combine),
-            "uccl": (fused_a2a.uccl_fused_dispatch, fused_a2a.uccl_fused_combine)}.get(backend)
-    if seed is None:
-        return None
-    dispatch_fn, combine_fn = seed
-
-    def dispatch():
-        out = dispatch_fn(x, idx, weights, num_experts, group)
-        return out[0], out[4]
-
-    return dispatch, lambda rows, handle: combine_fn(rows, group, handle)
-
-
 def _time(named: dict[str, Callable[[], Any]], warmup: int, iters: int, device: torch.device, group) -> dict[str, Stats]:
     return dict(zip(named, time_alternating(list(named.values()), warmup, iters, device, group)))
 
@@ -83,14 +59,14 @@ def measure_paths(backend: str, workload: WorkloadSpec, warmup: int, iters: int,
     (explicit none: environment, tuning table, defaults). Collective over ``group``."""
     inputs = make_inputs(workload, dist.get_rank(group))
     x, idx, weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
-    num_experts = workload.num_experts
+    num_experts, spec = workload.num_experts, get_backend(backend)
     with torch.no_grad():
         api_out = fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)
         comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
                            num_experts, {}).comm
-        # HybridEP's adapter routes itself: its raw calls go to the HybridEPBuffer the api dispatch used
-        buffer = hybridep.current_buffer() if backend == "hybridep" else comm.get_buffer(group, x)
-        calls = direct_calls(backend, "api", buffer, comm, idx, weights, num_experts, group)
+        # the backend's own buffer, as the api dispatch left it (HybridEP's adapter routes itself: its raw
+        # calls go to the HybridEPBuffer the api dispatch used)
+        calls = spec.direct_calls("api", spec.buffer_slot.current(group), comm, idx, weights, num_experts, group)
         raw_rows, raw_handle = calls.dispatch(x)
         dispatch = {"raw": lambda: calls.dispatch(x),
                     "api": lambda: fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)}
@@ -100,20 +76,17 @@ def measure_paths(backend: str, workload: WorkloadSpec, warmup: int, iters: int,
                    "api": lambda: fused_a2a.combine(api_out[0], api_out[4])}
         times_dispatch = _time(dispatch, warmup, iters, device, group)
         times_combine = _time(combine, warmup, iters, device, group)
-        seed = _seed_functions(backend, x, idx, weights, num_experts, group)
+        seed = seed_calls(backend, x, idx, weights, num_experts, group)
         if seed is not None:
-            seed_dispatch, seed_combine = seed
-            seed_rows, seed_handle = seed_dispatch()  # HybridEP: its seed path's buffer is now the current one
-            seed_buffer = comm.get_buffer(group, x) if backend != "hybridep" else hybridep.current_buffer()
-            seed_calls = direct_calls(backend, "seed", seed_buffer, comm, idx, weights, num_experts, group)
-            seed_raw_rows, seed_raw_handle = seed_calls.dispatch(x)
-            named = {"seed": seed_dispatch}
-            if backend == "hybridep":
-                named["seed raw"] = lambda: seed_calls.dispatch(x)
-            times_dispatch.update(_time(named, warmup, iters, device, group))
-            named = {"seed": lambda: seed_combine(seed_rows, seed_handle)}
-            if backend == "hybridep":
-                named["seed raw"] = lambda: seed_calls.combine(seed_raw_rows, seed_raw_handle)
-            times_combine.update(_time(named, warmup, iters, device, group))
+            seed_rows, seed_handle = seed.dispatch()  # HybridEP: its seed path's buffer is now the current one
+            named_dispatch, named_combine = {"seed": seed.dispatch}, {"seed": lambda: seed.combine(seed_rows, seed_handle)}
+            if spec.seed_path is not None:  # the seed functions make other calls than the api: time those too
+                seed_direct = spec.direct_calls("seed", spec.buffer_slot.current(group), comm, idx, weights, num_experts,
+                                                group)
+                seed_raw_rows, seed_raw_handle = seed_direct.dispatch(x)
+                named_dispatch["seed raw"] = lambda: seed_direct.dispatch(x)
+                named_combine["seed raw"] = lambda: seed_direct.combine(seed_raw_rows, seed_raw_handle)
+            times_dispatch.update(_time(named_dispatch, warmup, iters, device, group))
+            times_combine.update(_time(named_combine, warmup, iters, device, group))
     return PathTimes(backend, workload, times_dispatch, times_combine)
 

@@ -35,9 +35,8 @@ from rich.table import Table
 from a2a_bench.bench.round_trips import round_trips
 from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.measure import Stats, summarize, time_op
-from a2a_bench.engine.runner import routing_key
 from a2a_bench.engine.spec import SpecError, SweepSpec, expand, parse_routing
-from a2a_bench.engine.workload import WorkloadSpec, make_inputs
+from a2a_bench.engine.workload import WorkloadSpec, make_inputs, routing_key
 from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.tuning.resolve import ROUTING_ENV, env_var, load_cluster_table, resolve
@@ -85,11 +84,6 @@ class Speedup:
 
     @property
     def verdict(self) -> str:
-        """``same config``, ``no measurable difference (low–high)`` or ``1.23x (low–high)``."""
-        return verdict(self.ratio)
-
-
-def verdict(self) -> str:
         """``same config``, ``no measurable difference (low–high)`` or ``1.23x (low–high)``."""
         return verdict(self.ratio)
 
@@ -209,7 +203,7 @@ def measure_speedup(backend: str, workload: WorkloadSpec, warmup: int, iters: in
     world = dist.get_world_size()
     inputs = make_inputs(workload, dist.get_rank())
     x, idx, weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
-    routing = routing_key(workload.routing, workload.skew)
+    routing = workload.routing_key
     forced = default_variables(backend)
     out = []
     with variables({ROUTING_ENV: routing}):
@@ -294,7 +288,7 @@ def speedup_table(rows: list[Speedup]) -> Table:
         w = r.workload
         table.add_row(
             r.backend, r.path, f"{w.dtype} h{w.hidden} n{w.num_tokens} k{w.topk} e{w.num_experts} "
-                               f"{routing_key(w.routing, w.skew)}",
+                               f"{w.routing_key}",
             f"{_knobs(r.tuned_dispatch)} | {_knobs(r.tuned_combine)}", ",".join(sorted(set(r.sources.values()))),
             _stats(r.tuned), "= tuned" if r.default is None else _stats(r.default), r.verdict,
         )

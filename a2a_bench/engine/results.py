@@ -13,15 +13,16 @@ from typing import Any
 
 import pandas as pd
 
-from a2a_bench.engine.spec import SweepSpec
+from a2a_bench.engine.spec import file_keys
 from fused_a2a.cluster import cluster_id_problem
 from fused_a2a.files import atomic_write_text
+from fused_a2a.tuning.table import SELECTION_MODES
 
 RESULTS_FILE = "results.csv"
 RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.md"  # the sweep's tables, as Markdown (:mod:`a2a_bench.reports.summary` writes it)
 
-MODES = ("kernel", "api", "seed", "graph")
-_TIMED = [f"{op}_{mode}_us_{stat}" for mode in MODES for op in ("dispatch", "combine")
+_TIMED = [f"{op}_{mode}_us_{stat}" for mode in SELECTION_MODES for op in ("dispatch", "combine")
           for stat in ("median", "p10", "p90", "min", "max")]
 
 COLUMNS = [
@@ -288,7 +289,7 @@ def read_run_info(path: Path) -> RunInfo:
         value = data[key]
         if not isinstance(value, kind) or isinstance(value, bool) or (key == "world_size" and value < 1):
             raise ResultsError(f"{path}: {key} must be {what}, got {_short(value)}")
-    spec_keys = {f.name for f in fields(SweepSpec)}
+    spec_keys = set(file_keys())
     for where, spec in (("its spec", data["spec"]), *((f"history[{i}].spec", h.get("spec")) for i, h in
                                                       enumerate(data.get("history") or []) if isinstance(h, dict))):
         if isinstance(spec, dict) and set(spec) != spec_keys:

@@ -3,8 +3,8 @@ bytes and imbalance → one row.
 
 Modes (columns ``{dispatch,combine}_<mode>_us_*``): ``kernel`` (the buffer's cached dispatch and its
 combine: what DeepEP's and HybridEP's own tests time), ``api`` (the full ``fused_a2a.dispatch`` /
-``combine`` a training step makes), ``seed`` (the seed module's path where it differs from ``api``:
-HybridEP's permute path, :mod:`a2a_bench.engine.seedpath`) and ``graph`` (the ``kernel`` calls captured in one
+``combine`` a training step makes), ``seed`` (the seed functions' own path where it differs from ``api``:
+HybridEP's permute path, ``BackendSpec.seed_path``) and ``graph`` (the ``kernel`` calls captured in one
 CUDA graph each and replayed: no launch overhead; ``graph_status`` says why a backend could not be
 captured).
 """
@@ -26,12 +26,10 @@ from a2a_bench.engine.measure import (
     NotCapturable, Stats, capture, comm_device, gbps, imbalance, mean_over_ranks, received_bytes, time_op,
 )
 from a2a_bench.engine.installed import not_installed
-from a2a_bench.engine.seedpath import seed_path
-from a2a_bench.engine.spec import Point
+from a2a_bench.engine.spec import REFERENCE, Point
 from a2a_bench.engine.verify import RoundTrip, reference_round_trip, verify
 from a2a_bench.engine.workload import dispatch_input, make_inputs
 from fused_a2a.backends import Shape, get_backend, make_comm
-from fused_a2a.backends.torch_a2a import get_torch_buffer
 from fused_a2a.fp8 import dequantize_fp8, is_fp8_pair
 
 
@@ -104,11 +102,6 @@ def prepare(point: Point, ctx: RunContext) -> Prepared:
     return ctx.prepared["last"]
 
 
-def routing_key(routing: str, skew: float) -> str:
-    """The routing as tables key it: ``uniform``, ``zipf:<skew>`` or ``hot:<fraction>``."""
-    return routing if routing == "uniform" else f"{routing}:{skew:g}"
-
-
 def base_row(point: Point, ctx: RunContext) -> dict[str, Any]:
     """The columns that describe a point, before anything is measured."""
     w = point.workload
@@ -121,8 +114,8 @@ def base_row(point: Point, ctx: RunContext) -> dict[str, Any]:
         "world_size": point.world_size, "cluster": ctx.cluster, "gpu_sharing": ctx.gpu_sharing or "none",
         "ranks_per_gpu": ctx.ranks_per_gpu, "comparable": ctx.gpu_sharing != "timeslice", "dtype": w.dtype,
         "hidden": w.hidden, "num_tokens": w.num_tokens, "topk": w.topk, "num_experts": w.num_experts, "routing": w.routing,
-        "skew": w.skew, "seed": w.seed, "warmup": ctx.warmup, "iters": ctx.iters, "verified": False,
-        "build": backend.version() or "", "torch": get_backend("torch").version(),
+        "skew": w.skew, "seed": w.rng_seed, "warmup": ctx.warmup, "iters": ctx.iters, "verified": False,
+        "build": backend.version() or "", "torch": get_backend(REFERENCE).version(),
         "link_peak_gbps": round(ctx.link_peak_gbps, 1),
         "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -166,8 +159,8 @@ def run_point(point: Point, ctx: RunContext) -> dict[str, Any]:
 
     ctx.on_phase("verify")
     if prepared.reference is None:
-        prepared.reference = reference_round_trip(x, topk_idx, weights, w.num_experts, w.seed, group)
-    problem = verify(point.backend, point.knob_dict, x, topk_idx, weights, w.num_experts, w.seed, group,
+        prepared.reference = reference_round_trip(x, topk_idx, weights, w.num_experts, w.rng_seed, group)
+    problem = verify(point.backend, point.knob_dict, x, topk_idx, weights, w.num_experts, w.rng_seed, group,
                      prepared.reference)
     if problem is not None:
         return {**row, "status": f"error: verification failed: {problem}"}
@@ -224,8 +217,9 @@ def _time_modes(point: Point, ctx: RunContext, x, topk_idx, weights) -> tuple[di
         api_rows, api_handle_of = _combinable(api_handle[0][0]), api_handle[0][4]
         ctx.on_phase("combine_api")
         timings["combine_api"] = timed(lambda: fused_a2a.combine(api_rows, api_handle_of))
-        seed = None if is_fp8_pair(x) else seed_path(point.backend, point.knob_dict, x, topk_idx, weights,
-                                                     w.num_experts, group)
+        seed_path = get_backend(point.backend).seed_path
+        seed = None if is_fp8_pair(x) or seed_path is None else seed_path(point.knob_dict, x, topk_idx, weights,
+                                                                          w.num_experts, group)
         if seed is not None:
             ctx.on_phase("dispatch_seed")
             timings["dispatch_seed"] = timed(seed.dispatch)
@@ -274,7 +268,7 @@ def _combinable(recv_x):
 
 def _recv_counts(topk_idx: torch.Tensor, num_experts: int, group) -> list[int]:
     """Tokens this rank receives from each source rank in a dispatch of ``topk_idx``. Collective."""
-    per_rank = get_torch_buffer(group).get_dispatch_layout(topk_idx, num_experts)[0].to(torch.int64)
+    per_rank = get_backend(REFERENCE).buffer_slot.current(group).get_dispatch_layout(topk_idx, num_experts)[0].to(torch.int64)
     per_rank = per_rank.to(comm_device(topk_idx.device, group))
     gathered = [torch.empty_like(per_rank) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, per_rank, group=group)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV
+from a2a_bench.launch.lifeline import LAUNCHER_PID_ENV
 from a2a_bench.engine.mps_guard import OWNER_LOCK, forget, send_quit, stop_if_abandoned, write_record
 from a2a_bench.engine.spec import SpecError
 from fused_a2a import mps

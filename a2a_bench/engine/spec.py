@@ -23,6 +23,10 @@ class SpecError(ValueError):
     """A user error in the sweep's options or spec file (the CLI exits with status 2)."""
 
 
+REFERENCE = next(name for name, backend in BACKENDS.items() if backend.reference)
+"""The backend every other is verified against (``BackendSpec.reference``), and the harness's default one."""
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """The grid of one sweep; every field is a list of values to cross, except the timing fields.
@@ -36,13 +40,14 @@ class SweepSpec:
             defaults); a backend with several (HybridEP's dispatch and combine SMs) gets each count
             for all of them at once.
         knobs: ``{backend: {knob: [values]}}`` for the backends' other knobs (missing: default only).
-        seed: base seed of the workloads.
+        rng_seed: base seed of the workloads' random draws (``seed`` in spec files, ``run.json`` and
+            on the command line, :data:`FILE_KEYS`).
         warmup, iters: untimed and timed iterations per mode.
         point_timeout_s: a point that runs longer is recorded as ``timeout``.
         exhaustive: time every knob combination (default: a coordinate search, :mod:`a2a_bench.engine.search`).
     """
 
-    backends: tuple[str, ...] = ("torch",)
+    backends: tuple[str, ...] = (REFERENCE,)
     hidden: tuple[int, ...] = (4096,)
     tokens: tuple[int, ...] = (4096,)
     topk: tuple[int, ...] = (8,)
@@ -51,23 +56,45 @@ class SweepSpec:
     routings: tuple[str, ...] = ("uniform",)
     sms: tuple[int, ...] = ()
     knobs: dict[str, dict[str, tuple]] = field(default_factory=dict)
-    seed: int = 0
+    rng_seed: int = 0
     warmup: int = 5
     iters: int = 20
     point_timeout_s: float = 300.0
     exhaustive: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """The spec as spec files and ``run.json`` hold it (keys: :func:`file_keys`)."""
+        return {file_key(k): (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SweepSpec:
+        """The spec :meth:`to_json` gave (``run.json``'s): lists become tuples again."""
+        field_of = {file_key(f.name): f.name for f in fields(cls)}
+        values = {field_of[key]: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        values["knobs"] = {b: {k: tuple(v) for k, v in knobs.items()} for b, knobs in data["knobs"].items()}
+        return cls(**values)
 
 
-QUICK = SweepSpec(
-    backends=("torch",),
+FILE_KEYS = {"rng_seed": "seed"}  # field -> its key in spec files and run.json, where the two differ
+
+
+def file_key(name: str) -> str:
+    """The key of :class:`SweepSpec` field ``name`` in spec files and ``run.json``."""
+    return FILE_KEYS.get(name, name)
+
+
+def file_keys() -> list[str]:
+    """Every :class:`SweepSpec` field's key in spec files and ``run.json``, in field order."""
+    return [file_key(f.name) for f in fields(SweepSpec)]
+
+
+QUICK = SweepSpec(  # every value of the reference backend's knobs
+    backends=(REFERENCE,),
     hidden=(1024, 2048),
     tokens=(256, 512),
     topk=(4,),
     experts=(16,),
-    knobs={"torch": {"impl": ("all_to_all", "p2p")}},
+    knobs={REFERENCE: {knob.name: knob.choices for knob in BACKENDS[REFERENCE].knobs}},
     warmup=3,
     iters=10,
 )
@@ -89,7 +116,9 @@ class Point:
     @property
     def point_id(self) -> str:
         """A stable 12-hex-digit hash of what is measured (not of how long it is timed)."""
-        key = {"backend": self.backend, "knobs": dict(self.knobs), "world_size": self.world_size, **asdict(self.workload)}
+        workload = asdict(self.workload)
+        workload["seed"] = workload.pop("rng_seed")  # the name ids were made with
+        key = {"backend": self.backend, "knobs": dict(self.knobs), "world_size": self.world_size, **workload}
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,6 +139,11 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
         else:
             values.append(_int(part, what))
     return tuple(dict.fromkeys(values))
+
+
+def parse_optional(text: str | None, parse, what: str):
+    """``parse(text, what)`` (:func:`parse_ints`, :func:`parse_words`), or ``None`` for an option not given."""
+    return None if text is None else parse(text, what)
 
 
 def parse_words(text: str, what: str) -> tuple[str, ...]:
@@ -162,7 +196,8 @@ def load_spec_file(path: Path) -> dict[str, Any]:
         raise SpecError(f"cannot read spec file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"spec file {path} does not parse: {exc}") from None
-    known = {f.name for f in fields(SweepSpec)}
+    known = set(file_keys())
+    fields_of = {file_key(f.name): f.name for f in fields(SweepSpec)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise SpecError(f"spec file {path}: unknown key {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -179,7 +214,7 @@ def load_spec_file(path: Path) -> dict[str, Any]:
             kinds, what = SCALARS[key]
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise SpecError(f"spec file {path}: {key} must be {what}, got {_toml(value)}")
-            out[key] = value
+            out[fields_of[key]] = value
         else:
             items = value if isinstance(value, list) else [value]
             if key in WORD_LISTS:
@@ -325,7 +360,7 @@ def expand(spec: SweepSpec, world_size: int) -> list[Point]:
             name, skew = parse_routing(routing)
             workload = WorkloadSpec(
                 num_tokens=tokens, hidden=hidden, topk=topk, num_experts=experts, dtype=dtype,
-                routing=name, skew=skew, seed=spec.seed,
+                routing=name, skew=skew, rng_seed=spec.rng_seed,
             )
             points.extend(Point(backend, combo, workload, world_size) for combo in combos)
     return points
@@ -359,7 +394,7 @@ def spec_changes(recorded: dict[str, Any], spec: SweepSpec) -> tuple[list[str], 
     ``(grid changes, timing changes)``, each as ``"<field> <recorded> -> <new>"`` texts."""
     new = json.loads(json.dumps(spec.to_json()))
     grid, timing = [], []
-    for name in (f.name for f in fields(SweepSpec)):
+    for name in file_keys():
         if name in RUN_FIELDS or recorded.get(name) == new[name]:
             continue
         text = f"{name} {_spec_text(recorded.get(name))} -> {_spec_text(new[name])}"

@@ -1,109 +1,59 @@
-"""The sweep driver: process group, run folder, resume, progress, one row per point, teardown."""
+"""The sweep driver: run folder, resume, progress, one row per point (in a process group, :mod:`a2a_bench.launch.group`)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from a2a_bench import __version__
-from a2a_bench.reports.environment import backend_versions
 from a2a_bench.engine import interrupt
-from a2a_bench.engine.lifeline import LAUNCHER_PID_ENV, launched_by_torchrun
 from a2a_bench.engine.lock import RunLock
 from a2a_bench.engine.measure import link_peak_gbps
-from a2a_bench.output import make_console
-from a2a_bench.paths import check_out_dir
-from a2a_bench.reports.fit import markdown, print_table
-from a2a_bench.reports.report import best_per_shape, summary_table
-from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, Invocation, RunInfo, read_results, read_run_info, write_run_info
+from a2a_bench.engine.results import (
+    RESULTS_FILE, RUN_FILE, SUMMARY_FILE, Invocation, RunInfo, read_results, read_run_info, write_run_info,
+)
 from a2a_bench.engine.runfolder import MAX_ATTEMPTS, RunFolder
 from a2a_bench.engine.runner import RunContext, base_row, run_point
 from a2a_bench.engine.search import coordinate_search, groups, search_size
 from a2a_bench.engine.sharing import NOT_COMPARABLE, check_rank
 from a2a_bench.engine.spec import Point, SpecError, SweepSpec, expand, validate
+from a2a_bench.engine.versions import backend_versions
 from a2a_bench.engine.watchdog import Watchdog
+from a2a_bench.launch.group import Placement, placement_from_env, process_group
+from a2a_bench.launch.lifeline import launched_by_torchrun
+from a2a_bench.launch.local import under_local_launcher
+from a2a_bench.output import make_console
+from a2a_bench.engine.writable import check_out_dir
 from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
-from fused_a2a.files import atomic_write_text
 from fused_a2a.teardown import free_all_buffers
 
-logger = logging.getLogger("a2a_bench")
-SUMMARY_FILE = "summary.md"
+Summarize = Callable[[pd.DataFrame, Path], None]
+"""``(results, run folder) -> None``: prints a finished sweep's tables on rank 0 (and writes them to the folder)."""
 
 
 class NothingMeasured(SpecError):
     """No point of a sweep's grid measured ``ok`` (the CLI exits with status 2)."""
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where this process runs: its rank, the world size and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def placement_from_env() -> Placement:
-    """Read torchrun's variables (a lone process is rank 0 of 1); CUDA if present, else CPU.
-
-    With fewer GPUs than local ranks, ranks share GPUs round-robin (for trying the code paths on a
-    small machine: shared GPUs time-slice, so the times are not the link's).
-    """
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = torch.device("cuda", local % gpus) if gpus else torch.device("cpu")
-    return Placement(rank, world, local, device)
-
-
-def shares_gpus() -> bool:
-    """This node runs more ranks than it has GPUs (NCCL refuses that: the group is gloo's)."""
-    return torch.cuda.is_available() and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def init_group(where: Placement) -> None:
-    """Join the default process group: NCCL on GPU, gloo on CPU (a lone process gets a local store).
-
-    The group's keys live under a prefix of torchrun's restart count: the agent's store outlives a
-    restart, and a new rank must not read the addresses of the ranks that died.
-    """
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    timeout = timedelta(minutes=10)
-    store, rank, world = next(dist.rendezvous("env://", rank=where.rank, world_size=where.world_size, timeout=timeout))
-    store = dist.PrefixStore(f"a2a-bench/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    if where.device.type == "cuda":
-        torch.cuda.set_device(where.device)
-    if where.device.type == "cuda" and not shares_gpus():
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=where.device, timeout=timeout)
-    else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-
-
-def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], extend: bool = False,
-              wide: bool = False, share_gpu: str | None = None) -> Path:
-    """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path.
+def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], summarize: Summarize, extend: bool = False,
+              share_gpu: str | None = None) -> Path:
+    """Run every point of ``spec`` not yet in ``out_dir/results.csv``; returns the results path. Rank 0
+    ``summarize``s the results when the points are done.
 
     User errors raise ``SpecError``/``ResultsError`` before the process group is joined and before
     anything is written: the spec and how ranks share GPUs (``share_gpu``: ``--share-gpu``,
@@ -134,7 +84,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], ext
     try:
         with interrupt.on_sigint(folder.interrupt) if where.rank == 0 else _nothing():
             with process_group(where):
-                _sweep(spec, points, folder, argv, where, resume, extend, wide)
+                _sweep(spec, points, folder, argv, where, resume, extend, summarize)
     except KeyboardInterrupt:
         raise interrupt.Interrupted(_interrupt_report(folder, points, argv, where)) from None
     finally:
@@ -150,22 +100,6 @@ def run_sweep(spec: SweepSpec, out_dir: Path, resume: bool, argv: list[str], ext
 @contextmanager
 def _nothing():
     yield
-
-
-def under_local_launcher() -> bool:
-    """This rank was started by ``a2a-bench --nproc`` (which reports for the whole job)."""
-    return launched_by_torchrun() and LAUNCHER_PID_ENV in os.environ
-
-
-COMMAND_ENV = "A2A_BENCH_COMMAND"  # the user's command line, passed by ``a2a-bench --nproc`` to its ranks
-
-
-def command_line() -> list[str]:
-    """The sweep's command line as its user typed it (``a2a-bench ...``): under ``a2a-bench --nproc``,
-    the launcher's (:data:`COMMAND_ENV`), not the one it gave the ranks."""
-    if under_local_launcher() and COMMAND_ENV in os.environ:
-        return json.loads(os.environ[COMMAND_ENV])
-    return ["a2a-bench", *sys.argv[1:]]
 
 
 def _interrupt_report(folder: RunFolder, points: list[Point], argv: list[str], where: Placement) -> str | None:
@@ -232,40 +166,13 @@ def claim_run_folder(out_dir: Path, resume: bool, argv: list[str], cluster: str 
     return lock
 
 
-@contextmanager
-def process_group(where: Placement):
-    """Join the process group for the body; then free every buffer and destroy the group, also after
-    an exception, Ctrl-C or SIGTERM (DeepEP hangs if the group goes first). Rank 0 logs the teardown.
-
-    SIGTERM is turned into an exception only once the group is joined: a rank still waiting in the
-    rendezvous (whose rank 0 stopped on a user error) has nothing to free and must die at once when
-    torchrun stops it (Python cannot run a handler inside the blocking wait).
-    """
-    init_group(where)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
-        yield
-    finally:
-        free_all_buffers()
-        if where.rank == 0:
-            logger.info("buffers freed; destroying the process group")
-        dist.destroy_process_group()
-        if where.rank == 0:
-            logger.info("process group destroyed")
-
-
-def _raise_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def point_line(done: int, total: int, point: Point, row: dict) -> str:
     """One line for a finished point (what a log gets instead of a progress bar): its status and,
     for an ``ok`` point, the kernel-mode medians in µs."""
     w = point.workload
     knobs = " ".join(f"{k}={v}" for k, v in point.knobs) or "-"
-    routing = w.routing if w.routing == "uniform" else f"{w.routing}:{w.skew:g}"
     line = (f"[{done}/{total}] {point.backend} {knobs} {w.dtype} h{w.hidden} n{w.num_tokens} k{w.topk} "
-            f"e{w.num_experts} {routing}: {row['status']}")
+            f"e{w.num_experts} {w.routing_key}: {row['status']}")
     if row["status"] == "ok":
         line += (f", dispatch {float(row['dispatch_kernel_us_median']):.1f} µs, "
                  f"combine {float(row['combine_kernel_us_median']):.1f} µs")
@@ -273,7 +180,7 @@ def point_line(done: int, total: int, point: Point, row: dict) -> str:
 
 
 def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[str], where: Placement,
-           resume: bool, extend: bool, wide: bool) -> None:
+           resume: bool, extend: bool, summarize: Summarize) -> None:
     cluster = detect_cluster(where.world_size)
     plan: list = [None]
     if where.rank == 0:
@@ -363,25 +270,11 @@ def _sweep(spec: SweepSpec, points: list[Point], folder: RunFolder, argv: list[s
         console.print(f"{strategy}: timed {timed} of {len(points)} grid points in {time.monotonic() - started:.1f} s{before}; "
                       f"link peak {peak:.1f} GB/s; results in {folder.results}, tables in {folder.path / SUMMARY_FILE}",
                       markup=False, highlight=False)
-        print_summary(read_results(folder.results), folder.path, wide)
+        summarize(read_results(folder.results), folder.path)
         if cluster.gpu_sharing == "timeslice":
             console.print(f"warning: {cluster.ranks_per_gpu} ranks time-sliced each GPU (--share-gpu timeslice): every "
                           f"time of this run is {NOT_COMPARABLE} (results column comparable=False); tune refuses it",
                           markup=False, highlight=False)
-
-
-def print_summary(results: pd.DataFrame, out_dir: Path, wide: bool) -> None:
-    """Print the sweep's results and the best config per shape, fitted to the terminal, and write both
-    whole to ``out_dir/summary.md``."""
-    tables = [summary_table(results)]
-    best = best_per_shape(results)
-    if best is not None:
-        tables.append(best)
-    summary = out_dir / SUMMARY_FILE
-    atomic_write_text(summary, "\n".join(markdown(t) for t in tables))
-    console = make_console()
-    for table in tables:
-        print_table(console, table, wide, str(summary))
 
 
 def _run_info(folder: RunFolder, spec: SweepSpec, cluster, where: Placement, argv: list[str], points: list[Point],
@@ -462,14 +355,6 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def finish_local(code: int, out_dir: Path, spec: SweepSpec, nproc: int, argv: list[str]) -> int:
     """The local launcher's end of a sweep whose ranks ended with status ``code`` (:func:`launch_local`);
     the command's exit status.
@@ -491,59 +376,3 @@ def finish_local(code: int, out_dir: Path, spec: SweepSpec, nproc: int, argv: li
         if problem is not None:
             raise NothingMeasured(problem)
     return code
-
-
-def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
-    """Re-run this command under torchrun's own launcher with ``nproc`` local ranks; its exit status.
-
-    The ranks are this process's children and die with it (:mod:`a2a_bench.engine.lifeline`). Status 2 when
-    the first rank to fail reported a user error (it printed the line), else 1 for any failure;
-    ``128 + signal`` when this process was interrupted (SIGINT, SIGTERM): the agent passed the signal on
-    to the ranks and waited for them, and its own lines about it are left out (the caller reports).
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import get_args_parser, run
-
-    args = get_args_parser().parse_args([
-        "--nproc-per-node", str(nproc), "--standalone", "--max-restarts", str(max_restarts),
-        "-m", "a2a_bench", *argv,
-    ])
-    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
-    os.environ[COMMAND_ENV] = json.dumps(["a2a-bench", *sys.argv[1:]])
-    quiet = _QuietInterrupt()
-    for name in _AGENT_LOGGERS:
-        logging.getLogger(name).addFilter(quiet)
-    try:
-        run(args)
-    except SignalException as exc:
-        return 128 + int(exc.sigval)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode == 2:
-            return 2
-        print(f"a2a-bench: rank {rank} failed with exit status {failure.exitcode}", file=sys.stderr)
-        return 1
-    finally:
-        del os.environ[LAUNCHER_PID_ENV], os.environ[COMMAND_ENV]
-        for name in _AGENT_LOGGERS:
-            logging.getLogger(name).removeFilter(quiet)
-    return 0
-
-
-_AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
-
-
-class _QuietInterrupt(logging.Filter):
-    """Leaves out torchrun's agent lines about a signal it received and passes on to the ranks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signalled = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        if "death signal" in text:
-            self.signalled = True
-            return False
-        return not (self.signalled and "closing signal" in text)

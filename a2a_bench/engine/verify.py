@@ -1,4 +1,4 @@
-"""Check one backend against the torch reference on the same inputs: forward and gradients."""
+"""Check one backend against the reference backend (torch) on the same inputs: forward and gradients."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import fused_a2a
 from fused_a2a.fp8 import dequantize_fp8, is_fp8_pair
+from a2a_bench.engine.spec import REFERENCE
 from fused_a2a.backends import get_backend
 
 # relative-norm tolerance of the combined output and the gradients, per token dtype
@@ -98,22 +99,22 @@ def compare(got: RoundTrip, ref: RoundTrip, dtype: torch.dtype, keeps_topk_slots
     return None
 
 
-def reference_round_trip(x, topk_idx, topk_weights, num_experts: int, seed: int, group=None) -> RoundTrip:
+def reference_round_trip(x, topk_idx, topk_weights, num_experts: int, rng_seed: int, group=None) -> RoundTrip:
     """The torch reference's :func:`round_trip` of this rank's inputs (what :func:`verify` compares
     against; the same for every knob setting of a workload). Collective."""
-    grad_seed = seed * 7919 + dist.get_rank(group)
-    return round_trip("torch", get_backend("torch").defaults(), x, topk_idx, topk_weights, num_experts, grad_seed, group)
+    grad_seed = rng_seed * 7919 + dist.get_rank(group)
+    return round_trip(REFERENCE, get_backend(REFERENCE).defaults(), x, topk_idx, topk_weights, num_experts, grad_seed, group)
 
 
-def verify(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_experts: int, seed: int, group=None,
+def verify(backend: str, knobs: dict[str, Any], x, topk_idx, topk_weights, num_experts: int, rng_seed: int, group=None,
            reference: RoundTrip | None = None) -> str | None:
     """Compare ``backend`` with the torch reference on this rank's inputs; ``None`` when every rank agrees.
 
     Collective. ``reference``: the :func:`reference_round_trip` of these inputs if already computed
     (else it is computed here). Returns the first problem seen on any rank (the same string on every rank).
     """
-    grad_seed = seed * 7919 + dist.get_rank(group)
-    ref = reference or reference_round_trip(x, topk_idx, topk_weights, num_experts, seed, group)
+    grad_seed = rng_seed * 7919 + dist.get_rank(group)
+    ref = reference or reference_round_trip(x, topk_idx, topk_weights, num_experts, rng_seed, group)
     got = round_trip(backend, knobs, x, topk_idx, topk_weights, num_experts, grad_seed, group)
     problem = compare(got, ref, torch.bfloat16 if is_fp8_pair(x) else x.dtype, get_backend(backend).keeps_topk_slots)
     problems: list[str | None] = [None] * dist.get_world_size(group)

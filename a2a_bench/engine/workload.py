@@ -28,7 +28,8 @@ class WorkloadSpec:
             tokens include one hot expert; the others are uniform).
         skew: the Zipf exponent (``zipf``) or the hot fraction in ``[0, 1]`` (``hot``).
         drop: fraction of top-k slots set to ``-1`` ("no expert"), in ``[0, 1)``.
-        seed: base seed; rank ``r`` draws from ``seed`` and ``r``.
+        rng_seed: base seed of the random draws; rank ``r`` draws from ``rng_seed`` and ``r`` (results
+            and ``point_id`` call it ``seed``).
     """
 
     num_tokens: int
@@ -39,7 +40,7 @@ class WorkloadSpec:
     routing: str = "uniform"
     skew: float = 1.0
     drop: float = 0.0
-    seed: int = 0
+    rng_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0 or self.hidden <= 0 or self.topk <= 0 or self.num_experts <= 0:
@@ -62,6 +63,17 @@ class WorkloadSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def routing_key(self) -> str:
+        """The routing as tables key it (:func:`routing_key`)."""
+        return routing_key(self.routing, self.skew)
+
+
+def routing_key(routing: str, skew: float) -> str:
+    """The routing as results, tables and tuning entries key it: ``uniform``, ``zipf:<skew>`` or
+    ``hot:<fraction>`` (``skew`` in its shortest form)."""
+    return routing if routing == "uniform" else f"{routing}:{skew:g}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,7 @@ def dispatch_input(spec: WorkloadSpec, x: torch.Tensor):
 
 def make_inputs(spec: WorkloadSpec, rank: int) -> Inputs:
     """Rank ``rank``'s inputs for ``spec``: the same on every call, different on every rank."""
-    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
+    gen = torch.Generator().manual_seed(spec.rng_seed * 1_000_003 + rank)
     n, k = spec.num_tokens, spec.topk
     x = torch.randn(n, spec.hidden, generator=gen).to(spec.torch_dtype)
     scores = _routing_scores(spec, gen)
@@ -116,7 +128,7 @@ def _routing_scores(spec: WorkloadSpec, gen: torch.Generator) -> torch.Tensor:
     gumbel = -torch.log(-torch.log(torch.rand(n, e, generator=gen).clamp_min(1e-20)))
     if spec.routing == "uniform":
         return gumbel
-    order = torch.randperm(e, generator=torch.Generator().manual_seed(spec.seed))
+    order = torch.randperm(e, generator=torch.Generator().manual_seed(spec.rng_seed))
     if spec.routing == "zipf":
         popularity = torch.empty(e)
         popularity[order] = 1.0 / torch.arange(1, e + 1, dtype=torch.float32) ** spec.skew

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import pandas as pd
 
 from a2a_bench.engine.results import ResultsError
-from a2a_bench.engine.spec import parse_routing
+from a2a_bench.engine.spec import REFERENCE, parse_routing
+from a2a_bench.engine.workload import routing_key
 from a2a_bench.reports.fit import Column, TextTable
-from a2a_bench.reports.tune import DEFAULT_MODE, MODES
+from a2a_bench.reports.tune import DEFAULT_MODE
+from fused_a2a.tuning.table import SELECTION_MODES
 
 SHAPE = ["world_size", "dtype", "hidden", "num_tokens", "topk", "num_experts", "routing", "skew"]
 
@@ -91,8 +93,8 @@ def compare_rows(rows: pd.DataFrame, by: str = DEFAULT_MODE) -> list[BackendRow]
     Raises:
         ResultsError: ``by`` is not a timing mode.
     """
-    if by not in MODES:
-        raise ResultsError(f"--by must be one of {', '.join(MODES)}, got {by!r}")
+    if by not in SELECTION_MODES:
+        raise ResultsError(f"--by must be one of {', '.join(SELECTION_MODES)}, got {by!r}")
     d_col, c_col = f"dispatch_{by}_us_median", f"combine_{by}_us_median"
     ok = rows[(rows["status"] == "ok") & (rows["verified"].astype(str).str.lower() == "true")
               & rows[d_col].notna() & rows[c_col].notna()]
@@ -109,7 +111,7 @@ def compare_rows(rows: pd.DataFrame, by: str = DEFAULT_MODE) -> list[BackendRow]
         r = best[key]
         defaults = ok[(ok["backend"] == backend) & (ok["world_size"] == world_size)
                       & (ok["is_default"].astype(str).str.lower() == "true")]
-        torch = best.get(("torch", key[1]))
+        torch = best.get((REFERENCE, key[1]))
         out.append(BackendRow(
             backend=key[0], world_size=key[1], status="ok", knobs=json.loads(r["knobs"]),
             dispatch_us=_maybe(r["dispatch_kernel_us_median"]), combine_us=_maybe(r["combine_kernel_us_median"]),
@@ -211,6 +213,6 @@ def _shapes(rows: pd.DataFrame) -> str:
     shapes = rows[SHAPE].drop_duplicates().sort_values(SHAPE)
     return "; ".join(
         f"hidden {s.hidden}, {s.num_tokens} tokens, {s.dtype}, top-{s.topk}, {s.num_experts} experts, "
-        f"{s.routing if s.routing == 'uniform' else f'{s.routing}:{s.skew:g}'}, {s.world_size} ranks"
+        f"{routing_key(s.routing, s.skew)}, {s.world_size} ranks"
         for s in shapes.itertuples()
     )

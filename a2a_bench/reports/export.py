@@ -8,37 +8,27 @@ from pathlib import Path
 
 from a2a_bench.engine.results import ResultsError
 from a2a_bench.engine.spec import SpecError
-from fused_a2a.backends import deepep, get_backend
-from fused_a2a.backends.hybridep import CHUNK_ENV_VARS
+from fused_a2a.backends import BACKENDS, get_backend
+from fused_a2a.backends.frameworks import ForeignNames
 from fused_a2a.cluster import detect_cluster
 from fused_a2a.tuning.resolve import env_var, load_cluster_table, tuning_dirs
 from fused_a2a.tuning.table import TuningEntry, TuningTable, lookup, read_table
 
 FORMATS = ("sglang", "env")
 
-# our deepep knob -> its keyword in deep_ep.Config(...), which SGLang splats each section into
-SGLANG_KWARGS: dict[str, str] = {
-    "num_sms": "num_sms",
-    "nvl_send": "num_max_nvl_chunked_send_tokens",
-    "nvl_recv": "num_max_nvl_chunked_recv_tokens",
-    "rdma_send": "num_max_rdma_chunked_send_tokens",
-    "rdma_recv": "num_max_rdma_chunked_recv_tokens",
-}
-
-# (backend, knob) -> the variable another tool reads it from: NeMo's SM counts, HybridEP's chunk sizes
-FOREIGN_ENV: dict[tuple[str, str], str] = {
-    ("deepep", "num_sms"): "DEEP_EP_SM_NUMS",
-    ("uccl", "num_sms"): "UCCL_EP_SM_NUMS",
-    **{("hybridep", knob): var for knob, var in CHUNK_ENV_VARS.items()},
-}
+def sglang_backends() -> list[str]:
+    """The backends SGLang's ``--deepep-config`` holds the configs of (``ForeignNames.sglang``)."""
+    return [name for name, spec in BACKENDS.items() if spec.names.sglang is not None]
 
 
 def check_request(fmt: str, backend: str) -> None:
-    """Raise ``SpecError`` (one line) for an unknown format, or ``sglang`` for a backend other than deepep."""
+    """Raise ``SpecError`` (one line) for an unknown format, or ``sglang`` for a backend SGLang takes no
+    config of."""
     if fmt not in FORMATS:
         raise SpecError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if fmt == "sglang" and backend != "deepep":
-        raise SpecError(f"--format sglang writes DeepEP's Config (SGLang's --deepep-config): use --backend deepep, not {backend!r}")
+    if fmt == "sglang" and backend not in sglang_backends():
+        raise SpecError(f"--format sglang writes DeepEP's Config (SGLang's --deepep-config): use --backend "
+                        f"{' or '.join(sglang_backends())}, not {backend!r}")
 
 
 def load_table(cluster_dir: Path | None, world_size: int) -> TuningTable:
@@ -98,11 +88,11 @@ def sglang_config(entry: TuningEntry, num_ranks: int) -> dict[str, dict[str, int
     """SGLang's ``--deepep-config``: ``{"normal_dispatch": {Config kwargs}, "normal_combine": {...}}``.
 
     A chunk knob of ``0`` (or a missing knob) becomes DeepEP's default for ``num_ranks`` and the
-    operation (:func:`fused_a2a.backends.deepep.configs`); both sections have the same
-    ``num_sms``, as SGLang asserts.
+    operation (the backend's ``ForeignNames.sglang``); both sections have the same ``num_sms``, as
+    SGLang asserts.
 
     Args:
-        entry: a ``deepep`` entry.
+        entry: an entry of a backend of :func:`sglang_backends`.
         num_ranks: ranks of the expert-parallel group SGLang runs with.
 
     Returns:
@@ -111,29 +101,27 @@ def sglang_config(entry: TuningEntry, num_ranks: int) -> dict[str, dict[str, int
     Raises:
         ValueError: another backend, or knobs DeepEP rejects on ``num_ranks`` ranks.
     """
-    if entry.backend != "deepep":
+    if entry.backend not in sglang_backends():
         raise ValueError(f"SGLang's --deepep-config holds DeepEP configs; this entry is for {entry.backend!r}")
-    defaults = {knob.name: knob.default for knob in deepep.KNOBS}
+    spec = get_backend(entry.backend)
+    defaults = spec.defaults()
     try:
-        dispatch, combine = deepep.configs({**defaults, **entry.dispatch}, {**defaults, **entry.combine}, num_ranks)
+        return spec.names.sglang.sections({**defaults, **entry.dispatch}, {**defaults, **entry.combine}, num_ranks)
     except ValueError as err:
-        raise ValueError(f"deepep entry ({describe(entry)}): {err}") from None
-    return {
-        "normal_dispatch": {kwarg: getattr(dispatch, knob) for knob, kwarg in SGLANG_KWARGS.items()},
-        "normal_combine": {kwarg: getattr(combine, knob) for knob, kwarg in SGLANG_KWARGS.items()},
-    }
+        raise ValueError(f"{entry.backend} entry ({describe(entry)}): {err}") from None
 
 
 def env_lines(entry: TuningEntry) -> list[str]:
     """``export NAME=value`` lines that set the entry's knobs.
 
     Every knob gets our variable (``FUSED_A2A_<BACKEND>_<KNOB>``, read by ``fused_a2a``); the knobs
-    other tools read get theirs too (:data:`FOREIGN_ENV`: ``DEEP_EP_SM_NUMS``, ``UCCL_EP_SM_NUMS``,
+    other tools read get theirs too (the backend's ``ForeignNames.env``: ``DEEP_EP_SM_NUMS``, ``UCCL_EP_SM_NUMS``,
     HybridEP's ``NUM_OF_TOKENS_PER_CHUNK_*_API``; a ``0`` there, "the tool's default", is not exported).
     One variable sets dispatch and combine alike: a knob named for one operation takes that
     operation's value; a knob whose dispatch and combine values differ gets a ``#`` comment instead
     (``fused_a2a`` takes it from the tuning table).
     """
+    foreign_env = dict(_names(entry.backend).env)
     lines = []
     for name in sorted(entry.dispatch):
         d, c = entry.dispatch[name], entry.combine[name]
@@ -146,26 +134,10 @@ def env_lines(entry: TuningEntry) -> list[str]:
             continue
         text = shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))
         lines.append(f"export {env_var(entry.backend, name)}={text}")
-        foreign = FOREIGN_ENV.get((entry.backend, name))
+        foreign = foreign_env.get(name)
         if foreign is not None and value != 0:
             lines.append(f"export {foreign}={text}")
     return lines
-
-
-# (backend, knob) -> the Megatron-LM TransformerConfig field that sets it
-MEGATRON_FIELDS: dict[tuple[str, str], str] = {
-    ("deepep", "num_sms"): "moe_flex_dispatcher_num_sms",
-    ("uccl", "num_sms"): "moe_flex_dispatcher_num_sms",
-    ("hybridep", "num_sms_dispatch_api"): "moe_flex_dispatcher_num_sms",
-    ("hybridep", "num_sms_preprocessing_api"): "moe_hybridep_num_sms_preprocessing",
-    ("hybridep", "num_blocks_permute"): "moe_hybridep_num_blocks_permute",
-    ("hybridep", "num_blocks_unpermute"): "moe_hybridep_num_blocks_unpermute",
-    ("hybridep", "fused"): "moe_permute_fusion_into_hybridep",
-}
-# the backend's knob NeMo Automodel's BackendConfig.dispatcher_num_sms sets
-AUTOMODEL_SMS = {"deepep": "num_sms", "uccl": "num_sms", "hybridep": "num_sms_dispatch_api"}
-# backend -> {knob: the other NeMo Automodel BackendConfig field that sets it}
-AUTOMODEL_FIELDS = {"hybridep": {"enable_custom_allgather": "dispatcher_hybridep_enable_custom_allgather"}}
 
 
 def framework_lines(entry: TuningEntry) -> list[str]:
@@ -173,25 +145,32 @@ def framework_lines(entry: TuningEntry) -> list[str]:
     fields and NeMo Automodel's ``BackendConfig.dispatcher_num_sms`` (its ``moe_hybridep_num_sms`` for
     HybridEP). Both frameworks set one SM count for dispatch and combine; a combine count that differs is
     named. A knob of ``0`` ("the library's default") is left out."""
+    names = _names(entry.backend)
     megatron = []
-    for (backend, knob), field in MEGATRON_FIELDS.items():
-        value = entry.dispatch.get(knob) if backend == entry.backend else None
+    for knob, field in names.megatron:
+        value = entry.dispatch.get(knob)
         if value not in (None, 0):
-            megatron.append(f"{field}={str(value) if not isinstance(value, bool) else str(value)}")
+            megatron.append(f"{field}={value}")
     lines = []
     if megatron:
         lines.append(f"# Megatron-LM TransformerConfig: {', '.join(megatron)}")
-    sms = AUTOMODEL_SMS.get(entry.backend)
+    sms = names.automodel_sms
     if sms is not None and sms in entry.dispatch:
         automodel = [f"dispatcher_num_sms={entry.dispatch[sms]}"]
-        for knob, field in AUTOMODEL_FIELDS.get(entry.backend, {}).items():
+        for knob, field in names.automodel:
             if knob in entry.dispatch:
                 automodel.append(f"{field}={entry.dispatch[knob]}")
         lines.append(f"# NeMo Automodel BackendConfig: {', '.join(automodel)}")
-        combine_sms = entry.combine.get("num_sms_combine_api")
+        combine_sms = entry.combine.get(names.combine_sms) if names.combine_sms is not None else None
         if combine_sms is not None and combine_sms != entry.dispatch[sms]:
             lines.append(f"# (the table's combine uses {combine_sms} SMs; both frameworks set one count for both)")
     return lines
+
+
+def _names(backend: str) -> ForeignNames:
+    """The names other tools give ``backend``'s knobs (none for a backend this process does not know)."""
+    spec = BACKENDS.get(backend)
+    return spec.names if spec is not None else ForeignNames()
 
 
 def render(fmt: str, entry: TuningEntry) -> str:

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from a2a_bench.engine.results import ResultsError
+from a2a_bench.engine.workload import routing_key
 from a2a_bench.reports.report import knee
 
 METRICS = ("gbps", "time")
@@ -145,7 +146,7 @@ def _title(shape: dict) -> str:
 
 
 def _routing(shape: dict) -> str:
-    return "uniform" if shape["routing"] == "uniform" else f"{shape['routing']}:{shape['skew']:g}"
+    return routing_key(shape["routing"], shape["skew"])
 
 
 def _peak(ax, rows: pd.DataFrame) -> None:

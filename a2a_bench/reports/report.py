@@ -8,7 +8,7 @@ import json
 import pandas as pd
 from rich.table import Table
 
-from a2a_bench.engine.workload import DTYPES
+from a2a_bench.engine.workload import DTYPES, routing_key
 from a2a_bench.reports.fit import Column, TextTable, markdown
 from a2a_bench.reports.tune import DEFAULT_MODE, KEY, RULE, select, tunable
 from fused_a2a.backends import BACKENDS
@@ -55,7 +55,7 @@ def knob_pair(backend: str, dispatch: dict, combine: dict) -> str:
 
 def shape_cells(row) -> tuple[str, ...]:
     """The :data:`SHAPE_COLUMNS` cells of a results row or a tuning entry."""
-    routing = str(row["routing"]) if row["routing"] == "uniform" or ":" in str(row["routing"]) else f"{row['routing']}:{float(row['skew']):g}"
+    routing = str(row["routing"]) if row["routing"] == "uniform" or ":" in str(row["routing"]) else routing_key(str(row["routing"]), float(row["skew"]))
     tokens = int(row["num_tokens"])
     element = 1 if row["dtype"] == "fp8" else DTYPES[str(row["dtype"])].itemsize if row["dtype"] in DTYPES else 2
     return (str(row["dtype"]), routing, str(int(row["hidden"])), str(tokens), str(int(row["topk"])),

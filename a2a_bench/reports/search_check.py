@@ -20,7 +20,7 @@ import pandas as pd
 from rich.table import Table
 
 from a2a_bench.engine.results import RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info
-from a2a_bench.engine.runner import routing_key
+from a2a_bench.engine.workload import routing_key
 from a2a_bench.engine.spec import SweepSpec, knob_grid
 from a2a_bench.engine.sweep import search_cost
 
@@ -70,10 +70,7 @@ class GroupCheck:
 
 def spec_of(run_dir: Path) -> SweepSpec:
     """The sweep spec a run folder's ``run.json`` records."""
-    data = read_run_info(run_dir / RUN_FILE).spec
-    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
-    fields["knobs"] = {b: {k: tuple(v) for k, v in knobs.items()} for b, knobs in data["knobs"].items()}
-    return SweepSpec(**fields)
+    return SweepSpec.from_json(read_run_info(run_dir / RUN_FILE).spec)
 
 
 def check_search(default_dir: Path, exhaustive_dir: Path) -> list[GroupCheck]:

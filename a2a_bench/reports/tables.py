@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from a2a_bench.paths import check_out_file
+from a2a_bench.engine.writable import check_out_file
 from a2a_bench.reports.report import tuning_markdown
 from a2a_bench.reports.tune import DEFAULT_MODE, tuned_table
 from fused_a2a.cluster import CLUSTER_ID_ENV, cluster_id, cluster_id_problem, detect_cluster

@@ -27,12 +27,11 @@ from a2a_bench import __version__
 from a2a_bench.engine.results import (
     RESULTS_FILE, RUN_FILE, ResultsError, read_results, read_run_info, refuse_incomparable,
 )
-from a2a_bench.engine.runner import routing_key
+from a2a_bench.engine.workload import routing_key
 from fused_a2a.tuning.resolve import TABLE_NAME, TUNING_DIR_ENV, tuning_dirs
-from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, VsDefault, update_table
+from fused_a2a.tuning.table import SCHEMA, SELECTION_MODES, TuningEntry, TuningTable, VsDefault, update_table
 
 KEY = ["backend", "world_size", "dtype", "routing_key", "build", "hidden", "num_tokens", "topk", "num_experts"]
-MODES = ("kernel", "api", "seed", "graph")
 DEFAULT_MODE = "api"
 RULE = ("a config replaces the backend's default only when their dispatch + combine p10-p90 ranges do not overlap "
         "(the default's p10 is slower than the config's p90)")
@@ -116,9 +115,9 @@ def select_entry(rows: pd.DataFrame, by: str = DEFAULT_MODE) -> TuningEntry:
     measured = {
         "dispatch_us": float(d[d_col]),
         "combine_us": float(c[c_col]),
-        **{f"dispatch_{mode}_us": float(d[f"dispatch_{mode}_us_median"]) for mode in MODES
+        **{f"dispatch_{mode}_us": float(d[f"dispatch_{mode}_us_median"]) for mode in SELECTION_MODES
            if pd.notna(d[f"dispatch_{mode}_us_median"])},
-        **{f"combine_{mode}_us": float(c[f"combine_{mode}_us_median"]) for mode in MODES
+        **{f"combine_{mode}_us": float(c[f"combine_{mode}_us_median"]) for mode in SELECTION_MODES
            if pd.notna(c[f"combine_{mode}_us_median"])},
         "dispatch_algbw_gbps": float(d["dispatch_algbw_gbps"]),
         "combine_algbw_gbps": float(c["combine_algbw_gbps"]),
@@ -148,8 +147,8 @@ def tunable(results: pd.DataFrame, by: str, routing: str | None = None) -> pd.Da
     Raises:
         ResultsError: an unknown mode.
     """
-    if by not in MODES:
-        raise ResultsError(f"--by must be one of {', '.join(MODES)}, got {by!r}")
+    if by not in SELECTION_MODES:
+        raise ResultsError(f"--by must be one of {', '.join(SELECTION_MODES)}, got {by!r}")
     keyed = results.assign(
         routing_key=[routing_key(r, s) for r, s in zip(results["routing"], results["skew"])],
         build=results["build"].fillna("").astype(str),

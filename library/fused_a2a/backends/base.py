@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from fused_a2a.autograd import Comm, get_hidden_bytes
+from fused_a2a.backends.direct import BufferSlot, DirectCallsFn, SeedPathFn, StagesFn, buffer_calls
+from fused_a2a.backends.frameworks import ForeignNames
 from fused_a2a.groups import GroupRef, group_or_world
 
 
@@ -149,6 +151,19 @@ class BackendSpec:
             and lists each row's local experts in ascending order, then ``-1`` (HybridEP).
         sms_knobs: the knobs that count SMs (a sweep's ``--sms`` sets them all to one value; an SM
             budget bounds them; the first is the SM count a tuning table's frontier is keyed by).
+        install_hint: how to install the backend's library (said with :attr:`unavailable`'s reason).
+        reference: the correctness reference every other backend is verified against (plain
+            ``torch.distributed``: runs wherever torch does). One backend is.
+        buffer_slot: where the backend keeps its process-wide buffer (``a2a-bench overhead`` puts a
+            replay of it there); ``None``: it keeps none.
+        direct_calls: the buffer calls of one round trip, made directly (:data:`~fused_a2a.backends.direct.DirectCallsFn`;
+            default: DeepEP's buffer interface).
+        seed_path: the seed functions' own path, where it runs other kernels than ``fused_a2a.dispatch``
+            (:data:`~fused_a2a.backends.direct.SeedPathFn`; a sweep's ``seed`` mode times it). ``None``:
+            the seed functions make the calls the api makes.
+        stages: the stages of a fresh dispatch, each callable alone (:data:`~fused_a2a.backends.direct.StagesFn`,
+            ``a2a-bench breakdown``); ``None``: not broken down.
+        names: the names other tools give the knobs (:class:`~fused_a2a.backends.frameworks.ForeignNames`).
     """
 
     name: str
@@ -162,6 +177,13 @@ class BackendSpec:
     dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
     keeps_topk_slots: bool = True
     sms_knobs: tuple[str, ...] = ()
+    install_hint: str = ""
+    reference: bool = False
+    buffer_slot: BufferSlot | None = None
+    direct_calls: DirectCallsFn = buffer_calls
+    seed_path: SeedPathFn | None = None
+    stages: StagesFn | None = None
+    names: ForeignNames = ForeignNames()
 
     def knob(self, name: str) -> Knob:
         """The knob called ``name``; ``ValueError`` naming the backend's knobs otherwise."""

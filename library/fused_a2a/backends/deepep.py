@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, buffer_getter
+from fused_a2a.backends.direct import BufferSlot
+from fused_a2a.backends.frameworks import ForeignNames, SGLangConfig
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
     CHUNK_KNOBS,
@@ -33,7 +35,8 @@ from fused_a2a.backends.chunk_config import (
 from fused_a2a.backends.optional import distribution_version, try_import
 from fused_a2a.groups import GroupMap
 
-DEEP_EP = try_import("deep_ep", "build DeepEP from source for your torch and CUDA (scripts/install_backends.sh)")
+DEEP_EP = try_import("deep_ep", "build DeepEP from source: scripts/install_backends.sh (or TORCH_CUDA_ARCH_LIST=9.0 pip "
+                     "install --no-build-isolation <DeepEP checkout>)")
 HAVE_DEEP_EP = DEEP_EP.available
 
 # deep_ep.Buffer.num_sms: the SM count DeepEP uses when none is set
@@ -299,4 +302,18 @@ SPEC = BackendSpec(
     version=version,
     dtypes=("bf16", "fp8"),
     sms_knobs=("num_sms",),
+    install_hint=DEEP_EP.install_hint,
+    buffer_slot=BufferSlot(lambda group: current_buffer(), lambda group, buffer: set_current_buffer(buffer)),
+    names=ForeignNames(
+        env=(("num_sms", "DEEP_EP_SM_NUMS"),),  # NeMo's
+        megatron=(("num_sms", "moe_flex_dispatcher_num_sms"),),
+        automodel_sms="num_sms",
+        frameworks=("automodel", "megatron"),
+        # our knob -> its keyword in deep_ep.Config(...), which SGLang splats each section into
+        sglang=SGLangConfig(kwargs=(("num_sms", "num_sms"), ("nvl_send", "num_max_nvl_chunked_send_tokens"),
+                                    ("nvl_recv", "num_max_nvl_chunked_recv_tokens"),
+                                    ("rdma_send", "num_max_rdma_chunked_send_tokens"),
+                                    ("rdma_recv", "num_max_rdma_chunked_recv_tokens")),
+                            configs=configs),
+    ),
 )

@@ -38,11 +38,14 @@ import fused_a2a.environment as environment
 from fused_a2a.autograd import Comm
 import fused_a2a.backends.hybridep_routing as routing
 from fused_a2a.backends.base import BackendSpec, Knob, Shape
+from fused_a2a.backends.direct import BufferSlot
+from fused_a2a.backends.frameworks import ForeignNames
 from fused_a2a.backends.optional import distribution_version, try_import
 from fused_a2a.checks import check_topk_range, dtype_name
 from fused_a2a.groups import GroupMap, GroupRef, group_or_world
 
-HYBRID_EP = try_import("deep_ep", "build DeepEP's hybrid-ep branch from source (scripts/install_backends.sh)")
+HYBRID_EP = try_import("deep_ep", "build DeepEP's hybrid-ep branch: scripts/install_backends.sh --ref hybrid-ep (it holds "
+                       "Buffer and HybridEPBuffer); some images also need LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6")
 HAVE_HYBRIDEP = HYBRID_EP.available and hasattr(HYBRID_EP.module, "HybridEPBuffer")
 
 # knob name -> the environment variable HybridEP reads it from
@@ -611,6 +614,9 @@ def make_hybridep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, 
     return Comm(name="hybridep", get_buffer=get_buffer_for, dispatch_config=settings, combine_config=settings)
 
 
+# below the definitions it calls: HybridEP's own API on this module's buffer
+from fused_a2a.backends.hybridep_direct import hybridep_calls, hybridep_seed_path  # noqa: E402
+
 SPEC = BackendSpec(
     name="hybridep",
     knobs=KNOBS,
@@ -623,4 +629,20 @@ SPEC = BackendSpec(
     dtypes=("bf16",),
     keeps_topk_slots=False,
     sms_knobs=SMS_KNOBS,
+    install_hint=HYBRID_EP.install_hint,
+    buffer_slot=BufferSlot(lambda group: current_buffer(), lambda group, buffer: set_current_buffer(buffer)),
+    direct_calls=hybridep_calls,
+    seed_path=hybridep_seed_path,
+    names=ForeignNames(
+        env=tuple(CHUNK_ENV_VARS.items()),
+        megatron=(("num_sms_dispatch_api", "moe_flex_dispatcher_num_sms"),
+                  ("num_sms_preprocessing_api", "moe_hybridep_num_sms_preprocessing"),
+                  ("num_blocks_permute", "moe_hybridep_num_blocks_permute"),
+                  ("num_blocks_unpermute", "moe_hybridep_num_blocks_unpermute"),
+                  ("fused", "moe_permute_fusion_into_hybridep")),
+        automodel_sms="num_sms_dispatch_api",
+        automodel=(("enable_custom_allgather", "dispatcher_hybridep_enable_custom_allgather"),),
+        combine_sms="num_sms_combine_api",
+        frameworks=("automodel", "megatron"),
+    ),
 )

@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm, counts_tensor
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
+from fused_a2a.backends.direct import BufferSlot
+from fused_a2a.backends.torch_stages import torch_stages
 from fused_a2a.backends.torch_routing import (
     Capacity, Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts, routing_rows,
     row_destinations, split_routing_rows,
@@ -381,4 +383,7 @@ SPEC = BackendSpec(
     teardown=free_torch_buffers,
     version=version,
     dtypes=("bf16", "fp16", "fp32", "fp8"),
+    reference=True,
+    buffer_slot=BufferSlot(get_torch_buffer, set_torch_buffer),
+    stages=torch_stages,
 )

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends.base import BackendSpec, Knob, buffer_getter
+from fused_a2a.backends.direct import BufferSlot
+from fused_a2a.backends.frameworks import ForeignNames
 from fused_a2a.backends.chunk_config import (
     NVL_PEERS,
     ChunkConfig,
@@ -184,4 +186,12 @@ SPEC = BackendSpec(
     version=version,
     dtypes=("bf16",),  # UCCL-EP's combine kernel exists for bf16 alone
     sms_knobs=("num_sms",),
+    install_hint=UCCL_EP.install_hint,
+    buffer_slot=BufferSlot(lambda group: current_buffer(), lambda group, buffer: set_current_buffer(buffer)),
+    names=ForeignNames(
+        env=(("num_sms", SM_ENV_VARS[0]),),
+        megatron=(("num_sms", "moe_flex_dispatcher_num_sms"),),
+        automodel_sms="num_sms",
+        frameworks=("automodel",),
+    ),
 )

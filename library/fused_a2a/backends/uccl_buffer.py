@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from fused_a2a.backends.optional import try_import
 
-UCCL_EP = try_import("uccl.ep", "pip install uccl (and a CUDA 12 runtime: nvidia-cuda-runtime-cu12)")
+UCCL_EP = try_import("uccl.ep", "pip install uccl intervaltree nvidia-cuda-runtime-cu12 (scripts/install_backends.sh)")
 
 INTERNODE_ERROR = "UCCL-EP internode needs RDMA NICs: not supported by this adapter yet"
 

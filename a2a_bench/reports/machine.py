@@ -1,35 +1,14 @@
-"""What this machine offers: backends (version or why not), GPUs, links, MPS, cluster id."""
+"""What this machine offers (``a2a-bench env``): backends (version, or why not and how to install them),
+GPUs, links, MPS, cluster id."""
 
 from __future__ import annotations
 
 import torch
 
 from a2a_bench.engine.sharing import mps_status
+from a2a_bench.engine.versions import backend_versions
 from fused_a2a.backends import BACKENDS
 from fused_a2a.cluster import detect_cluster
-
-# what to do when a backend is missing (scripts/install_backends.sh does all of it)
-INSTALL_HINTS = {
-    "deepep": "build DeepEP from source: scripts/install_backends.sh (or TORCH_CUDA_ARCH_LIST=9.0 pip install "
-              "--no-build-isolation <DeepEP checkout>)",
-    "hybridep": "build DeepEP's hybrid-ep branch: scripts/install_backends.sh --ref hybrid-ep (it holds Buffer and "
-                "HybridEPBuffer); some images also need LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6",
-    "uccl": "pip install uccl intervaltree nvidia-cuda-runtime-cu12 (scripts/install_backends.sh)",
-}
-
-
-def nccl_version() -> str | None:
-    """NCCL's version as ``major.minor.patch``, or ``None`` on a CPU build of torch."""
-    if not torch.cuda.is_available():
-        return None
-    version = torch.cuda.nccl.version()
-    return ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
-
-
-def backend_versions() -> dict[str, str | None]:
-    """Versions of torch, NCCL and each registered backend's library build (``None`` when absent)."""
-    return {"torch": torch.__version__, "nccl": nccl_version(),
-            **{name: spec.version() for name, spec in BACKENDS.items() if name != "torch"}}
 
 
 def backend_status() -> list[tuple[str, bool, str]]:
@@ -40,8 +19,7 @@ def backend_status() -> list[tuple[str, bool, str]]:
         if reason is None:
             rows.append((name, True, spec.version() or "available"))
         else:
-            hint = INSTALL_HINTS.get(name)
-            rows.append((name, False, f"{reason}; {hint}" if hint else reason))
+            rows.append((name, False, f"{reason}; {spec.install_hint}" if spec.install_hint else reason))
     return rows
 
 
