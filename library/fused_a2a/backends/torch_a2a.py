@@ -25,11 +25,11 @@ import torch.distributed as dist
 from fused_a2a.autograd import Comm, counts_tensor
 from fused_a2a.backends.base import BackendSpec, Knob, one_of
 from fused_a2a.backends.direct import BufferSlot
-from fused_a2a.backends.torch_stages import torch_stages
 from fused_a2a.backends.torch_routing import (
     Capacity, Counts, RoutingGraphs, host_buffer, layout, plan_routing, read_counts, routing_rows,
     row_destinations, split_routing_rows,
 )
+from fused_a2a.backends.torch_stages import torch_stages
 from fused_a2a.checks import check_combine_input, check_dispatch_inputs
 from fused_a2a.fp8 import is_fp8_pair
 from fused_a2a.groups import GroupMap, GroupRef
