@@ -456,6 +456,7 @@ def show(
     from a2a_bench.call import Call, check_call
     from fused_a2a.backends import get_backend
     from fused_a2a.cluster import cluster_id_problem
+    from fused_a2a.shape import CallShape
     from fused_a2a.tuning.resolve import resolve
 
     if cluster is not None and cluster_id_problem(cluster):
@@ -483,8 +484,8 @@ def show(
             if framework is None or knob_name in {k.name for k in spec.knobs}:
                 explicit[knob_name] = spec.knob(knob_name).parse(value)
         with _strict_tuning():
-            res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
-                          cluster=cluster, routing=routing)
+            shape = CallShape(dtype, hidden, topk, experts, routing, world_size=world_size, tokens=(tokens,))
+            res = resolve(name, shape, explicit, cluster=cluster)
         _print_resolution(console, res, hidden, tokens, world_size, dtype, cluster)
 
 

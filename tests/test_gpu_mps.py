@@ -19,7 +19,9 @@ import fused_a2a
 from fused_a2a import mps
 from fused_a2a.backends.deepep import DEEP_EP
 from fused_a2a.cluster import detect_cluster
-from fused_a2a.tuning.resolve import TUNING_DIR_ENV, clear_cache, resolve
+from fused_a2a.tuning import clear as clear_cache
+from fused_a2a.tuning.resolve import TUNING_DIR_ENV, resolve
+from fused_a2a.shape import CallShape
 from gpu import gpu_ready, real, shares_gpus
 
 pytestmark = [
@@ -48,7 +50,7 @@ def test_the_seed_function_finds_the_mps_table_at_run_time(gpu_device, monkeypat
     dist.barrier()
     monkeypatch.setenv(TUNING_DIR_ENV, str(root))
     clear_cache()
-    res = resolve("deepep", world, "bf16", 7168, 4096, {}, topk=8, num_experts=64)
+    res = resolve("deepep", CallShape("bf16", 7168, topk=8, num_experts=64, world_size=world, tokens=(4096,)), {})
     assert res.dispatch == TUNED and set(res.sources.values()) == {"table"}, res
     generator = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(4096, 7168, generator=generator).to(torch.bfloat16).to(gpu_device)

@@ -14,7 +14,9 @@ import pytest
 from a2a_bench.bench.speedup import Ratio, default_variables, parse_paths, ratio_interval, variables, verdict
 from a2a_bench.engine.spec import SpecError
 from cli_runs import assert_one_line_error, run_child, run_cli
-from fused_a2a.tuning.resolve import clear_cache, resolve
+from fused_a2a.tuning import clear as clear_cache
+from fused_a2a.tuning.resolve import resolve
+from fused_a2a.shape import CallShape
 from mps_fakes import fake_mps  # noqa: F401 (a fixture)
 
 
@@ -56,7 +58,7 @@ def test_the_default_round_trip_forces_every_knob_to_its_default(monkeypatch) ->
                       "FUSED_A2A_DEEPEP_RDMA_SEND": "0", "FUSED_A2A_DEEPEP_RDMA_RECV": "0"}
     clear_cache()
     with variables(forced):
-        res = resolve("deepep", 2, "bf16", 7168, 4096, {})
+        res = resolve("deepep", CallShape("bf16", 7168, world_size=2, tokens=(4096,)), {})
     assert set(res.sources.values()) == {"environment"} and res.dispatch == res.combine == {
         "num_sms": 20, "nvl_send": 0, "nvl_recv": 0, "rdma_send": 0, "rdma_recv": 0}
     assert os.environ["FUSED_A2A_DEEPEP_NUM_SMS"] == "48" and "FUSED_A2A_DEEPEP_NVL_SEND" not in os.environ

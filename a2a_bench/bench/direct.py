@@ -8,8 +8,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from fused_a2a.backends import hybridep
-from fused_a2a.backends.hybridep_routing import ExpertColumns, dense_routing
+from fused_a2a.backends.hybridep_routing import ExpertColumns, dense_routing, topk_to_routing_map
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def direct_calls(backend: str, path: str, buffer: Any, comm, idx, weights, num_e
 
 def _hybridep_calls(path: str, buffer: Any, idx, weights, num_experts: int, world: int) -> DirectCalls:
     if path == "seed":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+        routing_map, probs = topk_to_routing_map(idx, weights, num_experts)
 
         def dispatch_permute(tokens):
             out = buffer.dispatch_with_permute(

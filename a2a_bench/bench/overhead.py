@@ -25,7 +25,8 @@ from a2a_bench.bench.direct import DirectCalls, direct_calls
 from a2a_bench.bench.round_trips import round_trips
 from a2a_bench.engine.measure import Stats, slowest, summarize
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
-from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
+from fused_a2a.backends import deepep, hybridep_buffer, torch_a2a, uccl
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.agreement import agreed_comm
 
 BATCH = 50  # calls per timed batch: perf_counter's resolution is far below one call
@@ -131,7 +132,7 @@ def _install(backend: str, group, buffer: Replay) -> None:
     elif backend == "uccl":
         uccl.set_current_buffer(buffer)
     elif backend == "hybridep":
-        hybridep.set_current_buffer(buffer)
+        hybridep_buffer.set_current_buffer(buffer)
     else:
         torch_a2a.set_torch_buffer(group, buffer)
 
@@ -142,7 +143,7 @@ def _current(backend: str, group) -> Any:
     if backend == "uccl":
         return uccl.current_buffer()
     if backend == "hybridep":
-        return hybridep.current_buffer()
+        return hybridep_buffer.current_buffer()
     return torch_a2a.get_torch_buffer(group)
 
 
@@ -185,8 +186,8 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
              for path, run in round_trips(backend, tokens, idx, weights, workload.num_experts, group).items()}
     for run in paths.values():
         run()  # agree on the knobs
-    comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
-                       workload.num_experts, {}).comm
+    shape = CallShape(workload.dtype, workload.hidden, workload.topk, workload.num_experts)
+    comm = agreed_comm(backend, group, shape, workload.num_tokens, {}).comm
     results = []
     for (path, grad), run in paths.items():
         run()  # this path's buffer is now the backend's (HybridEP's api and seed paths use different ones)

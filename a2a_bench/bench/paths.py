@@ -20,7 +20,9 @@ import fused_a2a
 from a2a_bench.bench.direct import direct_calls
 from a2a_bench.engine.measure import Stats, time_alternating
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
-from fused_a2a.backends import hybridep
+from fused_a2a.backends import hybridep_buffer
+from fused_a2a.backends.hybridep_routing import topk_to_routing_map
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.agreement import agreed_comm
 
 PATHS = ("raw", "api", "kernel", "seed raw", "seed")
@@ -52,7 +54,7 @@ class PathTimes:
 def _seed_functions(backend: str, x, idx, weights, num_experts: int, group) -> tuple[Callable, Callable] | None:
     """``(dispatch() -> (rows, handle), combine(rows, handle))`` of the seed module, or ``None``."""
     if backend == "hybridep":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+        routing_map, probs = topk_to_routing_map(idx, weights, num_experts)
         local = num_experts // dist.get_world_size(group)
 
         def dispatch_hybridep():
@@ -86,10 +88,10 @@ def measure_paths(backend: str, workload: WorkloadSpec, warmup: int, iters: int,
     num_experts = workload.num_experts
     with torch.no_grad():
         api_out = fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)
-        comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
-                           num_experts, {}).comm
+        shape = CallShape(workload.dtype, workload.hidden, workload.topk, num_experts)
+        comm = agreed_comm(backend, group, shape, workload.num_tokens, {}).comm
         # HybridEP's adapter routes itself: its raw calls go to the HybridEPBuffer the api dispatch used
-        buffer = hybridep.current_buffer() if backend == "hybridep" else comm.get_buffer(group, x)
+        buffer = hybridep_buffer.current_buffer() if backend == "hybridep" else comm.get_buffer(group, x)
         calls = direct_calls(backend, "api", buffer, comm, idx, weights, num_experts, group)
         raw_rows, raw_handle = calls.dispatch(x)
         dispatch = {"raw": lambda: calls.dispatch(x),
@@ -104,7 +106,7 @@ def measure_paths(backend: str, workload: WorkloadSpec, warmup: int, iters: int,
         if seed is not None:
             seed_dispatch, seed_combine = seed
             seed_rows, seed_handle = seed_dispatch()  # HybridEP: its seed path's buffer is now the current one
-            seed_buffer = comm.get_buffer(group, x) if backend != "hybridep" else hybridep.current_buffer()
+            seed_buffer = comm.get_buffer(group, x) if backend != "hybridep" else hybridep_buffer.current_buffer()
             seed_calls = direct_calls(backend, "seed", seed_buffer, comm, idx, weights, num_experts, group)
             seed_raw_rows, seed_raw_handle = seed_calls.dispatch(x)
             named = {"seed": seed_dispatch}

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 import fused_a2a
-from fused_a2a.backends import hybridep
+from fused_a2a.backends.hybridep_routing import topk_to_routing_map
 
 # the seed module's functions of each backend that has them (HybridEP's take a routing map instead)
 SEED_FUNCTIONS = {"deepep": (fused_a2a.fused_dispatch, fused_a2a.fused_combine),
@@ -27,7 +27,7 @@ def round_trips(backend: str, x, idx, weights, num_experts: int, group=None) -> 
 
     paths = {"api": api}
     if backend == "hybridep":
-        routing_map, probs = hybridep.topk_to_routing_map(idx, weights, num_experts)
+        routing_map, probs = topk_to_routing_map(idx, weights, num_experts)
         num_local = num_experts // dist.get_world_size(group)
 
         def hybridep_seed():

@@ -36,25 +36,26 @@ def seed_path(backend: str, knobs: dict[str, Any], x: torch.Tensor, topk_idx: to
     Collective: it runs one dispatch to have rows to combine."""
     if backend != "hybridep":
         return None
-    from fused_a2a.backends import hybridep
+    from fused_a2a.backends import hybridep_buffer
+    from fused_a2a.backends.hybridep_routing import topk_to_routing_map
 
     full = {**get_backend(backend).defaults(), **knobs}
-    settings = hybridep.Settings.from_knobs(full, full)
+    settings = hybridep_buffer.Settings.from_knobs(full, full)
     local = num_experts // dist.get_world_size(group)
-    buffer = hybridep.ensure_buffer(group, x.size(1), local, x.size(0), settings)
-    routing_map, probs = hybridep.topk_to_routing_map(topk_idx, weights, num_experts)
+    buffer = hybridep_buffer.ensure_buffer(group, x.size(1), local, x.size(0), settings)
+    routing_map, probs = topk_to_routing_map(topk_idx, weights, num_experts)
     dispatch_kw = {"fuse_permute_dispatch": True} if settings.fused else {}
     combine_kw = {"fuse_unpermute_combine": True} if settings.fused else {}
 
     def dispatch():
-        hybridep.apply_environment(settings)
+        hybridep_buffer.apply_environment(settings)
         return buffer.dispatch_with_permute(hidden=x, routing_map=routing_map, probs=probs,
                                             num_of_experts_per_rank=local, **dispatch_kw)
 
     rows, _, _, _, handle = dispatch()
 
     def combine():
-        hybridep.apply_environment(settings)
+        hybridep_buffer.apply_environment(settings)
         return buffer.combine_with_unpermute(hidden=rows, handle=handle, **combine_kw)
 
     return SeedPath(dispatch, combine)

@@ -19,6 +19,9 @@ elsewhere (the same values; the GPU tests compare them):
   device before the synchronisation, with the row count read from HybridEP's pinned counter;
 * :func:`ascending_topk` (receiver, after dispatch): each received row's local experts in ascending
   order, then ``-1``, and their weights.
+
+The seed API (:func:`fused_a2a.hybrid_ep_dispatch`) takes a dense map of the real experts alone:
+:func:`topk_to_routing_map` makes it from top-k (torch operations).
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from functools import cached_property
 
 import torch
 
+from fused_a2a.checks import check_topk_range
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
-
 @dataclass(frozen=True)
+
+
 class ExpertColumns:
     """Where each expert sits in HybridEP's routing map.
 
@@ -73,10 +79,8 @@ class ExpertColumns:
 
 _failure: list[str] = []  # why the kernels stopped being used in this process (empty: they are used)
 
-
 def _usable(tensor: torch.Tensor) -> bool:
     return triton is not None and not _failure and tensor.is_cuda
-
 
 def _give_up(error: Exception) -> None:
     """Use the torch operations from now on (they compute the same values), with one warning."""
@@ -85,13 +89,11 @@ def _give_up(error: Exception) -> None:
         warnings.warn(f"fused_a2a: HybridEP's Triton routing kernels failed ({_failure[0]}); using torch "
                       "operations instead", RuntimeWarning, stacklevel=3)
 
-
 def _pow2(value: int) -> int:
     return max(2, 1 << max(value - 1, 0).bit_length())
 
 
 # --------------------------------------------------------------------------------------------- torch ops
-
 
 def dense_routing_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, columns: ExpertColumns):
     """:func:`dense_routing` with torch operations."""
@@ -109,7 +111,6 @@ def dense_routing_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor | Non
         probs.scatter_add_(1, where, topk_weights.float())
         probs = probs[:, :num_columns].contiguous()
     return routing_map[:, :num_columns].contiguous(), probs
-
 
 def ascending_topk_torch(local_map: torch.Tensor, local_probs: torch.Tensor, topk: int):
     """:func:`ascending_topk` with torch operations, on the ``[R, L]`` real columns of the map and
@@ -187,7 +188,6 @@ if triton is not None:
             tl.store(ids_ptr + r * k + j, tl.where(has, col, -1).to(tl.int64), mask=out)
             tl.store(w_ptr + r * k + j, weight, mask=out)
 
-
 def _trait(arg: Any) -> tuple:
     """What Triton specializes a kernel argument on (NVIDIA): a tensor's dtype, device and 16-byte
     alignment; an int's being 1, its divisibility by 16 and whether it fits in 32 bits."""
@@ -196,7 +196,6 @@ def _trait(arg: Any) -> tuple:
     if isinstance(arg, bool) or not isinstance(arg, int):
         return type(arg), arg
     return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
-
 
 class _Launch:
     """``kernel[(grid,)](*args, **meta)`` for a ``triton.jit`` kernel, through the compiled kernel's own
@@ -233,7 +232,6 @@ if triton is not None:
 
 # --------------------------------------------------------------------------------------------- entry points
 
-
 def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, columns: ExpertColumns):
     """Top-k routing as HybridEP's dense map and probabilities, with the phantom signal.
 
@@ -267,7 +265,6 @@ def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, col
         return dense_routing_torch(topk_idx, topk_weights, columns)
     return routing_map, probs
 
-
 def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor | None:
     """Launch the count of received rows per expert column: ``[padded]`` int64 in pinned host memory,
     readable after the next synchronisation of the current stream; ``None`` where the kernel does not
@@ -290,11 +287,9 @@ def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor
         return None
     return out
 
-
 def count_rows(local_map: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Received rows per expert column, ``[padded]`` int64 on ``local_map``'s device (torch operations)."""
     return local_map[:num_rows].sum(dim=0, dtype=torch.int64)
-
 
 def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num_rows: int, columns: ExpertColumns,
                    first: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,3 +324,58 @@ def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num
         _give_up(error)
         return ascending_topk_torch(local_map[:num_rows, :local], recv_probs[:num_rows, first:first + local], topk)
     return ids, weights
+
+def dense_routing_map(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, num_experts: int):
+    """Top-k routing as HybridEP's dense map and probabilities (the seed API's map: one column per expert).
+
+    Args:
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
+        topk_weights: ``[N, K]`` routing weights, any floating dtype, or ``None``.
+        num_experts: total number of experts ``E``.
+
+    Returns:
+        ``(routing_map [N, E] bool, probs [N, E] float32 or None)`` on ``topk_idx``'s device; an
+        expert named twice for one token gets the sum of its weights.
+    """
+    chosen = topk_idx >= 0
+    columns = torch.where(chosen, topk_idx, num_experts)  # "no expert" goes to a spare column, dropped below
+    routing_map = torch.zeros(topk_idx.size(0), num_experts + 1, dtype=torch.bool, device=topk_idx.device)
+    routing_map.scatter_(1, columns, True)
+    probs = None
+    if topk_weights is not None:
+        probs = torch.zeros(topk_idx.size(0), num_experts + 1, dtype=torch.float32, device=topk_idx.device)
+        probs.scatter_add_(1, columns, topk_weights.float())
+        probs = probs[:, :num_experts].contiguous()
+    return routing_map[:, :num_experts].contiguous(), probs
+
+def topk_to_routing_map(
+    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn top-k routing into HybridEP's dense routing map and probabilities (for the seed API's
+    :func:`fused_a2a.hybrid_ep_dispatch`, which takes a map).
+
+    Args:
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
+        topk_weights: ``[N, K]`` routing weights, any floating dtype (differentiable).
+        num_experts: total number of experts ``E``.
+
+    Returns:
+        routing_map: ``[N, E]`` bool, ``True`` where a token goes to an expert.
+        probs: ``[N, E]`` float32, the weight of each (token, expert), ``0`` where not routed; an
+            expert named twice for one token gets the sum of its weights. On ``topk_idx``'s device.
+
+    Raises:
+        ValueError: ``topk_idx`` not 2-D int64, ``topk_weights`` of another shape or not floating
+            point, ``num_experts`` not positive, or an id outside ``[-1, num_experts)``.
+    """
+    if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
+        raise ValueError(f"topk_idx must be a 2-D int64 tensor [num_tokens, topk], got {topk_idx.dtype} {tuple(topk_idx.shape)}")
+    if topk_weights.shape != topk_idx.shape or not topk_weights.is_floating_point():
+        raise ValueError(
+            f"topk_weights must be a floating-point tensor of topk_idx's shape {tuple(topk_idx.shape)}, "
+            f"got {topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_topk_range(topk_idx, num_experts)
+    return dense_routing_map(topk_idx, topk_weights, num_experts)

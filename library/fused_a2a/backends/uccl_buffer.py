@@ -145,6 +145,11 @@ class UCCLHandle:
         return 2 * self.channel_prefix_matrix.size(1)
 
 
+def handle_layout(handle: UCCLHandle) -> tuple[int, int]:
+    """``(num_sms, num_tokens)`` of the dispatch that returned ``handle``."""
+    return handle.num_sms, handle.num_tokens
+
+
 class UCCLBuffer:
     """UCCL-EP's normal-mode (high-throughput) buffer with DeepEP v1's ``Buffer`` interface. Intranode only.
 
