@@ -48,6 +48,7 @@ from fused_a2a.groups import GroupMap, group_or_world
 
 SMS_KNOBS = ("num_sms_dispatch_api", "num_sms_combine_api")
 
+
 def _positive_int(name: str):
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -55,6 +56,7 @@ def _positive_int(name: str):
         return None
 
     return check
+
 
 def _blocks(name: str):
     def check(value: Any) -> str | None:
@@ -64,6 +66,7 @@ def _blocks(name: str):
 
     return check
 
+
 def _chunk(name: str):
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 16:
@@ -72,6 +75,7 @@ def _chunk(name: str):
         return None
 
     return check
+
 
 def _flag(name: str):
     def check(value: Any) -> str | None:
@@ -105,6 +109,7 @@ KNOBS: tuple[Knob, ...] = (
          check=_flag("enable_custom_allgather")),
 )
 
+
 def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
     """Why ``knobs`` cannot run (a fused permute without equal chunk sizes, or on a build without it), or ``None``."""
     full = {**{knob.name: knob.default for knob in KNOBS}, **knobs}
@@ -116,9 +121,11 @@ def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
             return "the installed HybridEP has no fused permute (no fuse_permute_dispatch)"
     return None
 
+
 def version() -> str | None:
     """The installed DeepEP build that holds HybridEP (``1.2.1+<commit>``), else ``None``."""
     return distribution_version(HYBRID_EP, ("deep_ep", "deep-ep")) if HAVE_HYBRIDEP else None
+
 
 def make_hybridep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int | None = None) -> Comm:
     """The :class:`Comm` of the ``hybridep`` backend for two full knob dicts.

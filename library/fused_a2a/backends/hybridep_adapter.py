@@ -17,6 +17,7 @@ from fused_a2a.checks import dtype_name
 from fused_a2a.groups import GroupRef
 from fused_a2a.shape import CallShape
 
+
 def shape_problem(shape: CallShape, knobs: dict[str, Any] | None = None) -> str | None:
     """Why HybridEP's kernels cannot take a dispatch of ``shape``, or ``None`` (the rules: :mod:`fused_a2a.backends.hybridep`).
 
@@ -51,9 +52,8 @@ def shape_problem(shape: CallShape, knobs: dict[str, Any] | None = None) -> str 
                 f"{tokens} x {shape.num_experts} is not a multiple of 16 (or set enable_custom_allgather=false)")
     return None
 
+
 @dataclass(frozen=True)
-
-
 class HybridEPHandle:
     """What a neutral-path dispatch leaves for its combine and its backward.
 
@@ -88,19 +88,22 @@ class HybridEPHandle:
 
 _PLACEHOLDER_ID = -2  # a bad expert id: a placeholder row's, which every rank reports
 
+
 def _synchronize(device: torch.device) -> None:
     """Wait for the current stream of ``device`` (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
 
 def _bad_ids_error(num_experts: int, bad_rows: int) -> ValueError:
     return ValueError(f"hybridep: topk_idx values must lie in [-1, {num_experts}); {bad_rows} token(s) of the group "
                       "named other experts, or a rank's inputs failed another check (that rank's error says "
                       "which; the same error on every rank of the group)")
 
+
 class HybridEPAdapter:
-    """The ``deep_ep.Buffer``-shaped face of HybridEP's plain dispatch/combine that
-    :mod:`fused_a2a.autograd` drives. It routes from top-k itself: it needs no layout call.
+    """HybridEP's plain dispatch/combine as a :class:`~fused_a2a.autograd.BufferLike` (``needs_layout`` is
+    ``False``), what :mod:`fused_a2a.autograd` drives. It routes from top-k itself: it needs no layout call.
 
     An uncached dispatch runs HybridEP's own steps (``update_template_config``, the runtime's
     ``metadata_preprocessing`` and ``dispatch``) with one host synchronisation between them, the one

@@ -28,9 +28,8 @@ CHUNK_ENV_VARS: dict[str, str] = {
 }
 DEFAULT_CHUNK = 64  # HybridEP's default for both variables
 
+
 @dataclass(frozen=True)
-
-
 class Settings:
     """What one HybridEP buffer is built and called with (from a dispatch and a combine knob set).
 
@@ -82,9 +81,11 @@ class Settings:
             kwargs["enable_custom_allgather"] = self.custom_allgather
         return {name: value for name, value in kwargs.items() if value is not None}
 
+
 def constructor_takes(keyword: str) -> bool:
     """Whether the installed ``HybridEPBuffer`` constructor has ``keyword``."""
     return HAVE_HYBRIDEP and keyword in inspect.signature(HYBRID_EP.module.HybridEPBuffer).parameters
+
 
 def chunk_sizes(environ=os.environ) -> tuple[int, int]:
     """``(dispatch, combine)`` tokens per chunk as HybridEP would read them from ``environ`` now."""
@@ -93,6 +94,7 @@ def chunk_sizes(environ=os.environ) -> tuple[int, int]:
         text = environ.get(var, "")
         values.append(int(text) if text.strip().isdigit() else DEFAULT_CHUNK)
     return values[0], values[1]
+
 
 def has_fused_permute() -> bool:
     """Whether the installed HybridEP takes ``fuse_permute_dispatch`` (the fused permute path)."""
@@ -107,6 +109,7 @@ def unavailable() -> str | None:
         return HYBRID_EP.reason
     return None if HAVE_HYBRIDEP else "the installed deep_ep has no HybridEPBuffer (build DeepEP's hybrid-ep branch)"
 
+
 def require(what: str):
     reason = unavailable()
     if reason is not None:
@@ -114,9 +117,8 @@ def require(what: str):
                            f"{HYBRID_EP.install_hint}")
     return HYBRID_EP.module
 
+
 @dataclass
-
-
 class _Current:
     """The process-wide buffer and what it was built with (``key``: group, hidden, local experts,
     fp8, :class:`Settings`)."""
@@ -128,11 +130,13 @@ _current = _Current()
 # the attribute of a raw handle's first tensor that holds the buffer that made it
 _BUFFER_ATTRIBUTE = "_fused_a2a_hybridep_buffer"
 
+
 def current_buffer():
     """The process-wide ``HybridEPBuffer`` (``None`` without one)."""
     return _current.buffer
 
 _KEEP = object()
+
 
 def set_current_buffer(buffer, key: Any = _KEEP) -> None:
     """Make ``buffer`` the process-wide one (``None``: drop it; HybridEP frees it when no handle holds it).
@@ -145,6 +149,7 @@ def set_current_buffer(buffer, key: Any = _KEEP) -> None:
 
 _applied: list = [None, (), ()]  # the settings applied last, their variables (encoded) and the values they got
 
+
 def apply_environment(settings: Settings) -> None:
     """Set the chunk variables ``settings`` fixes (HybridEP reads them at every call)."""
     if settings is _applied[0] and env_snapshot.values(_applied[1]) == _applied[2]:
@@ -155,6 +160,7 @@ def apply_environment(settings: Settings) -> None:
             os.environ[var] = value
     names = env_snapshot.encode(tuple(wanted))
     _applied[:] = settings, names, env_snapshot.values(names)
+
 
 def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, settings: Settings, fp8: bool = False):
     """The process-wide buffer for these settings, created (collectively) when there is none or the
@@ -180,24 +186,29 @@ def ensure_buffer(group, hidden: int, num_local_experts: int, num_tokens: int, s
         set_current_buffer(buffer, key)
     return _current.buffer
 
+
 def _reuse_kernels(buffer_class) -> dict[str, bool]:
     """``load_cached_kernels=True`` where HybridEP takes it: a new buffer of this process (a knob change)
     loads the kernels an earlier one compiled instead of compiling them again (HybridEP caches them per
     process)."""
     return {"load_cached_kernels": True} if "load_cached_kernels" in inspect.signature(buffer_class).parameters else {}
 
+
 def ranks_per_node(buffer) -> int:
     """Ranks of one NVLink domain as ``buffer`` sees them."""
     return int(getattr(buffer, "num_of_hybrid_ep_ranks_per_nvlink_domain", buffer.group_size))
+
 
 def remember_buffer(handle: tuple, buffer) -> None:
     """Note that ``buffer`` made the raw HybridEP ``handle``: the handle's first tensor holds it, so the
     buffer lives at least as long as the handle."""
     setattr(handle[0], _BUFFER_ATTRIBUTE, buffer)
 
+
 def buffer_of(handle: tuple):
     """The buffer that made a raw ``handle`` (the process-wide one for a handle made elsewhere)."""
     return getattr(handle[0], _BUFFER_ATTRIBUTE, None) or _current.buffer
+
 
 def free_buffers() -> None:
     """Drop the process-wide buffer (HybridEP frees its memory once no handle holds it)."""

@@ -42,9 +42,8 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
+
 @dataclass(frozen=True)
-
-
 class ExpertColumns:
     """Where each expert sits in HybridEP's routing map.
 
@@ -79,8 +78,10 @@ class ExpertColumns:
 
 _failure: list[str] = []  # why the kernels stopped being used in this process (empty: they are used)
 
+
 def _usable(tensor: torch.Tensor) -> bool:
     return triton is not None and not _failure and tensor.is_cuda
+
 
 def _give_up(error: Exception) -> None:
     """Use the torch operations from now on (they compute the same values), with one warning."""
@@ -89,25 +90,35 @@ def _give_up(error: Exception) -> None:
         warnings.warn(f"fused_a2a: HybridEP's Triton routing kernels failed ({_failure[0]}); using torch "
                       "operations instead", RuntimeWarning, stacklevel=3)
 
+
 def _pow2(value: int) -> int:
     return max(2, 1 << max(value - 1, 0).bit_length())
 
 
 # --------------------------------------------------------------------------------------------- torch ops
 
+
 def dense_routing_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, columns: ExpertColumns):
     """:func:`dense_routing` with torch operations."""
     num_experts, num_columns = columns.num_experts, columns.columns
     valid = (topk_idx >= 0) & (topk_idx < num_experts)
     bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any(dim=1, keepdim=True)
-    where = torch.where(valid, columns.column_of(topk_idx), num_columns)  # spare column, dropped below
-    routing_map = torch.zeros(topk_idx.size(0), num_columns + 1, dtype=torch.bool, device=topk_idx.device)
-    routing_map.scatter_(1, where, True)
+    where = torch.where(valid, columns.column_of(topk_idx), num_columns)
+    routing_map, probs = _scatter_columns(where, num_columns, topk_weights)
     phantoms = torch.arange(columns.world, device=topk_idx.device) * columns.padded + columns.local
     routing_map[:, phantoms] |= bad
+    return routing_map, probs
+
+
+def _scatter_columns(where: torch.Tensor, num_columns: int, topk_weights: torch.Tensor | None):
+    """``(map [N, num_columns] bool, probs [N, num_columns] float32 or None)`` marking column ``where[n, k]``
+    of each row (``num_columns``: no column) with its weight, weights of one column summed."""
+    rows, device = where.size(0), where.device
+    routing_map = torch.zeros(rows, num_columns + 1, dtype=torch.bool, device=device)  # + a spare column, dropped
+    routing_map.scatter_(1, where, True)
     probs = None
     if topk_weights is not None:
-        probs = torch.zeros(topk_idx.size(0), num_columns + 1, dtype=torch.float32, device=topk_idx.device)
+        probs = torch.zeros(rows, num_columns + 1, dtype=torch.float32, device=device)
         probs.scatter_add_(1, where, topk_weights.float())
         probs = probs[:, :num_columns].contiguous()
     return routing_map[:, :num_columns].contiguous(), probs
@@ -188,6 +199,7 @@ if triton is not None:
             tl.store(ids_ptr + r * k + j, tl.where(has, col, -1).to(tl.int64), mask=out)
             tl.store(w_ptr + r * k + j, weight, mask=out)
 
+
 def _trait(arg: Any) -> tuple:
     """What Triton specializes a kernel argument on (NVIDIA): a tensor's dtype, device and 16-byte
     alignment; an int's being 1, its divisibility by 16 and whether it fits in 32 bits."""
@@ -196,6 +208,7 @@ def _trait(arg: Any) -> tuple:
     if isinstance(arg, bool) or not isinstance(arg, int):
         return type(arg), arg
     return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+
 
 class _Launch:
     """``kernel[(grid,)](*args, **meta)`` for a ``triton.jit`` kernel, through the compiled kernel's own
@@ -232,6 +245,7 @@ if triton is not None:
 
 # --------------------------------------------------------------------------------------------- entry points
 
+
 def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, columns: ExpertColumns):
     """Top-k routing as HybridEP's dense map and probabilities, with the phantom signal.
 
@@ -265,6 +279,7 @@ def dense_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, col
         return dense_routing_torch(topk_idx, topk_weights, columns)
     return routing_map, probs
 
+
 def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor | None:
     """Launch the count of received rows per expert column: ``[padded]`` int64 in pinned host memory,
     readable after the next synchronisation of the current stream; ``None`` where the kernel does not
@@ -287,9 +302,11 @@ def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor
         return None
     return out
 
+
 def count_rows(local_map: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Received rows per expert column, ``[padded]`` int64 on ``local_map``'s device (torch operations)."""
     return local_map[:num_rows].sum(dim=0, dtype=torch.int64)
+
 
 def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num_rows: int, columns: ExpertColumns,
                    first: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +342,7 @@ def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num
         return ascending_topk_torch(local_map[:num_rows, :local], recv_probs[:num_rows, first:first + local], topk)
     return ids, weights
 
+
 def dense_routing_map(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, num_experts: int):
     """Top-k routing as HybridEP's dense map and probabilities (the seed API's map: one column per expert).
 
@@ -337,16 +355,8 @@ def dense_routing_map(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
         ``(routing_map [N, E] bool, probs [N, E] float32 or None)`` on ``topk_idx``'s device; an
         expert named twice for one token gets the sum of its weights.
     """
-    chosen = topk_idx >= 0
-    columns = torch.where(chosen, topk_idx, num_experts)  # "no expert" goes to a spare column, dropped below
-    routing_map = torch.zeros(topk_idx.size(0), num_experts + 1, dtype=torch.bool, device=topk_idx.device)
-    routing_map.scatter_(1, columns, True)
-    probs = None
-    if topk_weights is not None:
-        probs = torch.zeros(topk_idx.size(0), num_experts + 1, dtype=torch.float32, device=topk_idx.device)
-        probs.scatter_add_(1, columns, topk_weights.float())
-        probs = probs[:, :num_experts].contiguous()
-    return routing_map[:, :num_experts].contiguous(), probs
+    return _scatter_columns(torch.where(topk_idx >= 0, topk_idx, num_experts), num_experts, topk_weights)
+
 
 def topk_to_routing_map(
     topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
