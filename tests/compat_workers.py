@@ -205,7 +205,7 @@ def automodel(rank: int, world_size: int) -> None:
     _check_fakes()
     import deep_ep
 
-    from fused_a2a.backends import deepep, hybridep, uccl
+    from fused_a2a.backends import deepep, hybridep_buffer, uccl
     from fused_a2a.seed import deepep as seed_deepep
 
     group = dist.group.WORLD
@@ -236,7 +236,7 @@ def automodel(rank: int, world_size: int) -> None:
     sms = dict(num_sms_dispatch_api=16, num_sms_combine_api=16)
     _check_hybrid(rank, world_size, 1, module.hybrid_ep_dispatch, module.hybrid_ep_combine, sms)
     made = module._hybrid_ep_buffer
-    assert made is hybridep.current_buffer() and made.config["num_sms_dispatch_api"] == 16
+    assert made is hybridep_buffer.current_buffer() and made.config["num_sms_dispatch_api"] == 16
     _check_hybrid(rank, world_size, 2, module.hybrid_ep_dispatch, module.hybrid_ep_combine, sms)
     assert module._hybrid_ep_buffer is made  # the same knobs reuse the buffer
     module.init_hybrid_ep_buffer(group, HIDDEN, TOKENS, LOCAL_EXPERTS, 8, 8, False)
@@ -266,7 +266,7 @@ def megatron(rank: int, world_size: int) -> None:
     os.environ["FUSED_A2A_HYBRIDEP_NUM_SMS_PREPROCESSING_API"] = "64"  # a tuned value for Megatron's default 108
     module = _installed("megatron")
     _check_fakes()
-    from fused_a2a.backends import deepep, hybridep
+    from fused_a2a.backends import deepep, hybridep_buffer
 
     group = dist.group.WORLD
     assert (module.HAVE_DEEP_EP, module.HAVE_HYBRIDEP, module.HAVE_TE_EP) == (True, True, False)
@@ -286,7 +286,7 @@ def megatron(rank: int, world_size: int) -> None:
     assert bool(handle[-1] != 0) is False  # the dispatcher's over-budget test
     config = module._hybrid_ep_buffer.config
     assert config["num_sms_preprocessing_api"] == 64 and config["num_blocks_permute"] == -1  # 108 = not set: tuned
-    assert module._hybrid_ep_buffer is hybridep.current_buffer()
+    assert module._hybrid_ep_buffer is hybridep_buffer.current_buffer()
 
     # fused permute and block counts (moe_permute_fusion_into_hybridep, moe_hybridep_num_blocks_*)
     fused = dict(defaults, fused=True, num_blocks_permute=32, num_blocks_unpermute=32, num_sms_dispatch_api=16,

@@ -75,7 +75,7 @@ def seed_permute_path(rank: int, world_size: int) -> None:
     """``hybrid_ep_dispatch``/``hybrid_ep_combine`` (expert-major rows) against a dense reference, forward
     and gradients, with the seed's positional arguments and Megatron's keywords."""
     fused_a2a = _fused_a2a()
-    from fused_a2a.backends.hybridep import topk_to_routing_map
+    from fused_a2a.backends.hybridep_routing import topk_to_routing_map
 
     case = CASES[0]
     spec = case.spec

@@ -146,18 +146,20 @@ def _lay_out(tensor: torch.Tensor, layout: str, index: int) -> torch.Tensor:
 
 def hybridep_shape_ok(case: RoutingCase) -> bool:
     """Whether HybridEP's kernels take the case's shape (its rules, :func:`shape_problem` of the backend)."""
-    from fused_a2a.backends import BACKENDS, Shape
+    from fused_a2a.backends import BACKENDS
+    from fused_a2a.shape import CallShape
 
-    shape = Shape(case.world, case.tokens, case.hidden, case.topk, case.num_experts, case.dtype)
+    shape = CallShape(case.dtype, case.hidden, case.topk, case.num_experts, world_size=case.world, tokens=case.tokens)
     return BACKENDS["hybridep"].shape_problem(shape, {}) is None
 
 
 def hybridep_tokens_ok(case: RoutingCase) -> bool:
     """Whether the case's token counts keep HybridEP's token rules (the same count on every rank, at least
     one, its TMA and allgather alignments), whatever its dtype, hidden size or faults."""
-    from fused_a2a.backends import BACKENDS, Shape
+    from fused_a2a.backends import BACKENDS
+    from fused_a2a.shape import CallShape
 
-    shape = Shape(case.world, case.tokens, 16, case.topk, case.num_experts, "bf16")
+    shape = CallShape("bf16", 16, case.topk, case.num_experts, world_size=case.world, tokens=case.tokens)
     problem = BACKENDS["hybridep"].shape_problem(shape, {})
     return problem is None or "token" not in problem
 

@@ -1,5 +1,6 @@
 """Dependencies point one way: a2a_bench -> fused_a2a; inside the library, backends import only the
-layer below them (base, autograd, checks), never knob resolution, the seed functions or each other.
+layer below them (base, autograd, checks), never knob resolution, the seed functions or each other, and no
+two library modules import each other, directly or around a circle, at module level or inside a function.
 Inside a2a_bench, packages are layered (:data:`A2A_LAYERS`), no module import circle exists, and no code
 names a backend (:func:`backend_mentions` says what counts)."""
 
@@ -14,7 +15,7 @@ LIBRARY = Path(__file__).resolve().parents[1] / "library" / "fused_a2a"
 BACKENDS = LIBRARY / "backends"
 # what a backend module may import from fused_a2a: the layer below backends
 BELOW_BACKENDS = {
-    "fused_a2a.autograd", "fused_a2a.checks", "fused_a2a.fp8", "fused_a2a.environment", "fused_a2a.backends.base",
+    "fused_a2a.autograd", "fused_a2a.checks", "fused_a2a.fp8", "fused_a2a.env_snapshot", "fused_a2a.shape", "fused_a2a.backends.base",
     "fused_a2a.backends.optional", "fused_a2a.backends.chunk_config", "fused_a2a.groups", "fused_a2a.shared_errors",
     "fused_a2a.backends.direct", "fused_a2a.backends.frameworks",
 }
@@ -24,8 +25,12 @@ OWN_HELPERS = {
     "torch_a2a.py": {"fused_a2a.backends.torch_routing", "fused_a2a.backends.torch_stages"},
     "torch_routing.py": {"fused_a2a.backends.torch_routing_kernels"},
     "torch_stages.py": {"fused_a2a.backends.torch_routing", "fused_a2a.backends.torch_routing_kernels"},
-    "hybridep.py": {"fused_a2a.backends.hybridep_routing", "fused_a2a.backends.hybridep_direct"},
-    "hybridep_direct.py": {"fused_a2a.backends.hybridep", "fused_a2a.backends.hybridep_routing"},
+    "hybridep.py": {"fused_a2a.backends.hybridep_adapter", "fused_a2a.backends.hybridep_buffer",
+                    "fused_a2a.backends.hybridep_direct", "fused_a2a.backends.hybridep_knobs"},
+    "hybridep_adapter.py": {"fused_a2a.backends.hybridep_buffer", "fused_a2a.backends.hybridep_routing"},
+    "hybridep_direct.py": {"fused_a2a.backends.hybridep_buffer", "fused_a2a.backends.hybridep_knobs",
+                           "fused_a2a.backends.hybridep_routing"},
+    "hybridep_knobs.py": {"fused_a2a.backends.hybridep_buffer"},
 }
 
 
@@ -74,6 +79,56 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     assert is_module("fused_a2a.tuning.resolve") and not is_module("fused_a2a.tuning.resolve.resolve")
 
 
+def module_name(path: Path, root: Path) -> str:
+    """The dotted name of the module at ``path`` under the import root ``root``."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports, wherever the import statement stands (a function's
+    body included). A module's import of a package that holds it adds no edge: Python runs that package's
+    ``__init__`` before the module in any case."""
+    graph = {}
+    for path in LIBRARY.rglob("*.py"):
+        name = module_name(path, LIBRARY.parent)
+        graph[name] = {imported for imported in fused_a2a_imports(path)
+                       if is_module(imported) and imported != name and not name.startswith(imported + ".")}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle through each module that lies on one (depth-first search), as the modules around it."""
+    found, state, stack = [], {}, []
+
+    def visit(name: str) -> None:
+        state[name] = "open"
+        stack.append(name)
+        for imported in sorted(graph.get(name, ())):
+            if state.get(imported) == "open":
+                found.append(stack[stack.index(imported):] + [imported])
+            elif imported not in state:
+                visit(imported)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    return found
+
+
+def test_no_import_circle_in_the_library() -> None:
+    assert circles(import_graph()) == []
+
+
+def test_the_circle_check_sees_a_deferred_import(tmp_path: Path) -> None:
+    deferred = tmp_path / "deferred.py"
+    deferred.write_text("def clear():\n    from fused_a2a.tuning import agreement\n")
+    assert "fused_a2a.tuning.agreement" in fused_a2a_imports(deferred)
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # a2a_bench: layers, no circles, no backend names
 
@@ -93,11 +148,6 @@ A2A_LAYERS: dict[str, set[str]] = {
     "a2a_bench.__main__": {"a2a_bench.cli"},
 }
 CLI_MAX_LINES = 350
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(TOOL.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def layer(module: str) -> str:
@@ -123,28 +173,19 @@ def is_tool_module(name: str) -> bool:
 
 @pytest.mark.parametrize("path", TOOL_MODULES, ids=lambda p: str(p.relative_to(TOOL)))
 def test_a2a_bench_imports_only_the_layers_below(path: Path) -> None:
-    own = layer(module_name(path))
+    own = layer(module_name(path, TOOL.parent))
     allowed = A2A_LAYERS[own] | {own}
     upward = sorted(name for name in tool_imports(path) if layer(name) not in allowed)
-    assert upward == [], f"{module_name(path)} ({own}) imports {upward}"
+    assert upward == [], f"{module_name(path, TOOL.parent)} ({own}) imports {upward}"
 
 
 def test_a2a_bench_has_no_import_circle() -> None:
-    graph = {module_name(path): tool_imports(path) - {module_name(path)} for path in TOOL_MODULES}
-    done: set[str] = set()
-
-    def visit(module: str, trail: list[str]) -> None:
-        if module in trail:
-            pytest.fail(f"import circle: {' -> '.join(trail[trail.index(module):] + [module])}")
-        if module in done:
-            return
-        for imported in sorted(graph.get(module, ())):
-            if imported != module.rsplit(".", 1)[0]:  # a module's own package __init__ runs first, no circle
-                visit(imported, trail + [module])
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module, [])
+    graph = {}
+    for path in TOOL_MODULES:
+        name = module_name(path, TOOL.parent)
+        # a module's own package __init__ runs first: no circle
+        graph[name] = tool_imports(path) - {name, name.rsplit(".", 1)[0]}
+    assert circles(graph) == []
 
 
 def test_cli_only_parses() -> None:

@@ -15,7 +15,7 @@ import torch
 
 import fused_a2a
 from a2a_bench.engine.results import COLUMNS, read_results
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from fused_a2a.tuning.table import read_table, write_table
 from cli_runs import run_child
 from ranks import spawn
@@ -135,7 +135,7 @@ def test_tune_table_and_library_lookup(run_dir: Path, tmp_path: Path) -> None:
 
 def _library_uses_table(rank: int, world_size: int, tables: str, entries: dict) -> None:
     os.environ["FUSED_A2A_TUNING_DIR"] = tables
-    resolve_mod.clear_cache()
+    tuning.clear()
     x = torch.randn(64, 512, dtype=torch.bfloat16)
     idx = torch.randint(0, 8, (64, 2))
     weights = torch.rand(64, 2)

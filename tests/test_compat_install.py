@@ -21,7 +21,7 @@ import pytest
 import fused_a2a.compat as compat
 from compat_workers import (AUTOMODEL, AUTOMODEL_DISPATCHER_NAMES, MEGATRON, MEGATRON_DISPATCHER_NAMES,
                             MEGATRON_HYBRID_DISPATCH, parameters)
-from fused_a2a.backends import deepep, hybridep, uccl
+from fused_a2a.backends import deepep, hybridep_buffer, uccl
 from fused_a2a.compat import automodel, launch, megatron
 from fused_a2a.seed import hybridep as seed_hybridep
 
@@ -167,9 +167,9 @@ def test_module_state_is_the_live_buffer_and_patchable(clean, module, monkeypatc
 
     caller_made = object()
     module._hybrid_ep_buffer = caller_made
-    assert hybridep.current_buffer() is caller_made and seed_hybridep._made_by_caller
+    assert hybridep_buffer.current_buffer() is caller_made and seed_hybridep._made_by_caller
     module._hybrid_ep_buffer = None  # as reset_hybrid_ep_buffer()
-    assert hybridep.current_buffer() is None and not seed_hybridep._made_by_caller
+    assert hybridep_buffer.current_buffer() is None and not seed_hybridep._made_by_caller
 
 
 def test_automodel_only_state(clean) -> None:

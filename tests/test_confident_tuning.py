@@ -15,7 +15,7 @@ from a2a_bench.engine.results import append_row, read_results
 from a2a_bench.reports.report import entry_verdict
 from a2a_bench.reports.tune import build_table, select_entry, tunable
 from cli_runs import run_cli
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningFileError, TuningTable, VsDefault, read_table, write_table
 from runfiles import ok_row
 
@@ -114,9 +114,9 @@ def tables(tmp_path: Path, monkeypatch) -> Path:
         entry(), entry(hidden=1024, selected_by="kernel", vs_default=None))))
     monkeypatch.setenv("FUSED_A2A_TUNING_DIR", str(tmp_path))
     monkeypatch.delenv("FUSED_A2A_CLUSTER_ID", raising=False)
-    resolve_mod.clear_cache()
+    tuning.clear()
     yield tmp_path
-    resolve_mod.clear_cache()
+    tuning.clear()
 
 
 def test_show_says_which_mode_chose_the_entry_and_how_it_compared(tables: Path, monkeypatch, capsys) -> None:
@@ -151,10 +151,10 @@ def test_table_prints_the_mode_and_the_comparison_of_each_entry(tables: Path, mo
 
 def test_show_on_a_machine_without_a_table_says_so_in_words(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("FUSED_A2A_TUNING_DIR", str(tmp_path))
-    resolve_mod.clear_cache()
+    tuning.clear()
     code, out, err = run_cli(monkeypatch, capsys, "show", "--hidden", "512", "--tokens", "64", "--world-size", "4")
     assert code == 0, err
     assert ("no tuning table for cluster cpu-gloo-x4 (looked in " + str(tmp_path)) in " ".join(out.split())
     assert "the backend's defaults apply; a2a-bench sweep --tune makes one" in " ".join(out.split())
-    resolve_mod.clear_cache()
+    tuning.clear()
 

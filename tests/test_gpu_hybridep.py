@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 import fused_a2a
 from a2a_bench.engine.workload import WorkloadSpec
-from fused_a2a.backends.hybridep import HYBRID_EP, HAVE_HYBRIDEP, topk_to_routing_map
+from fused_a2a.backends.hybridep import HYBRID_EP, HAVE_HYBRIDEP
+from fused_a2a.backends.hybridep_routing import topk_to_routing_map
 from gpu import gpu_ready, real
 from reference import Case, assert_close, check_case, grad_seed
 

@@ -19,7 +19,9 @@ import fused_a2a
 from fused_a2a import mps
 from fused_a2a.backends.deepep import DEEP_EP
 from fused_a2a.cluster import detect_cluster
-from fused_a2a.tuning.resolve import TUNING_DIR_ENV, clear_cache, resolve
+from fused_a2a import tuning
+from fused_a2a.tuning.resolve import TUNING_DIR_ENV, resolve
+from fused_a2a.shape import CallShape
 from gpu import gpu_ready, real, shares_gpus
 
 pytestmark = [
@@ -47,8 +49,8 @@ def test_the_seed_function_finds_the_mps_table_at_run_time(gpu_device, monkeypat
                 "measured": {"dispatch_us": 300.0, "combine_us": 300.0}}]}))
     dist.barrier()
     monkeypatch.setenv(TUNING_DIR_ENV, str(root))
-    clear_cache()
-    res = resolve("deepep", world, "bf16", 7168, 4096, {}, topk=8, num_experts=64)
+    tuning.clear()
+    res = resolve("deepep", CallShape("bf16", 7168, topk=8, num_experts=64, world_size=world, tokens=(4096,)), {})
     assert res.dispatch == TUNED and set(res.sources.values()) == {"table"}, res
     generator = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(4096, 7168, generator=generator).to(torch.bfloat16).to(gpu_device)
@@ -59,4 +61,4 @@ def test_the_seed_function_finds_the_mps_table_at_run_time(gpu_device, monkeypat
     # combine sums the copies of each token: one per rank that holds one of its experts
     holders = torch.stack([(idx // (64 // world) == r).any(dim=1) for r in range(world)]).sum(dim=0)
     torch.testing.assert_close(out.float(), x.float() * holders[:, None], rtol=2e-2, atol=2e-2)
-    clear_cache()
+    tuning.clear()

@@ -8,17 +8,22 @@ import types
 import pytest
 import torch
 
-from fused_a2a.backends import hybridep
-from fused_a2a.backends.base import Shape
+from fused_a2a.backends import hybridep, hybridep_adapter, hybridep_buffer, hybridep_routing
 from fused_a2a.backends.optional import OptionalModule
+from fused_a2a.shape import CallShape
 
-CHUNK_VARS = tuple(hybridep.CHUNK_ENV_VARS.values())
+CHUNK_VARS = tuple(hybridep_buffer.CHUNK_ENV_VARS.values())
+
+
+def Shape(world_size: int, tokens: tuple[int, ...], hidden: int, topk: int, num_experts: int, dtype: str = "bf16",
+          ranks_per_node: int | None = None) -> CallShape:
+    return CallShape(dtype, hidden, topk, num_experts, world_size=world_size, tokens=tokens, ranks_per_node=ranks_per_node)
 
 
 def test_routing_map_marks_each_chosen_expert_with_its_weight() -> None:
     idx = torch.tensor([[0, 3], [2, -1], [-1, -1], [1, 1]])
     weights = torch.tensor([[0.7, 0.3], [0.9, 0.5], [0.2, 0.1], [0.25, 0.5]])
-    routing_map, probs = hybridep.topk_to_routing_map(idx, weights, 4)
+    routing_map, probs = hybridep_routing.topk_to_routing_map(idx, weights, 4)
     assert routing_map.dtype == torch.bool and probs.dtype == torch.float32
     assert routing_map.tolist() == [
         [True, False, False, True],
@@ -35,7 +40,7 @@ def test_routing_map_agrees_with_the_top_k_and_carries_gradients() -> None:
     idx = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(32)])
     idx[torch.rand(32, 4, generator=gen) < 0.2] = -1
     weights = torch.rand(32, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
-    routing_map, probs = hybridep.topk_to_routing_map(idx, weights, 16)
+    routing_map, probs = hybridep_routing.topk_to_routing_map(idx, weights, 16)
     assert torch.equal(routing_map.sum(dim=1), (idx >= 0).sum(dim=1))
     assert torch.allclose(probs.sum(dim=1), (weights * (idx >= 0)).sum(dim=1).float())
     assert torch.equal(routing_map, probs > 0)
@@ -44,7 +49,7 @@ def test_routing_map_agrees_with_the_top_k_and_carries_gradients() -> None:
 
 
 def test_routing_map_of_no_tokens() -> None:
-    routing_map, probs = hybridep.topk_to_routing_map(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), 8)
+    routing_map, probs = hybridep_routing.topk_to_routing_map(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), 8)
     assert routing_map.shape == probs.shape == (0, 8)
 
 
@@ -62,7 +67,7 @@ def test_routing_map_of_no_tokens() -> None:
 )
 def test_routing_map_rejects_bad_inputs(idx, weights, num_experts, problem) -> None:
     with pytest.raises(ValueError, match=problem):
-        hybridep.topk_to_routing_map(idx, weights, num_experts)
+        hybridep_routing.topk_to_routing_map(idx, weights, num_experts)
 
 
 def test_knobs_defaults_and_checks() -> None:
@@ -87,7 +92,7 @@ def test_settings_take_each_side_from_its_knobs() -> None:
     dispatch = {**hybridep.SPEC.defaults(), "num_sms_dispatch_api": 16, "tokens_per_chunk_dispatch": 128,
                 "num_blocks_permute": 64}
     combine = {**hybridep.SPEC.defaults(), "num_sms_combine_api": 32, "num_blocks_unpermute": 0}
-    settings = hybridep.Settings.from_knobs(dispatch, combine)
+    settings = hybridep_buffer.Settings.from_knobs(dispatch, combine)
     assert (settings.sms_dispatch, settings.sms_combine, settings.blocks_permute, settings.blocks_unpermute) == (16, 32, 64, None)
     assert settings.environment() == {"NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API": "128"}
     assert settings.constructor_kwargs() == dict(num_sms_dispatch_api=16, num_sms_combine_api=32,
@@ -108,17 +113,17 @@ def test_settings_take_each_side_from_its_knobs() -> None:
         (Shape(2, (6, 6), 1024, 2, 4), r"custom allgather .* 6 x 4 is not a multiple of 16"),
     ],
 )
-def test_shape_problems_name_the_rule(shape: Shape, problem: str) -> None:
+def test_shape_problems_name_the_rule(shape: CallShape, problem: str) -> None:
     import re
 
-    found = hybridep.shape_problem(shape)
+    found = hybridep_adapter.shape_problem(shape)
     assert found is not None and re.search(problem, found), found
 
 
 @pytest.mark.parametrize("shape", [Shape(2, (8, 8), 7168, 8, 64), Shape(2, (4096, 4096), 2048, 2, 16),
                                    Shape(8, (7,), 1024, 8, 64), Shape(1, (128,), 512, 2, 4)])
-def test_shapes_hybridep_takes(shape: Shape) -> None:
-    assert hybridep.shape_problem(shape) is None
+def test_shapes_hybridep_takes(shape: CallShape) -> None:
+    assert hybridep_adapter.shape_problem(shape) is None
 
 
 def test_fused_needs_equal_chunks() -> None:
@@ -129,8 +134,8 @@ def test_fused_needs_equal_chunks() -> None:
 
 def test_custom_allgather_rule_is_lifted_by_the_knob() -> None:
     shape = Shape(2, (6, 6), 1024, 2, 4)
-    assert hybridep.shape_problem(shape, {"enable_custom_allgather": False}) is None
-    assert hybridep.Settings.from_knobs(hybridep.SPEC.defaults(), hybridep.SPEC.defaults()).custom_allgather
+    assert hybridep_adapter.shape_problem(shape, {"enable_custom_allgather": False}) is None
+    assert hybridep_buffer.Settings.from_knobs(hybridep.SPEC.defaults(), hybridep.SPEC.defaults()).custom_allgather
 
 
 class StandInBuffer:
@@ -149,36 +154,36 @@ def stand_in(monkeypatch):
     """deep_ep with a recording HybridEPBuffer, no chunk variables set, no buffer."""
     StandInBuffer.created = []
     module = types.SimpleNamespace(HybridEPBuffer=StandInBuffer)
-    monkeypatch.setattr(hybridep, "HYBRID_EP", OptionalModule("deep_ep", "", module, None))
-    monkeypatch.setattr(hybridep, "HAVE_HYBRIDEP", True)
+    monkeypatch.setattr(hybridep_buffer, "HYBRID_EP", OptionalModule("deep_ep", "", module, None))
+    monkeypatch.setattr(hybridep_buffer, "HAVE_HYBRIDEP", True)
     for var in CHUNK_VARS:
         monkeypatch.delenv(var, raising=False)
-    hybridep.free_buffers()
+    hybridep_buffer.free_buffers()
     yield StandInBuffer.created
-    hybridep.free_buffers()
+    hybridep_buffer.free_buffers()
     for var in CHUNK_VARS:  # set by ensure_buffer, not through monkeypatch: ranks spawned later would inherit them
         os.environ.pop(var, None)
 
 
-SETTINGS = hybridep.Settings()
+SETTINGS = hybridep_buffer.Settings()
 
 
 def test_buffer_is_kept_while_nothing_changes(stand_in) -> None:
     group = object()
-    first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
+    first = hybridep_buffer.ensure_buffer(group, 1024, 4, 512, SETTINGS)
     assert first.kwargs == dict(group=group, hidden_dim=1024, max_num_of_tokens_per_rank=512, num_local_experts=4,
                                 use_fp8=False, num_sms_dispatch_api=24, num_sms_combine_api=24,
                                 num_sms_preprocessing_api=108)
-    assert hybridep.ensure_buffer(group, 1024, 4, 4096, SETTINGS) is first  # HybridEP grows its own capacity
+    assert hybridep_buffer.ensure_buffer(group, 1024, 4, 4096, SETTINGS) is first  # HybridEP grows its own capacity
     assert len(stand_in) == 1
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        dict(settings=hybridep.Settings(sms_dispatch=32)),
-        dict(settings=hybridep.Settings(sms_combine=16)),
-        dict(settings=hybridep.Settings(chunk_combine=128)),
+        dict(settings=hybridep_buffer.Settings(sms_dispatch=32)),
+        dict(settings=hybridep_buffer.Settings(sms_combine=16)),
+        dict(settings=hybridep_buffer.Settings(chunk_combine=128)),
         dict(hidden=2048),
         dict(num_local_experts=8),
         dict(group=object()),
@@ -186,10 +191,10 @@ def test_buffer_is_kept_while_nothing_changes(stand_in) -> None:
 )
 def test_buffer_is_recreated_when_what_shapes_it_changes(stand_in, change) -> None:
     args = dict(group=object(), hidden=1024, num_local_experts=4, num_tokens=512, settings=SETTINGS)
-    first = hybridep.ensure_buffer(**args)
-    second = hybridep.ensure_buffer(**{**args, **change})
+    first = hybridep_buffer.ensure_buffer(**args)
+    second = hybridep_buffer.ensure_buffer(**{**args, **change})
     assert second is not first and len(stand_in) == 2
-    assert hybridep.ensure_buffer(**{**args, **change}) is second
+    assert hybridep_buffer.ensure_buffer(**{**args, **change}) is second
 
 
 def test_a_handle_keeps_the_buffer_that_made_it(stand_in) -> None:
@@ -197,15 +202,15 @@ def test_a_handle_keeps_the_buffer_that_made_it(stand_in) -> None:
     import weakref
 
     group = object()
-    first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
+    first = hybridep_buffer.ensure_buffer(group, 1024, 4, 512, SETTINGS)
     handle = (torch.zeros(1),)
-    hybridep.remember_buffer(handle, first)
+    hybridep_buffer.remember_buffer(handle, first)
     alive = weakref.ref(first)
     del first
     stand_in.clear()  # the recording list would keep it alive too
-    second = hybridep.ensure_buffer(group, 1024, 4, 512, hybridep.Settings(sms_dispatch=8))
+    second = hybridep_buffer.ensure_buffer(group, 1024, 4, 512, hybridep_buffer.Settings(sms_dispatch=8))
     gc.collect()
-    assert alive() is not None and hybridep.buffer_of(handle) is alive() and alive() is not second
+    assert alive() is not None and hybridep_buffer.buffer_of(handle) is alive() and alive() is not second
     del handle
     gc.collect()
     assert alive() is None  # the old buffer goes with its last handle
@@ -213,9 +218,9 @@ def test_a_handle_keeps_the_buffer_that_made_it(stand_in) -> None:
 
 def test_chunk_settings_set_their_variables_before_the_buffer_is_built(stand_in) -> None:
     group = object()
-    first = hybridep.ensure_buffer(group, 1024, 4, 512, SETTINGS)
+    first = hybridep_buffer.ensure_buffer(group, 1024, 4, 512, SETTINGS)
     assert first.env == {var: None for var in CHUNK_VARS}
-    second = hybridep.ensure_buffer(group, 1024, 4, 512, hybridep.Settings(chunk_combine=128))
+    second = hybridep_buffer.ensure_buffer(group, 1024, 4, 512, hybridep_buffer.Settings(chunk_combine=128))
     assert second.env == {"NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API": None, "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API": "128"}
     assert os.environ["NUM_OF_TOKENS_PER_CHUNK_COMBINE_API"] == "128"
-    assert hybridep.chunk_sizes() == (64, 128)
+    assert hybridep_buffer.chunk_sizes() == (64, 128)

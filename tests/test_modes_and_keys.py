@@ -14,9 +14,10 @@ from a2a_bench.engine.measure import imbalance
 from a2a_bench.engine.results import read_results
 from cli_runs import run_child
 from fused_a2a.backends import BACKENDS
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from fused_a2a.tuning.resolve import TuningWarning, resolve
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, lookup, read_table, write_table
+from fused_a2a.shape import CallShape
 
 GRID = ["--backends", "torch", "--hidden", "256", "--tokens", "64", "--topk", "2", "--experts", "8",
         "--routing", "uniform,zipf:1.5", "--warmup", "1", "--iters", "2"]
@@ -80,29 +81,29 @@ def test_lookup_prefers_the_routing_then_uniform_and_the_installed_build() -> No
         entry(build="old"), entry(build="new", dispatch={"impl": "all_to_all"}, combine={"impl": "all_to_all"}),
         entry(routing="zipf:1.2", build="new"),
     ))
-    assert lookup(table, "torch", 2, "bf16", 256, 64, routing="uniform", build="new").build == "new"
-    assert lookup(table, "torch", 2, "bf16", 256, 64, routing="zipf:1.2", build="new").routing == "zipf:1.2"
-    assert lookup(table, "torch", 2, "bf16", 256, 64, routing="hot:0.5", build="new").routing == "uniform"
-    assert lookup(table, "torch", 2, "bf16", 256, 64, routing="uniform", build="other").build in ("old", "new")
+    assert lookup(table, "torch", CallShape("bf16", 256, routing="uniform", world_size=2, tokens=(64,)), build="new").build == "new"
+    assert lookup(table, "torch", CallShape("bf16", 256, routing="zipf:1.2", world_size=2, tokens=(64,)), build="new").routing == "zipf:1.2"
+    assert lookup(table, "torch", CallShape("bf16", 256, routing="hot:0.5", world_size=2, tokens=(64,)), build="new").routing == "uniform"
+    assert lookup(table, "torch", CallShape("bf16", 256, routing="uniform", world_size=2, tokens=(64,)), build="other").build in ("old", "new")
 
 
 def test_an_entry_of_another_build_is_used_with_one_warning_and_refused_when_strict(tmp_path: Path, monkeypatch) -> None:
     write_table(tmp_path / "c" / "tuning.json", TuningTable(SCHEMA, {"id": "c"}, "t", "0.1.0", (entry(build="0.0.1-other"),)))
     monkeypatch.setenv("FUSED_A2A_TUNING_DIR", str(tmp_path))
     monkeypatch.delenv("FUSED_A2A_TUNING_STRICT", raising=False)
-    resolve_mod.clear_cache()
+    tuning.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = resolve("torch", 2, "bf16", 256, 64, {}, topk=2, num_experts=8, cluster="c")
-        resolve("torch", 2, "bf16", 512, 64, {}, topk=2, num_experts=8, cluster="c")
+        first = resolve("torch", CallShape("bf16", 256, topk=2, num_experts=8, world_size=2, tokens=(64,)), {}, cluster="c")
+        resolve("torch", CallShape("bf16", 512, topk=2, num_experts=8, world_size=2, tokens=(64,)), {}, cluster="c")
     assert first.sources == {"impl": "table"} and first.build == BACKENDS["torch"].version()
     other = [str(w.message) for w in caught if w.category is TuningWarning]
     assert len(other) == 1 and "measured with torch 0.0.1-other, the installed build is" in other[0]
     monkeypatch.setenv("FUSED_A2A_TUNING_STRICT", "1")
-    resolve_mod.clear_cache()
+    tuning.clear()
     with pytest.raises(ValueError, match="measured with torch 0.0.1-other"):
-        resolve("torch", 2, "bf16", 256, 64, {}, topk=2, num_experts=8, cluster="c")
-    resolve_mod.clear_cache()
+        resolve("torch", CallShape("bf16", 256, topk=2, num_experts=8, world_size=2, tokens=(64,)), {}, cluster="c")
+    tuning.clear()
 
 
 def test_imbalance_of_a_routing_counted_by_hand() -> None:

@@ -15,7 +15,7 @@ from a2a_bench.reports.fit import rich_table
 from a2a_bench.reports.export import env_lines, find_entry, render, sglang_config
 from a2a_bench.reports.plot import _time_figure, plot_run, sms_series, time_series, tokens_series
 from a2a_bench.engine.results import COLUMNS, ResultsError, append_row, read_results
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningTable, write_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -359,18 +359,18 @@ def test_export_cli_prints_to_stdout(monkeypatch, capsys, tmp_path: Path) -> Non
 def test_export_cli_finds_this_machines_table(monkeypatch, capsys, tmp_path: Path) -> None:
     monkeypatch.setenv("FUSED_A2A_TUNING_DIR", str(tmp_path))
     monkeypatch.setenv("FUSED_A2A_CLUSTER_ID", CLUSTER["id"])
-    resolve_mod.clear_cache()
+    tuning.clear()
     try:
         args = ["export", "--format", "env", "--backend", "deepep", "--hidden", "4096", "--tokens", "1024", "--world-size", "2"]
         code, _, err = run_cli(monkeypatch, capsys, *args)
         assert_one_line_error(code, err, f"no tuning table for cluster {CLUSTER['id']} in {tmp_path}")
         write_cluster(tmp_path / CLUSTER["id"], DEEPEP_ENTRY)
-        resolve_mod.clear_cache()
+        tuning.clear()
         code, out, err = run_cli(monkeypatch, capsys, *args)
         assert code == 0, err
         assert "export DEEP_EP_SM_NUMS=24" in out.splitlines()
     finally:
-        resolve_mod.clear_cache()
+        tuning.clear()
 
 
 @pytest.mark.parametrize(

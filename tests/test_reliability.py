@@ -17,7 +17,7 @@ import torch
 
 import fused_a2a
 from a2a_bench.engine.results import read_results
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from fused_a2a.tuning.resolve import TuningWarning
 from ranks import spawn
 
@@ -87,7 +87,7 @@ def _rejected_entry_worker(rank: int, world_size: int, tables: str) -> None:
     import faulty_backend  # noqa: F401  registers the backend in this process
 
     os.environ["FUSED_A2A_TUNING_DIR"] = tables
-    resolve_mod.clear_cache()
+    tuning.clear()
     x, idx, weights = torch.randn(8, 16), torch.randint(0, 4, (8, 2)), torch.rand(8, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

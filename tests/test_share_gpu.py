@@ -277,7 +277,9 @@ def test_timeslice_is_refused_where_a_daemon_serves_the_ranks(fake_mps, monkeypa
 
 
 def test_the_library_finds_a_shared_gpu_table_only_in_a_job_that_shares_the_gpu_alike(monkeypatch, tmp_path: Path) -> None:
-    from fused_a2a.tuning.resolve import clear_cache, resolve
+    from fused_a2a.shape import CallShape
+    from fused_a2a import tuning
+    from fused_a2a.tuning.resolve import resolve
 
     tables = tmp_path / "tables" / "h200-x1-mps2"
     tables.mkdir(parents=True)
@@ -299,8 +301,8 @@ def test_the_library_finds_a_shared_gpu_table_only_in_a_job_that_shares_the_gpu_
             monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
             monkeypatch.setenv(mps.PIPE_DIR_ENV, str(pipe if daemon else tmp_path / "no-daemon"))
             (pipe / mps.PID_FILE).write_text(str(sleeper.pid))
-            clear_cache()
-            return resolve("torch", 2, "bf16", 7168, 4096, {}, topk=8, num_experts=64).sources["impl"]
+            tuning.clear()
+            return resolve("torch", CallShape("bf16", 7168, topk=8, num_experts=64, world_size=2, tokens=(4096,)), {}).sources["impl"]
 
         assert source(gpus=1, local_ranks=2, daemon=True) == "table"  # 2 ranks on one H200 under MPS: its table
         assert source(gpus=1, local_ranks=2, daemon=False) == "default"  # time-sliced: h200-x1-ts2, no table
@@ -308,4 +310,4 @@ def test_the_library_finds_a_shared_gpu_table_only_in_a_job_that_shares_the_gpu_
     finally:
         sleeper.kill()
         sleeper.wait()
-        clear_cache()
+        tuning.clear()

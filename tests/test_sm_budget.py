@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from fused_a2a.backends import BACKENDS, BackendSpec, Knob
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from fused_a2a.tuning.resolve import resolve
+from fused_a2a.shape import CallShape
 
 SPEC = BackendSpec(
     name="smsy",
@@ -32,13 +33,14 @@ def table(tmp_path: Path, monkeypatch):
         "tool_version": "0.1.0", "entries": [ENTRY]}))
     monkeypatch.setenv("FUSED_A2A_TUNING_DIR", str(tmp_path))
     monkeypatch.delenv("FUSED_A2A_NUM_SMS_BUDGET", raising=False)
-    resolve_mod.clear_cache()
+    tuning.clear()
     yield
-    resolve_mod.clear_cache()
+    tuning.clear()
 
 
 def call(**kwargs):
-    return resolve("smsy", 2, "bf16", 7168, 4096, kwargs.pop("explicit", {}), cluster="h200-x2-nv18", **kwargs)
+    shape = CallShape("bf16", 7168, world_size=2, tokens=(4096,))
+    return resolve("smsy", shape, kwargs.pop("explicit", {}), cluster="h200-x2-nv18", **kwargs)
 
 
 def test_no_budget_takes_the_table(table) -> None:
@@ -60,7 +62,7 @@ def test_budget_from_environment(table, monkeypatch) -> None:
 
 
 def test_budget_keeps_a_default_that_fits(table) -> None:
-    res = resolve("smsy", 4, "bf16", 7168, 4096, {}, cluster="h200-x2-nv18", num_sms_budget=24)
+    res = resolve("smsy", CallShape("bf16", 7168, world_size=4, tokens=(4096,)), {}, cluster="h200-x2-nv18", num_sms_budget=24)
     assert res.dispatch["num_sms"] == 20 and res.sources["num_sms"] == "default"
 
 

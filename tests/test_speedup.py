@@ -14,7 +14,9 @@ import pytest
 from a2a_bench.bench.speedup import Ratio, default_variables, parse_paths, ratio_interval, variables, verdict
 from a2a_bench.engine.spec import SpecError
 from cli_runs import assert_one_line_error, run_child, run_cli
-from fused_a2a.tuning.resolve import clear_cache, resolve
+from fused_a2a import tuning
+from fused_a2a.tuning.resolve import resolve
+from fused_a2a.shape import CallShape
 from mps_fakes import fake_mps  # noqa: F401 (a fixture)
 
 
@@ -54,14 +56,14 @@ def test_the_default_round_trip_forces_every_knob_to_its_default(monkeypatch) ->
     forced = default_variables("deepep")
     assert forced == {"FUSED_A2A_DEEPEP_NUM_SMS": "20", "FUSED_A2A_DEEPEP_NVL_SEND": "0", "FUSED_A2A_DEEPEP_NVL_RECV": "0",
                       "FUSED_A2A_DEEPEP_RDMA_SEND": "0", "FUSED_A2A_DEEPEP_RDMA_RECV": "0"}
-    clear_cache()
+    tuning.clear()
     with variables(forced):
-        res = resolve("deepep", 2, "bf16", 7168, 4096, {})
+        res = resolve("deepep", CallShape("bf16", 7168, world_size=2, tokens=(4096,)), {})
     assert set(res.sources.values()) == {"environment"} and res.dispatch == res.combine == {
         "num_sms": 20, "nvl_send": 0, "nvl_recv": 0, "rdma_send": 0, "rdma_recv": 0}
     assert os.environ["FUSED_A2A_DEEPEP_NUM_SMS"] == "48" and "FUSED_A2A_DEEPEP_NVL_SEND" not in os.environ
     assert default_variables("hybridep")["FUSED_A2A_HYBRIDEP_FUSED"] == "False"
-    clear_cache()
+    tuning.clear()
 
 
 def test_bad_paths_are_one_line_and_exit_2(monkeypatch, capsys) -> None:
@@ -104,7 +106,7 @@ def test_from_table_without_a_table_or_an_entry_left_is_a_user_error(monkeypatch
 
     monkeypatch.setenv("FUSED_A2A_TUNING_DIR", str(tmp_path))
     monkeypatch.setenv("FUSED_A2A_CLUSTER_ID", "lab-x2")
-    clear_cache()
+    tuning.clear()
     with pytest.raises(SpecError, match="^--from-table: no tuning table of cluster lab-x2 \\(a2a-bench tune writes one\\)$"):
         table_cases(2)
     (tmp_path / "lab-x2").mkdir()
@@ -115,7 +117,7 @@ def test_from_table_without_a_table_or_an_entry_left_is_a_user_error(monkeypatch
              "num_experts": 4, "routing": routing, "dispatch": {"impl": "p2p"}, "combine": {"impl": "p2p"},
              "measured": {}, "frontier": []}
             for dtype, routing in (("bf16", "uniform"), ("bf16", "zipf:1.2"), ("fp8", "uniform"))]}))
-    clear_cache()
+    tuning.clear()
     cases = table_cases(2)
     assert [(b, w.dtype, w.routing, w.skew) for b, w in cases] == [("torch", "bf16", "uniform", 1.0),
                                                                     ("torch", "bf16", "zipf", 1.2)]  # no fp8
@@ -125,4 +127,4 @@ def test_from_table_without_a_table_or_an_entry_left_is_a_user_error(monkeypatch
             table_cases(2, **filters)
     with pytest.raises(SpecError, match="has no entry for 4 ranks"):
         table_cases(4)
-    clear_cache()
+    tuning.clear()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fused_a2a.cluster import detect_cluster
-from fused_a2a.tuning import resolve as resolve_mod
+from fused_a2a import tuning
 from cli_runs import run_cli
 from runfiles import tuning_json, write_run
 
@@ -30,9 +30,9 @@ else:  # pragma: no cover
 def clean_env(monkeypatch):
     for key in ("FUSED_A2A_TUNING_DIR", "FUSED_A2A_CLUSTER_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    resolve_mod.clear_cache()
+    tuning.clear()
     yield monkeypatch
-    resolve_mod.clear_cache()
+    tuning.clear()
 
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:

@@ -12,7 +12,9 @@ import pytest
 
 import fused_a2a
 from fused_a2a.backends import BACKENDS, BackendSpec, Knob
-from fused_a2a.tuning.resolve import TuningWarning, best_backend, choose_backend, clear_cache, load_cluster_table, resolve, tuning_dirs
+from fused_a2a.shape import CallShape
+from fused_a2a import tuning
+from fused_a2a.tuning.resolve import TuningWarning, best_backend, choose_backend, load_cluster_table, resolve, tuning_dirs
 from fused_a2a.tuning.table import SCHEMA, TuningEntry, TuningFileError, TuningTable, write_table
 
 CLUSTER_ID = "test-box-x2"
@@ -42,9 +44,9 @@ def tuning_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FUSED_A2A_CLUSTER_ID", CLUSTER_ID)
     monkeypatch.delenv("FUSED_A2A_TORCH_IMPL", raising=False)
     monkeypatch.delenv("FUSED_A2A_TUNING_STRICT", raising=False)
-    clear_cache()
+    tuning.clear()
     yield tmp_path
-    clear_cache()
+    tuning.clear()
 
 
 def table_file(folder: Path) -> Path:
@@ -52,8 +54,14 @@ def table_file(folder: Path) -> Path:
 
 
 def call(explicit=None, **kw):
-    shape = dict(backend="torch", world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64)
-    return resolve(explicit=explicit or {}, **{**shape, **kw})
+    facts = {**dict(backend="torch", world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64), **kw}
+    return resolve(facts.pop("backend"), call_shape(facts), explicit or {}, **facts)
+
+
+def call_shape(facts: dict) -> CallShape:
+    """The CallShape of the shape facts in ``facts`` (removed from it)."""
+    return CallShape(facts.pop("dtype"), facts.pop("hidden"), facts.pop("topk", None), facts.pop("num_experts", None),
+                     facts.pop("routing", None), world_size=facts.pop("world_size"), tokens=(facts.pop("num_tokens"),))
 
 
 def test_search_dirs(tuning_dir) -> None:
@@ -114,7 +122,7 @@ def test_user_dir_before_packaged(tuning_dir, tmp_path_factory, monkeypatch) -> 
     monkeypatch.setattr("fused_a2a.tuning.resolve.tuning_dirs", lambda: [tuning_dir, packaged])
     assert call().dispatch == {"impl": "p2p"}
     table_file(tuning_dir).unlink()
-    clear_cache()
+    tuning.clear()
     assert call().dispatch == {"impl": "all_to_all"}
 
 
@@ -188,17 +196,17 @@ def test_environment_value_takes_the_knob_type(tuning_dir, monkeypatch, fake_bac
 
 
 def test_best_backend(tuning_dir, monkeypatch, fake_backend) -> None:
-    shape = dict(world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64)
-    assert best_backend(**shape) == "torch"  # no table
+    shape = call_shape(dict(world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64))
+    assert best_backend(shape) == "torch"  # no table
     base = table("p2p")  # torch: 100 + 120 us
     write_table(table_file(tuning_dir), replace(base, entries=(*base.entries, fake_entry(10.0))))
-    clear_cache()
-    assert best_backend(**shape) == "fake"
+    tuning.clear()
+    assert best_backend(shape) == "fake"
     monkeypatch.setitem(BACKENDS, "fake", replace(fake_backend, unavailable=lambda: "not installed"))
-    assert best_backend(**shape) == "torch"
+    assert best_backend(shape) == "torch"
     write_table(table_file(tuning_dir), replace(base, entries=(*base.entries, fake_entry(500.0))))
-    clear_cache()
-    assert best_backend(**shape) == "torch"
+    tuning.clear()
+    assert best_backend(shape) == "torch"
 
 
 def step_entry(backend: str, kernel_us: float, api_us: float, selected_by: str = "api") -> TuningEntry:
@@ -212,19 +220,19 @@ def step_entry(backend: str, kernel_us: float, api_us: float, selected_by: str =
 
 
 def test_auto_ranks_backends_by_the_api_round_trip_a_step_pays(tuning_dir, fake_backend) -> None:
-    shape = dict(world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64)
+    shape = call_shape(dict(world_size=2, dtype="bf16", hidden=4096, num_tokens=1024, topk=8, num_experts=64))
     # fake's cached kernels are 3x faster than torch's, its full call 2x slower: a step pays the full call
     base = table()
     write_table(table_file(tuning_dir), replace(base, entries=(step_entry("torch", 300.0, 400.0),
                                                                step_entry("fake", 100.0, 800.0, selected_by="kernel"))))
-    clear_cache()
-    choice = choose_backend(**shape)
+    tuning.clear()
+    choice = choose_backend(shape)
     assert (choice.backend, choice.mode, choice.costs) == ("torch", "api", (("torch", 800.0), ("fake", 1600.0)))
     # an older table: fake's entry holds kernel times only, so both are compared on kernel times
     old_fake = replace(fake_entry(50.0), measured={"dispatch_us": 50.0, "combine_us": 50.0})
     write_table(table_file(tuning_dir), replace(base, entries=(step_entry("torch", 300.0, 400.0), old_fake)))
-    clear_cache()
-    choice = choose_backend(**shape)
+    tuning.clear()
+    choice = choose_backend(shape)
     assert (choice.backend, choice.mode, choice.costs) == ("fake", "kernel", (("fake", 100.0), ("torch", 600.0)))
 
 

@@ -7,6 +7,7 @@ import multiprocessing
 
 import pytest
 
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.table import (
     SCHEMA,
     TuningEntry,
@@ -208,21 +209,21 @@ LOOKUP = table(
     ],
 )
 def test_lookup_shape_rules(hidden, tokens, expected) -> None:
-    found = lookup(LOOKUP, "torch", 2, "bf16", hidden, tokens)
+    found = lookup(LOOKUP, "torch", CallShape("bf16", hidden, world_size=2, tokens=(tokens,)))
     assert (found.hidden, found.num_tokens) == expected
 
 
 def test_lookup_prefers_exact_topk_and_experts() -> None:
-    assert lookup(LOOKUP, "torch", 2, "bf16", 7168, 1024, topk=2).dispatch == {"impl": "all_to_all"}
-    assert lookup(LOOKUP, "torch", 2, "bf16", 7168, 1024, topk=8).dispatch == {"impl": "p2p"}
-    assert lookup(LOOKUP, "torch", 2, "bf16", 4096, 512, topk=4, num_experts=7).hidden == 4096
+    assert lookup(LOOKUP, "torch", CallShape("bf16", 7168, topk=2, world_size=2, tokens=(1024,))).dispatch == {"impl": "all_to_all"}
+    assert lookup(LOOKUP, "torch", CallShape("bf16", 7168, topk=8, world_size=2, tokens=(1024,))).dispatch == {"impl": "p2p"}
+    assert lookup(LOOKUP, "torch", CallShape("bf16", 4096, topk=4, num_experts=7, world_size=2, tokens=(512,))).hidden == 4096
 
 
 def test_lookup_dtype_world_size_backend_match_exactly() -> None:
-    assert lookup(LOOKUP, "torch", 2, "fp16", 7168, 99).dispatch == {"impl": "all_to_all"}
-    assert lookup(LOOKUP, "torch", 2, "fp32", 4096, 512) is None
-    assert lookup(LOOKUP, "torch", 4, "bf16", 4096, 512) is None
-    assert lookup(LOOKUP, "deepep", 2, "bf16", 4096, 512) is None
+    assert lookup(LOOKUP, "torch", CallShape("fp16", 7168, world_size=2, tokens=(99,))).dispatch == {"impl": "all_to_all"}
+    assert lookup(LOOKUP, "torch", CallShape("fp32", 4096, world_size=2, tokens=(512,))) is None
+    assert lookup(LOOKUP, "torch", CallShape("bf16", 4096, world_size=4, tokens=(512,))) is None
+    assert lookup(LOOKUP, "deepep", CallShape("bf16", 4096, world_size=2, tokens=(512,))) is None
 
 
 def test_best_within_budget() -> None:

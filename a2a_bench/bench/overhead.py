@@ -26,6 +26,7 @@ from a2a_bench.engine.measure import Stats, slowest, summarize
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
 from fused_a2a.backends import get_backend
 from fused_a2a.backends.direct import DirectCalls
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.agreement import agreed_comm
 
 BATCH = 50  # calls per timed batch: perf_counter's resolution is far below one call
@@ -170,8 +171,8 @@ def measure_overhead(backend: str, workload: WorkloadSpec, iters: int, device: t
              for path, run in round_trips(backend, tokens, idx, weights, workload.num_experts, group).items()}
     for run in paths.values():
         run()  # agree on the knobs
-    comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
-                       workload.num_experts, {}).comm
+    shape = CallShape(workload.dtype, workload.hidden, workload.topk, workload.num_experts)
+    comm = agreed_comm(backend, group, shape, workload.num_tokens, {}).comm
     results = []
     for (path, grad), run in paths.items():
         run()  # this path's buffer is now the backend's (HybridEP's api and seed paths use different ones)

@@ -21,6 +21,7 @@ from a2a_bench.engine.measure import Stats, time_alternating
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs
 from fused_a2a.backends import get_backend
 from fused_a2a.seed.round_trip import seed_calls
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.agreement import agreed_comm
 
 PATHS = ("raw", "api", "kernel", "seed raw", "seed")
@@ -62,8 +63,8 @@ def measure_paths(backend: str, workload: WorkloadSpec, warmup: int, iters: int,
     num_experts, spec = workload.num_experts, get_backend(backend)
     with torch.no_grad():
         api_out = fused_a2a.dispatch(x, idx, weights, num_experts, group, backend=backend)
-        comm = agreed_comm(backend, group, workload.dtype, workload.hidden, workload.num_tokens, workload.topk,
-                           num_experts, {}).comm
+        shape = CallShape(workload.dtype, workload.hidden, workload.topk, num_experts)
+        comm = agreed_comm(backend, group, shape, workload.num_tokens, {}).comm
         # the backend's own buffer, as the api dispatch left it (HybridEP's adapter routes itself: its raw
         # calls go to the HybridEPBuffer the api dispatch used)
         calls = spec.direct_calls("api", spec.buffer_slot.current(group), comm, idx, weights, num_experts, group)

@@ -39,6 +39,7 @@ from a2a_bench.engine.spec import SpecError, SweepSpec, expand, parse_routing
 from a2a_bench.engine.workload import WorkloadSpec, make_inputs, routing_key
 from fused_a2a.backends import get_backend
 from fused_a2a.cluster import detect_cluster
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.resolve import ROUTING_ENV, env_var, load_cluster_table, resolve
 
 PATHS = ("api", "seed")
@@ -207,8 +208,9 @@ def measure_speedup(backend: str, workload: WorkloadSpec, warmup: int, iters: in
     forced = default_variables(backend)
     out = []
     with variables({ROUTING_ENV: routing}):
-        res = resolve(backend, world, workload.dtype, workload.hidden, workload.num_tokens, {},
-                      topk=workload.topk, num_experts=workload.num_experts)
+        shape = CallShape(workload.dtype, workload.hidden, workload.topk, workload.num_experts, world_size=world,
+                          tokens=(workload.num_tokens,))
+        res = resolve(backend, shape, {})
         defaults = get_backend(backend).defaults()
         same = res.dispatch == defaults and res.combine == defaults
         trips = round_trips(backend, x, idx, weights, workload.num_experts)

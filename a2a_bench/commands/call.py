@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from a2a_bench.engine.spec import SpecError
-from fused_a2a.backends import Shape, get_backend
+from fused_a2a.backends import get_backend
 from fused_a2a.checks import check_dispatch_inputs
 from fused_a2a.fp8 import BLOCK as FP8_BLOCK
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.table import DTYPES
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -64,7 +65,8 @@ def check_call(call: Call) -> None:
                           _meta((call.num_tokens, topk), torch.float32), num_experts, call.world_size)
     if call.dtype not in spec.dtypes:
         raise ValueError(f"{call.backend} moves {', '.join(spec.dtypes)} tokens, not {call.dtype}")
-    problem = spec.shape_problem(Shape(call.world_size, (call.num_tokens,), call.hidden, topk, num_experts, call.dtype), {})
+    shape = CallShape(call.dtype, call.hidden, topk, num_experts, world_size=call.world_size, tokens=(call.num_tokens,))
+    problem = spec.shape_problem(shape, {})
     if problem is not None:
         raise ValueError(f"{call.backend}: {problem}")
 

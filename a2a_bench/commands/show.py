@@ -17,6 +17,7 @@ from a2a_bench.reports.machine import describe, mps_line
 from a2a_bench.reports.report import entry_verdict
 from fused_a2a.backends import BACKENDS, get_backend
 from fused_a2a.cluster import cluster_id_problem, detect_cluster
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.resolve import STRICT_ENV, resolve, tuning_dirs
 
 
@@ -50,8 +51,8 @@ def show(backend: str, hidden: int, tokens: int, world_size: int, dtype: str, to
             if framework is None or knob_name in {k.name for k in spec.knobs}:
                 explicit[knob_name] = spec.knob(knob_name).parse(value)
         with strict_tuning():
-            res = resolve(name, world_size, dtype, hidden, tokens, explicit, topk=topk, num_experts=experts,
-                          cluster=cluster, routing=routing)
+            shape = CallShape(dtype, hidden, topk, experts, routing, world_size=world_size, tokens=(tokens,))
+            res = resolve(name, shape, explicit, cluster=cluster)
         print_resolution(console, res, hidden, tokens, world_size, dtype, cluster)
 
 

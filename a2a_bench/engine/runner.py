@@ -29,8 +29,9 @@ from a2a_bench.engine.installed import not_installed
 from a2a_bench.engine.spec import REFERENCE, Point
 from a2a_bench.engine.verify import RoundTrip, reference_round_trip, verify
 from a2a_bench.engine.workload import dispatch_input, make_inputs
-from fused_a2a.backends import Shape, get_backend, make_comm
+from fused_a2a.backends import get_backend, make_comm
 from fused_a2a.fp8 import dequantize_fp8, is_fp8_pair
+from fused_a2a.shape import CallShape
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,8 @@ def skip_reason(point: Point, ranks_per_node: int | None = None) -> str | None:
     w = point.workload
     if w.dtype not in backend.dtypes:
         return f"{point.backend} moves {', '.join(backend.dtypes)} tokens only"
-    shape = Shape(point.world_size, (w.num_tokens,) * point.world_size, w.hidden, w.topk, w.num_experts, w.dtype,
-                  ranks_per_node)
+    shape = CallShape(w.dtype, w.hidden, w.topk, w.num_experts, world_size=point.world_size,
+                      tokens=(w.num_tokens,) * point.world_size, ranks_per_node=ranks_per_node)
     return backend.shape_problem(shape, point.knob_dict) or backend.invalid(point.knob_dict, point.world_size)
 
 

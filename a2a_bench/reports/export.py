@@ -11,6 +11,7 @@ from a2a_bench.engine.spec import SpecError
 from fused_a2a.backends import BACKENDS, get_backend
 from fused_a2a.backends.frameworks import ForeignNames
 from fused_a2a.cluster import detect_cluster
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.resolve import env_var, load_cluster_table, tuning_dirs
 from fused_a2a.tuning.table import TuningEntry, TuningTable, lookup, read_table
 
@@ -68,7 +69,8 @@ def find_entry(
         ResultsError: no entry for this backend, world size and dtype (the message lists those there are).
     """
     spec = get_backend(backend)
-    entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, spec.version())
+    shape = CallShape(dtype, hidden, topk, num_experts, routing, world_size=world_size, tokens=(num_tokens,))
+    entry = lookup(table, backend, shape, spec.version())
     if entry is None:
         have = sorted({f"{e.backend} on {e.world_size} ranks in {e.dtype}" for e in table.entries})
         raise ResultsError(

@@ -1,4 +1,5 @@
-"""The forward and backward passes shared by every ``deep_ep.Buffer``-shaped backend.
+"""The forward and backward passes shared by every ``deep_ep.Buffer``-shaped backend, and that shape
+(:class:`BufferLike`).
 
 Dispatch's backward is a combine of the gradient (which also sums the routing weights' gradient
 back to the source tokens); combine's backward is a cached dispatch of the gradient with the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import array
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -33,22 +34,113 @@ def get_hidden_bytes(x) -> int:
     return x.shape[1] * (size if size > 2 else 2)
 
 
+class BufferLike(Protocol):
+    """The buffer interface :func:`dispatch_forward` and :func:`combine_forward` drive: DeepEP v1's
+    ``deep_ep.Buffer`` in normal mode, which ``deep_ep.Buffer`` itself implements, and so do our adapters
+    (:class:`~fused_a2a.backends.torch_a2a.TorchBuffer`, :class:`~fused_a2a.backends.uccl_buffer.UCCLBuffer`,
+    :class:`~fused_a2a.backends.hybridep_adapter.HybridEPAdapter`). An implementation documents only where
+    it differs.
+
+    Notation: ``N`` tokens on this rank, ``H`` hidden size, ``K`` experts per token, ``E`` experts of the
+    group, ``W`` ranks, ``R`` rows this rank receives.
+
+    Attributes:
+        needs_layout: ``False`` for a buffer that routes from top-k itself: its :meth:`dispatch` takes
+            ``num_experts`` instead of the layout of :meth:`get_dispatch_layout`, which it need not have.
+            Optional (``deep_ep.Buffer`` has none): a buffer without it needs the layout.
+    """
+
+    needs_layout: bool
+
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """Count where each token goes (the layout a fresh :meth:`dispatch` takes).
+
+        Args:
+            topk_idx: ``[N, K]`` int64 global expert ids in ``[-1, E)``, ``-1`` for "no expert".
+            num_experts: ``E``.
+            previous_event: an event of the buffer's kind to wait for before the work (``None``: none).
+            async_finish: do not make the current stream wait; the returned event marks the work's end.
+            allocate_on_comm_stream: allocate the outputs on the communication stream (needs
+                ``previous_event`` and ``async_finish``).
+
+        Returns:
+            num_tokens_per_rank: ``[W]`` int32, tokens sent to each rank.
+            num_tokens_per_rdma_rank: ``[W / ranks per node]`` int32 tokens per node, ``None`` intranode.
+            num_tokens_per_expert: ``[E]`` int32, (token, expert) pairs routed to each expert.
+            is_token_in_rank: ``[N, W]`` bool, which ranks receive each token.
+            event: the event of the work (``None`` where the buffer makes none).
+        """
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                 num_tokens_per_expert=None, topk_idx=None, topk_weights=None, expert_alignment: int = 1,
+                 num_worst_tokens: int = 0, config=None, previous_event=None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token once to every rank that holds one of its experts; received rows are ordered by
+        source rank, then by token index on the source.
+
+        Args:
+            x: ``[N, H]`` tokens (bf16, or what the buffer takes), or an FP8 pair ``(x_fp8 [N, H]
+                float8_e4m3fn, scales [N, H / 128] float32)`` where the buffer moves FP8.
+            handle: the handle of an earlier dispatch: send ``x`` with that dispatch's layout (a "cached"
+                dispatch, no top-k; what a combine's backward runs).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: the
+                layout of :meth:`get_dispatch_layout` (a fresh dispatch of a buffer that needs it).
+                :func:`dispatch_forward` passes per-expert counts that flag bad ids
+                (:mod:`fused_a2a.shared_errors`): the returned counts must be the sum of the senders'.
+            topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for none (a fresh dispatch).
+            topk_weights: ``[N, K]`` float32 routing weights (with ``topk_idx``).
+            expert_alignment: each returned per-expert count is rounded up to a multiple of it.
+            num_worst_tokens: receive exactly this many rows without waiting for the counts on the host
+                (``0``: the real count).
+            config: the backend's config object (:attr:`Comm.dispatch_config`; ``None``: the buffer's default).
+            previous_event, async_finish, allocate_on_comm_stream: as in :meth:`get_dispatch_layout`.
+
+        Returns:
+            recv_x: ``[R, H]`` received tokens in ``x``'s dtype (an FP8 pair for an FP8 pair).
+            recv_topk_idx: ``[R, K]`` int64 local expert ids (``global - rank * E / W``), ``-1`` for
+                experts held elsewhere (``None`` for a cached dispatch).
+            recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is held elsewhere (``None`` if cached).
+            num_recv_tokens_per_expert_list: received rows per local expert: ``E / W`` ints, a list or a
+                CPU int64 tensor (``None`` if cached).
+            handle: what :meth:`combine` and a cached dispatch take (``None`` if cached); opaque to callers.
+            event: the event of the work (``None`` where the buffer makes none).
+        """
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Send each received row back to its source rank and sum the copies of each token.
+
+        Args:
+            x: ``[R, H]`` rows in the order the dispatch of ``handle`` received them.
+            handle: the handle that dispatch returned.
+            topk_weights: ``[R, K]`` float32, summed back the same way (``None``: none).
+            bias: ``None``, a ``[N, H]`` tensor, or a pair of them, added to the result.
+            config: the backend's config object (:attr:`Comm.combine_config`; ``None``: the buffer's default).
+            previous_event, async_finish, allocate_on_comm_stream: as in :meth:`get_dispatch_layout`.
+
+        Returns:
+            combined_x: ``[N, H]`` in ``x``'s dtype (summed in float32).
+            combined_topk_weights: ``[N, K]`` float32, ``None`` without ``topk_weights``.
+            event: the event of the work (``None`` where the buffer makes none).
+        """
+
+
 @dataclass(frozen=True)
 class Comm:
     """One backend with its knobs resolved: what the shared autograd code needs.
 
     Attributes:
         name: backend name (``torch``, ``deepep``, ``uccl``).
-        get_buffer: ``(group, tokens) -> buffer`` with the ``deep_ep.Buffer`` methods, able to move
-            rows like ``tokens`` (an ``[N, H]`` tensor or FP8 pair; :func:`get_hidden_bytes` of it
-            sizes a buffer that depends on the row size).
+        get_buffer: ``(group, tokens) -> BufferLike`` able to move rows like ``tokens`` (an ``[N, H]``
+            tensor or FP8 pair; :func:`get_hidden_bytes` of it sizes a buffer that depends on the row size).
         dispatch_config: passed as ``config=`` to ``buffer.dispatch`` (``None``: the buffer's default).
         combine_config: passed as ``config=`` to ``buffer.combine`` (``None``: the buffer's default).
         new_event: ``() -> previous_event`` capturing the current stream, used when ``async_finish``.
     """
 
     name: str
-    get_buffer: Callable[[Any, Any], Any]
+    get_buffer: Callable[[Any, Any], BufferLike]
     dispatch_config: Any = None
     combine_config: Any = None
     new_event: Callable[[], Any] | None = None

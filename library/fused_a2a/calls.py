@@ -31,9 +31,10 @@ import torch.distributed as dist
 from fused_a2a.autograd import Comm, dispatch_forward
 from fused_a2a.backends import BACKENDS
 from fused_a2a.checks import DTYPE_NAMES, dispatch_shape
+from fused_a2a.shape import CallShape, keyed
 from fused_a2a.shared_errors import POISON_ID
 from fused_a2a.tuning import agreement
-from fused_a2a.tuning.agreement import LocalProblem, agreed_comm
+from fused_a2a.tuning.agreement import CallKey, LocalProblem, agreed_comm, frozen_knobs
 
 
 def agreed_dispatch(backend: str, group: dist.ProcessGroup | None, x, topk_idx, topk_weights, num_experts,
@@ -57,8 +58,8 @@ def agreed_dispatch(backend: str, group: dist.ProcessGroup | None, x, topk_idx, 
     except ValueError as error:
         raise_on_every_rank(str(error), backend, group, x, topk_idx, num_experts, explicit, num_sms_budget, routing)
     try:
-        agreed = agreed_comm(backend, group, dtype, hidden, num_tokens, topk, num_experts, explicit, num_sms_budget,
-                             routing)
+        agreed = agreed_comm(backend, group, keyed(dtype, hidden, topk, num_experts, routing), num_tokens, explicit,
+                             num_sms_budget)
     except LocalProblem as error:  # this rank's dtype or expert count cannot run (nor its peers' at this shape)
         raise_on_every_rank(str(error), backend, group, x, topk_idx, num_experts, explicit, num_sms_budget, routing)
     x = x.contiguous() if type(x) is not tuple else tuple(t.contiguous() for t in x)
@@ -79,22 +80,24 @@ def raise_on_every_rank(problem: str, backend: str, group: dist.ProcessGroup | N
     if dtype is not None and backend in BACKENDS and dtype not in BACKENDS[backend].dtypes:
         dtype = None
     experts = num_experts if type(num_experts) is int and num_experts > 0 else None
-    target = agreement.join_target(group, dtype, hidden, topk, experts, backend, explicit, num_sms_budget, routing)
+    frozen = frozen_knobs(explicit)
+    given = CallKey(backend, CallShape(dtype, hidden, topk, experts, routing), frozen, num_sms_budget)
+    target = agreement.join_target(group, given)
     if target is None:
-        agreement.refuse(problem, backend, group, explicit, num_sms_budget, routing)
-    (dtype, hidden, topk, num_experts), comm = target
+        agreement.refuse(problem, group, CallKey(backend, CallShape(None, None, routing=routing), frozen, num_sms_budget))
+    shape, comm = target
     rows = max(_rows(x, topk_idx), 1)  # one row at least: it carries the placeholder's ids
     device = _device(x, topk_idx)
     try:
-        _placeholder_dispatch(comm, group, dtype, hidden, topk or 1, num_experts, rows, device)
+        _placeholder_dispatch(comm, group, shape, rows, device)
     except ValueError as shared:
         raise ValueError(f"{shared}; this rank: {problem}") from None
     raise ValueError(f"{problem} (the {comm.name} backend did not report it to the other ranks)")
 
 
-def _placeholder_dispatch(comm: Comm, group, dtype: str, hidden: int, topk: int, num_experts: int, rows: int,
-                          device: torch.device) -> None:
-    """A dispatch of ``rows`` zero tokens whose every expert id is :data:`POISON_ID`, with ``comm``."""
+def _placeholder_dispatch(comm: Comm, group, shape: CallShape, rows: int, device: torch.device) -> None:
+    """A dispatch of ``rows`` zero tokens of ``shape`` whose every expert id is :data:`POISON_ID`, with ``comm``."""
+    dtype, hidden, topk = shape.dtype, shape.hidden, shape.topk or 1
     if dtype == "fp8":
         x = (torch.zeros(rows, hidden, device=device).to(torch.float8_e4m3fn),
              torch.ones(rows, hidden // 128, device=device))
@@ -102,7 +105,7 @@ def _placeholder_dispatch(comm: Comm, group, dtype: str, hidden: int, topk: int,
         x = torch.zeros(rows, hidden, dtype=_TORCH_DTYPES[dtype], device=device)
     topk_idx = torch.full((rows, topk), POISON_ID, dtype=torch.int64, device=device)
     topk_weights = torch.zeros(rows, topk, dtype=torch.float32, device=device)
-    dispatch_forward(None, comm, x, topk_idx, topk_weights, num_experts, group, False, False)
+    dispatch_forward(None, comm, x, topk_idx, topk_weights, shape.num_experts, group, False, False)
 
 
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}

@@ -6,11 +6,11 @@ from typing import Any
 
 from fused_a2a.autograd import Comm
 from fused_a2a.backends import deepep, hybridep, torch_a2a, uccl
-from fused_a2a.backends.base import BackendSpec, Knob, Shape, one_of
+from fused_a2a.backends.base import BackendSpec, Knob, one_of
 
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (torch_a2a.SPEC, deepep.SPEC, hybridep.SPEC, uccl.SPEC)}
 
-__all__ = ["BACKENDS", "BackendSpec", "Knob", "Shape", "get_backend", "make_comm", "one_of", "register"]
+__all__ = ["BACKENDS", "BackendSpec", "Knob", "get_backend", "make_comm", "one_of", "open_comm", "register"]
 
 
 def register(spec: BackendSpec) -> None:
@@ -49,7 +49,18 @@ def make_comm(name: str, knobs: dict[str, Any], combine_knobs: dict[str, Any] | 
     combine_knobs = knobs if combine_knobs is None else combine_knobs
     check_knobs(name, knobs)
     check_knobs(name, combine_knobs)
+    return open_comm(spec, {**spec.defaults(), **knobs}, {**spec.defaults(), **combine_knobs}, num_ranks)
+
+
+def open_comm(spec: BackendSpec, dispatch: dict[str, Any], combine: dict[str, Any], num_ranks: int | None) -> Comm:
+    """The :class:`Comm` of ``spec`` for two full knob dicts whose values were checked already
+    (:func:`make_comm` checks them; the knob resolution checks each value where it comes from).
+
+    Raises:
+        ValueError: a combination of knobs the backend rejects.
+        RuntimeError: the backend's library is not installed.
+    """
     reason = spec.unavailable()
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    return spec.make_comm({**spec.defaults(), **knobs}, {**spec.defaults(), **combine_knobs}, num_ranks)
+        raise RuntimeError(f"backend {spec.name!r} is not available: {reason}")
+    return spec.make_comm(dispatch, combine, num_ranks)

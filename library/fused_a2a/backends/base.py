@@ -18,6 +18,7 @@ from fused_a2a.autograd import Comm, get_hidden_bytes
 from fused_a2a.backends.direct import BufferSlot, DirectCallsFn, SeedPathFn, StagesFn, buffer_calls
 from fused_a2a.backends.frameworks import ForeignNames
 from fused_a2a.groups import GroupRef, group_or_world
+from fused_a2a.shape import CallShape
 
 
 def buffer_getter(backend: str, num_ranks: int, current: Callable[[], Any],
@@ -96,29 +97,6 @@ class Knob:
         return value
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The shape of one dispatch as a backend's limits see it (every rank's token count included).
-
-    Attributes:
-        world_size: ranks of the expert-parallel group.
-        tokens: tokens of each rank, in rank order (one value: every rank holds that many).
-        hidden: hidden size ``H``.
-        topk: experts per token ``K``.
-        num_experts: experts of the whole group ``E``.
-        dtype: ``bf16``, ``fp16``, ``fp32`` or ``fp8``.
-        ranks_per_node: ranks of one NVLink domain (``None``: the whole group).
-    """
-
-    world_size: int
-    tokens: tuple[int, ...]
-    hidden: int
-    topk: int
-    num_experts: int
-    dtype: str = "bf16"
-    ranks_per_node: int | None = None
-
-
 def _no_problem(*args: Any) -> str | None:
     return None
 
@@ -139,7 +117,7 @@ class BackendSpec:
         unavailable: ``() -> None`` if installed, else the reason it is not.
         invalid: ``(knobs, world_size) -> None`` if the combination can run, else why not
             (a sweep records the point as ``skipped: <reason>``). Pure: needs no library.
-        shape_problem: ``(Shape, knobs) -> None`` if the backend's kernels take a dispatch of this
+        shape_problem: ``(CallShape, knobs) -> None`` if the backend's kernels take a dispatch of this
             shape, else the rule it breaks (a sweep skips the point; a library call raises
             ``ValueError``). Pure.
         teardown: ``() -> None``, frees the backend's process-wide buffers (collective where the
@@ -171,7 +149,7 @@ class BackendSpec:
     make_comm: Callable[[dict[str, Any], dict[str, Any], int | None], Comm]
     unavailable: Callable[[], str | None] = _nothing
     invalid: Callable[[dict[str, Any], int], str | None] = _no_problem
-    shape_problem: Callable[[Shape, dict[str, Any]], str | None] = _no_problem
+    shape_problem: Callable[[CallShape, dict[str, Any]], str | None] = _no_problem
     teardown: Callable[[], None] = _nothing
     version: Callable[[], str | None] = _nothing
     dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")

@@ -8,7 +8,7 @@ table of defaults per group size. The libraries do not expose a ``Config``'s val
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fused_a2a.backends.base import Knob
 
@@ -180,3 +180,20 @@ def configs_from_knobs(
             raise ValueError(f"{op} config: {problem}")
         configs.append(config)
     return configs[0], configs[1]
+
+
+def invalid_chunk_knobs(knobs: tuple[Knob, ...], configs: Callable[[dict, dict, int], Any], chosen: dict[str, Any],
+                        world_size: int) -> str | None:
+    """Why the ``chosen`` knobs of a backend with DeepEP's chunk knobs (``knobs``, used for dispatch and
+    combine alike, as a sweep point does) cannot run on ``world_size`` ranks, or ``None``: the first
+    knob check that fails, else the ``ValueError`` of ``configs(full, full, world_size)``. Pure."""
+    full = {**{knob.name: knob.default for knob in knobs}, **chosen}
+    for knob in knobs:
+        problem = knob.check(full[knob.name])
+        if problem is not None:
+            return problem
+    try:
+        configs(full, full, world_size)
+    except ValueError as err:
+        return str(err)
+    return None

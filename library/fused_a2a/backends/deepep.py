@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
@@ -31,6 +31,7 @@ from fused_a2a.backends.chunk_config import (
     ChunkConfig,
     chunk_knobs,
     configs_from_knobs,
+    invalid_chunk_knobs,
 )
 from fused_a2a.backends.optional import distribution_version, try_import
 from fused_a2a.groups import GroupMap
@@ -109,17 +110,9 @@ def version() -> str | None:
 
 def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
     """Why ``knobs`` (used for dispatch and combine alike, as a sweep point does) cannot run on
-    ``world_size`` ranks, or ``None``. Pure: needs no deep_ep."""
-    full = {**{knob.name: knob.default for knob in KNOBS}, **knobs}
-    for knob in KNOBS:
-        problem = knob.check(full[knob.name])
-        if problem is not None:
-            return problem
-    try:
-        configs(full, full, world_size)
-    except ValueError as err:
-        return str(err)
-    return None
+    ``world_size`` ranks, or ``None`` (:func:`~fused_a2a.backends.chunk_config.invalid_chunk_knobs`). Pure:
+    needs no deep_ep."""
+    return invalid_chunk_knobs(KNOBS, configs, knobs, world_size)
 
 
 def make_deepep_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int | None = None) -> Comm:
@@ -281,15 +274,43 @@ def new_event():
     return deep_ep.EventOverlap(deep_ep.utils.EventHandle())
 
 
-def handle_layout(handle: tuple) -> tuple[int, int]:
-    """``(num_sms, num_tokens)`` of the dispatch that returned a DeepEP normal-mode ``handle``.
+class IntranodeHandle(NamedTuple):
+    """The fields of DeepEP's intranode normal-mode handle, a plain 6-tuple (``R`` ranks, ``C = num_sms / 2``
+    channels, ``N`` tokens sent, ``M`` received). DeepEP takes back the tuple it returned: these names
+    only read it (``IntranodeHandle._make(handle)``)."""
 
-    DeepEP's intranode handle (a 6-tuple) and internode handle (a 10-tuple) both hold a
-    ``[*, num_sms / 2]`` int32 channel prefix matrix at index 1; ``is_token_in_rank``
-    (``[num_tokens, num_ranks]`` bool) is at index 4 of the first and index 0 of the second.
-    """
-    is_token_in_rank = handle[4] if len(handle) == 6 else handle[0]
-    return 2 * handle[1].size(1), is_token_in_rank.size(0)
+    rank_prefix_matrix: Any  # [R, R] int32
+    channel_prefix_matrix: Any  # [R, C] int32
+    recv_channel_prefix_matrix: Any  # [R, C] int32
+    recv_src_idx: Any  # [M] int32
+    is_token_in_rank: Any  # [N, R] bool
+    send_head: Any  # [N, R] int32
+
+
+class InternodeHandle(NamedTuple):
+    """The fields of DeepEP's internode normal-mode handle, a plain 10-tuple (read as
+    :class:`IntranodeHandle`; ``C = num_sms / 2`` channels)."""
+
+    is_token_in_rank: Any  # [N, R] bool
+    rdma_channel_prefix_matrix: Any  # [RDMA ranks, C] int32
+    gbl_channel_prefix_matrix: Any
+    recv_rdma_channel_prefix_matrix: Any
+    recv_rdma_rank_prefix_sum: Any
+    recv_gbl_channel_prefix_matrix: Any
+    recv_gbl_rank_prefix_sum: Any
+    recv_src_meta: Any
+    send_rdma_head: Any
+    send_nvl_head: Any
+
+
+def handle_layout(handle: tuple) -> tuple[int, int]:
+    """``(num_sms, num_tokens)`` of the dispatch that returned a DeepEP normal-mode ``handle`` (either
+    kind): two SMs per channel of its channel prefix matrix, a row of ``is_token_in_rank`` per token."""
+    if len(handle) == len(IntranodeHandle._fields):
+        intranode = IntranodeHandle._make(handle)
+        return 2 * intranode.channel_prefix_matrix.size(1), intranode.is_token_in_rank.size(0)
+    internode = InternodeHandle._make(handle)
+    return 2 * internode.rdma_channel_prefix_matrix.size(1), internode.is_token_in_rank.size(0)
 
 
 SPEC = BackendSpec(

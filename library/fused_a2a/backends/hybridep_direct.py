@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 from fused_a2a.backends.direct import DirectCalls, SeedPath
-from fused_a2a.backends.hybridep import KNOBS, Settings, apply_environment, ensure_buffer, topk_to_routing_map
-from fused_a2a.backends.hybridep_routing import ExpertColumns, dense_routing
+from fused_a2a.backends.hybridep_buffer import Settings, apply_environment, ensure_buffer
+from fused_a2a.backends.hybridep_knobs import with_defaults
+from fused_a2a.backends.hybridep_routing import ExpertColumns, dense_routing, topk_to_routing_map
 
 
 def hybridep_calls(path: str, buffer: Any, comm, idx: torch.Tensor, weights: torch.Tensor, num_experts: int,
@@ -52,7 +53,7 @@ def hybridep_seed_path(knobs: dict[str, Any], x: torch.Tensor, topk_idx: torch.T
     """HybridEP's permute path, ``dispatch_with_permute`` then ``combine_with_unpermute`` (expert-major rows:
     what Automodel's and Megatron's ``hybrid_ep_dispatch``/``hybrid_ep_combine`` run), called on the buffer
     with ``knobs`` (:data:`~fused_a2a.backends.direct.SeedPathFn`). Collective: it dispatches once."""
-    full = {**{knob.name: knob.default for knob in KNOBS}, **knobs}
+    full = with_defaults(knobs)
     settings = Settings.from_knobs(full, full)
     local = num_experts // dist.get_world_size(group)
     buffer = ensure_buffer(group, x.size(1), local, x.size(0), settings)

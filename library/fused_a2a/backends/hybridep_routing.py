@@ -19,6 +19,9 @@ elsewhere (the same values; the GPU tests compare them):
   device before the synchronisation, with the row count read from HybridEP's pinned counter;
 * :func:`ascending_topk` (receiver, after dispatch): each received row's local experts in ascending
   order, then ``-1``, and their weights.
+
+The seed API (:func:`fused_a2a.hybrid_ep_dispatch`) takes a dense map of the real experts alone:
+:func:`topk_to_routing_map` makes it from top-k (torch operations).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 from functools import cached_property
 
 import torch
+
+from fused_a2a.checks import check_topk_range
 
 try:
     import triton
@@ -98,18 +103,25 @@ def dense_routing_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor | Non
     num_experts, num_columns = columns.num_experts, columns.columns
     valid = (topk_idx >= 0) & (topk_idx < num_experts)
     bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any(dim=1, keepdim=True)
-    where = torch.where(valid, columns.column_of(topk_idx), num_columns)  # spare column, dropped below
-    routing_map = torch.zeros(topk_idx.size(0), num_columns + 1, dtype=torch.bool, device=topk_idx.device)
-    routing_map.scatter_(1, where, True)
+    where = torch.where(valid, columns.column_of(topk_idx), num_columns)
+    routing_map, probs = _scatter_columns(where, num_columns, topk_weights)
     phantoms = torch.arange(columns.world, device=topk_idx.device) * columns.padded + columns.local
     routing_map[:, phantoms] |= bad
+    return routing_map, probs
+
+
+def _scatter_columns(where: torch.Tensor, num_columns: int, topk_weights: torch.Tensor | None):
+    """``(map [N, num_columns] bool, probs [N, num_columns] float32 or None)`` marking column ``where[n, k]``
+    of each row (``num_columns``: no column) with its weight, weights of one column summed."""
+    rows, device = where.size(0), where.device
+    routing_map = torch.zeros(rows, num_columns + 1, dtype=torch.bool, device=device)  # + a spare column, dropped
+    routing_map.scatter_(1, where, True)
     probs = None
     if topk_weights is not None:
-        probs = torch.zeros(topk_idx.size(0), num_columns + 1, dtype=torch.float32, device=topk_idx.device)
+        probs = torch.zeros(rows, num_columns + 1, dtype=torch.float32, device=device)
         probs.scatter_add_(1, where, topk_weights.float())
         probs = probs[:, :num_columns].contiguous()
     return routing_map[:, :num_columns].contiguous(), probs
-
 
 def ascending_topk_torch(local_map: torch.Tensor, local_probs: torch.Tensor, topk: int):
     """:func:`ascending_topk` with torch operations, on the ``[R, L]`` real columns of the map and
@@ -329,3 +341,51 @@ def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num
         _give_up(error)
         return ascending_topk_torch(local_map[:num_rows, :local], recv_probs[:num_rows, first:first + local], topk)
     return ids, weights
+
+
+def dense_routing_map(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, num_experts: int):
+    """Top-k routing as HybridEP's dense map and probabilities (the seed API's map: one column per expert).
+
+    Args:
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
+        topk_weights: ``[N, K]`` routing weights, any floating dtype, or ``None``.
+        num_experts: total number of experts ``E``.
+
+    Returns:
+        ``(routing_map [N, E] bool, probs [N, E] float32 or None)`` on ``topk_idx``'s device; an
+        expert named twice for one token gets the sum of its weights.
+    """
+    return _scatter_columns(torch.where(topk_idx >= 0, topk_idx, num_experts), num_experts, topk_weights)
+
+
+def topk_to_routing_map(
+    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn top-k routing into HybridEP's dense routing map and probabilities (for the seed API's
+    :func:`fused_a2a.hybrid_ep_dispatch`, which takes a map).
+
+    Args:
+        topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for "no expert" (ignored).
+        topk_weights: ``[N, K]`` routing weights, any floating dtype (differentiable).
+        num_experts: total number of experts ``E``.
+
+    Returns:
+        routing_map: ``[N, E]`` bool, ``True`` where a token goes to an expert.
+        probs: ``[N, E]`` float32, the weight of each (token, expert), ``0`` where not routed; an
+            expert named twice for one token gets the sum of its weights. On ``topk_idx``'s device.
+
+    Raises:
+        ValueError: ``topk_idx`` not 2-D int64, ``topk_weights`` of another shape or not floating
+            point, ``num_experts`` not positive, or an id outside ``[-1, num_experts)``.
+    """
+    if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
+        raise ValueError(f"topk_idx must be a 2-D int64 tensor [num_tokens, topk], got {topk_idx.dtype} {tuple(topk_idx.shape)}")
+    if topk_weights.shape != topk_idx.shape or not topk_weights.is_floating_point():
+        raise ValueError(
+            f"topk_weights must be a floating-point tensor of topk_idx's shape {tuple(topk_idx.shape)}, "
+            f"got {topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_topk_range(topk_idx, num_experts)
+    return dense_routing_map(topk_idx, topk_weights, num_experts)

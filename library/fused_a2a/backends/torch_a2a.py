@@ -84,7 +84,7 @@ class TorchHandle:
 
 
 class TorchBuffer:
-    """A ``deep_ep.Buffer``-shaped communicator over ``torch.distributed`` collectives.
+    """A :class:`~fused_a2a.autograd.BufferLike` over ``torch.distributed`` collectives.
 
     Args:
         group: the expert-parallel process group (``None`` for the default group).
@@ -116,23 +116,11 @@ class TorchBuffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Count where each token goes, on the device, without a host synchronisation.
-
-        Ids outside ``[-1, num_experts)`` count as "no expert" here; :meth:`dispatch` rejects them
-        with ``ValueError`` on every rank before any token moves.
-
-        Args:
-            topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for none.
-            num_experts: total number of experts.
-            previous_event, async_finish, allocate_on_comm_stream: accepted for DeepEP
-                compatibility; the torch backend runs on the current stream.
-
-        Returns:
-            num_tokens_per_rank: ``[W]`` int32, tokens sent to each rank.
-            num_tokens_per_rdma_rank: ``None`` (no RDMA ranks).
-            num_tokens_per_expert: ``[E]`` int32, (token, expert) pairs routed to each expert.
-            is_token_in_rank: ``[N, W]`` bool.
-            event: ``None``.
+        """As :meth:`fused_a2a.autograd.BufferLike.get_dispatch_layout`, on the device without a host
+        synchronisation. Ids outside ``[-1, num_experts)`` count as "no expert" here; :meth:`dispatch` rejects
+        them with ``ValueError`` on every rank before any token moves. ``num_tokens_per_rdma_rank`` and the
+        event are ``None``; ``previous_event``, ``async_finish`` and ``allocate_on_comm_stream`` are
+        accepted and unused (the torch backend runs on the current stream).
         """
         in_rank, per_rank, per_expert = layout(topk_idx, num_experts, self.group_size)
         return per_rank.to(torch.int32), None, per_expert.to(torch.int32), in_rank, None
@@ -155,7 +143,7 @@ class TorchBuffer:
         allocate_on_comm_stream: bool = False,
         num_experts: int | None = None,
     ):
-        """Send each token to the ranks that hold its experts.
+        """As :meth:`fused_a2a.autograd.BufferLike.dispatch` (an FP8 pair in, an FP8 pair out).
 
         The routing (which rows go where; the counts, ids and weights each rank receives, in one
         exchange) is computed from ``topk_idx`` in one step (:mod:`fused_a2a.backends.torch_routing`;
@@ -163,30 +151,11 @@ class TorchBuffer:
         exchange. A dispatch in which some rank holds more tokens than the group's routing capacity
         exchanges the ids and weights once more (every rank of the group does, the same call).
 
-        Args:
-            x: ``[N, H]`` bf16/fp16/fp32 tokens of this rank, or an FP8 pair
-                ``(x_fp8 [N, H] float8_e4m3fn, scales [N, H/128] float32)``.
-            handle: a handle from an earlier dispatch: repeat that layout ("cached" dispatch).
-            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: the layout from
-                :meth:`get_dispatch_layout` (DeepEP's way; only the expert count is read from it).
-            num_tokens_per_rdma_rank, num_worst_tokens, previous_event, async_finish,
-                allocate_on_comm_stream: accepted for DeepEP compatibility, unused.
-            topk_idx: ``[N, K]`` int64 global expert ids (required without ``handle``).
-            topk_weights: ``[N, K]`` float32 routing weights (required without ``handle``).
-            expert_alignment: each entry of the returned per-expert counts is rounded up to it.
-            config: :class:`TorchConfig`; default ``TorchConfig()``.
-            num_experts: ``E`` (instead of a layout).
-
-        Returns:
-            recv_x: ``[R, H]`` received tokens, ordered by source rank then source token (an FP8
-                pair in, an FP8 pair out).
-            recv_topk_idx: ``[R, K]`` int64 local expert ids, ``-1`` for experts elsewhere
-                (``None`` for a cached dispatch).
-            recv_topk_weights: ``[R, K]`` float32, ``0`` where the expert is elsewhere (``None`` if cached).
-            num_recv_tokens_per_expert: ``[E / W]`` int64 CPU tensor (``None`` if cached; DeepEP
-                returns a list, which ``fused_a2a`` turns into the same tensor).
-            handle: a :class:`TorchHandle` for combine (``None`` if cached).
-            event: ``None``.
+        Here: ``num_experts`` (``E``) may stand in for the layout, of which only the expert count is read;
+        ``num_tokens_per_rdma_rank``, ``num_worst_tokens``, ``previous_event``, ``async_finish`` and
+        ``allocate_on_comm_stream`` are accepted and unused; ``config`` is a :class:`TorchConfig`
+        (default ``TorchConfig()``); the per-expert counts are an ``[E / W]`` int64 CPU tensor, the handle
+        a :class:`TorchHandle`, the event ``None``.
         """
         config = config or TorchConfig()
         if handle is not None:
@@ -257,20 +226,9 @@ class TorchBuffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Send each received row back to its source rank and sum the copies of each token.
-
-        Args:
-            x: ``[R, H]`` rows in the order the dispatch of ``handle`` received them.
-            handle: the :class:`TorchHandle` of that dispatch.
-            topk_weights: optional ``[R, K]`` float32, summed back the same way.
-            bias: ``None``, or a tensor or pair of tensors ``[N, H]`` added to the result.
-            config: :class:`TorchConfig`; default ``TorchConfig()``.
-            previous_event, async_finish, allocate_on_comm_stream: accepted, unused.
-
-        Returns:
-            combined_x: ``[N, H]`` in ``x``'s dtype, summed in float32.
-            combined_topk_weights: ``[N, K]`` float32, or ``None`` without ``topk_weights``.
-            event: ``None``.
+        """As :meth:`fused_a2a.autograd.BufferLike.combine`. ``handle`` is a :class:`TorchHandle`,
+        ``config`` a :class:`TorchConfig` (default ``TorchConfig()``); ``previous_event``, ``async_finish``
+        and ``allocate_on_comm_stream`` are accepted and unused; the event is ``None``.
         """
         config = config or TorchConfig()
         check_combine_input(x, handle.num_recv_tokens)

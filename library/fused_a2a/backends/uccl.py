@@ -26,6 +26,7 @@ from fused_a2a.backends.chunk_config import (
     ChunkConfig,
     chunk_knobs,
     configs_from_knobs,
+    invalid_chunk_knobs,
     rank_problem,
 )
 from fused_a2a.backends.optional import distribution_version
@@ -131,17 +132,9 @@ def version() -> str | None:
 
 
 def invalid_knobs(knobs: dict[str, Any], world_size: int) -> str | None:
-    """Why ``knobs`` (for dispatch and combine alike) cannot run on ``world_size`` ranks, or ``None``. Pure."""
-    full = {**{knob.name: knob.default for knob in KNOBS}, **knobs}
-    for knob in KNOBS:
-        problem = knob.check(full[knob.name])
-        if problem is not None:
-            return problem
-    try:
-        uccl_configs(full, full, world_size)
-    except ValueError as err:
-        return str(err)
-    return None
+    """Why ``knobs`` (for dispatch and combine alike) cannot run on ``world_size`` ranks, or ``None``
+    (:func:`~fused_a2a.backends.chunk_config.invalid_chunk_knobs`). Pure."""
+    return invalid_chunk_knobs(KNOBS, uccl_configs, knobs, world_size)
 
 
 def make_uccl_comm(dispatch_knobs: dict[str, Any], combine_knobs: dict[str, Any], num_ranks: int | None = None) -> Comm:

@@ -145,6 +145,11 @@ class UCCLHandle:
         return 2 * self.channel_prefix_matrix.size(1)
 
 
+def handle_layout(handle: UCCLHandle) -> tuple[int, int]:
+    """``(num_sms, num_tokens)`` of the dispatch that returned ``handle``."""
+    return handle.num_sms, handle.num_tokens
+
+
 class UCCLBuffer:
     """UCCL-EP's normal-mode (high-throughput) buffer with DeepEP v1's ``Buffer`` interface. Intranode only.
 
@@ -234,22 +239,9 @@ class UCCLBuffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Count where each token goes.
-
-        Args:
-            topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for none.
-            num_experts: total number of experts ``E``.
-            previous_event: an event to wait for before the kernel.
-            async_finish: do not make the current stream wait; return the kernel's event.
-            allocate_on_comm_stream: allocate the outputs on the communication stream (needs
-                ``previous_event`` and ``async_finish``).
-
-        Returns:
-            num_tokens_per_rank: ``[R]`` int32, tokens sent to each rank.
-            num_tokens_per_rdma_rank: ``None`` (intranode).
-            num_tokens_per_expert: ``[E]`` int32, (token, slot) pairs routed to each expert.
-            is_token_in_rank: ``[N, R]`` bool.
-            event: an :class:`EventOverlap` (its ``event`` is ``None`` unless ``async_finish``).
+        """As :meth:`fused_a2a.autograd.BufferLike.get_dispatch_layout` (``num_tokens_per_rdma_rank``:
+        ``None``, intranode; the event: an :class:`EventOverlap`, whose ``event`` is ``None`` unless
+        ``async_finish``).
         """
         device, num_tokens = topk_idx.device, topk_idx.size(0)
         if not num_tokens:  # the kernels take no empty top-k: count a placeholder row of -1 instead
@@ -286,32 +278,14 @@ class UCCLBuffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Send each token to the ranks that hold its experts (received rows: by source rank, then token).
-
-        Args:
-            x: ``[N, H]`` tokens (bf16 for a later combine; ``H * element_size`` a multiple of 16; ``N = 0``
-                dispatches a placeholder row that goes nowhere).
-            handle: a :class:`UCCLHandle`: repeat that dispatch's layout ("cached" dispatch, no top-k).
-            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: the layout from
-                :meth:`get_dispatch_layout` (required without ``handle``).
-            num_tokens_per_rdma_rank: ``None`` (intranode).
-            topk_idx: ``[N, K]`` int64 global expert ids, ``-1`` for none.
-            topk_weights: ``[N, K]`` float32 routing weights (with ``topk_idx`` or not at all).
-            expert_alignment: each entry of the returned per-expert counts is rounded up to it.
-            num_worst_tokens: receive exactly this many rows, without waiting for the counts on the
-                CPU (rows past the real count are garbage; the per-expert list is then empty).
-            config: a ``uccl.ep.Config`` (default: :meth:`get_dispatch_config`; with ``handle``, at
-                the handle's SM count, which a given config must match).
-            previous_event, async_finish, allocate_on_comm_stream: as in :meth:`get_dispatch_layout`.
-
-        Returns:
-            recv_x: ``[M, H]`` received tokens, ``x``'s dtype.
-            recv_topk_idx: ``[M, K]`` int64 local expert ids, ``-1`` for experts elsewhere (``None``
-                if cached or without top-k).
-            recv_topk_weights: ``[M, K]`` float32, ``0`` where the expert is elsewhere (``None`` likewise).
-            num_recv_tokens_per_expert_list: list of ``E / R`` ints (``None`` if cached).
-            handle: a :class:`UCCLHandle` (``None`` if cached).
-            event: an :class:`EventOverlap`.
+        """As :meth:`fused_a2a.autograd.BufferLike.dispatch`, with these limits: ``x`` is a plain tensor
+        (bf16 for a later combine; ``H * element_size`` a multiple of 16; ``N = 0`` dispatches a placeholder
+        row that goes nowhere), not an FP8 pair; the layout is required without ``handle``;
+        ``num_tokens_per_rdma_rank`` is ``None`` (intranode); ``topk_idx`` and ``topk_weights`` come together
+        or not at all; with ``num_worst_tokens`` rows past the real count are garbage and the per-expert
+        list is empty. ``config``: a ``uccl.ep.Config`` (default :meth:`get_dispatch_config`; with
+        ``handle``, at the handle's SM count, which a given config must match). Returns the per-expert
+        counts as a list, a :class:`UCCLHandle` and an :class:`EventOverlap`.
         """
         if isinstance(x, tuple):
             raise NotImplementedError("the UCCL-EP adapter dispatches plain tensors, not FP8 (x, scales) tuples")
@@ -380,20 +354,9 @@ class UCCLBuffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Send each received row back to its source rank and sum the copies of each token (no weighting).
-
-        Args:
-            x: ``[M, H]`` bf16 rows in the order the dispatch of ``handle`` received them.
-            handle: the :class:`UCCLHandle` of that dispatch.
-            topk_weights: optional ``[M, K]`` float32, summed back the same way.
-            bias: ``None``, a ``[N, H]`` tensor, or a pair of them (either may be ``None``), added to the result.
-            config: a ``uccl.ep.Config`` with the handle's SM count (default: :meth:`get_combine_config` at it).
-            previous_event, async_finish, allocate_on_comm_stream: as in :meth:`get_dispatch_layout`.
-
-        Returns:
-            combined_x: ``[N, H]`` in ``x``'s dtype (summed in float32).
-            combined_topk_weights: ``[N, K]`` float32, or ``None`` without ``topk_weights``.
-            event: an :class:`EventOverlap`.
+        """As :meth:`fused_a2a.autograd.BufferLike.combine`, with bf16 rows ``x`` (no weighting), a
+        :class:`UCCLHandle` and a ``uccl.ep.Config`` with the handle's SM count (default:
+        :meth:`get_combine_config` at it); returns an :class:`EventOverlap`.
         """
         if x.size(0) != handle.num_recv_tokens:
             raise ValueError(f"combine input has {x.size(0)} rows, but its dispatch received {handle.num_recv_tokens}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from fused_a2a.backends import deepep, hybridep, uccl
+from fused_a2a.backends import deepep, hybridep_buffer, uccl
 from fused_a2a.seed import deepep as seed_deepep
 from fused_a2a.seed import hybridep as seed_hybridep
 from fused_a2a.seed import uccl as seed_uccl
@@ -95,7 +95,7 @@ UCCL_BUFFER = property(
     doc="The process-wide UCCL-EP buffer (``None`` without one); assigning replaces it without destroying the old one.",
 )
 HYBRID_EP_BUFFER = property(
-    lambda _module: hybridep.current_buffer(),
+    lambda _module: hybridep_buffer.current_buffer(),
     _set_hybrid_ep_buffer,
     lambda module: _set_hybrid_ep_buffer(module, None),
     doc="The process-wide ``HybridEPBuffer`` (``None`` without one); assigning ``None`` resets it "

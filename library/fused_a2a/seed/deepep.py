@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
-from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
+from fused_a2a.autograd import run_function
 from fused_a2a.backends import deepep
 from fused_a2a.backends.deepep import DEEP_EP, HAVE_DEEP_EP, KNOBS, handle_layout, is_nvshmem_available
-from fused_a2a.calls import agreed_dispatch
-from fused_a2a.checks import dtype_name
 from fused_a2a.groups import group_or_world
-from fused_a2a.seed.handles import comm_of, remember
-from fused_a2a.tuning.agreement import agreed_comm
+from fused_a2a.seed.buffer_functions import SeedCombine, SeedDispatch, combine_forward_of, dispatch_forward_of
 from fused_a2a.tuning.resolve import env_var
 
 __all__ = [
@@ -94,54 +91,23 @@ def set_deepep_num_sms(num_sms: int | None) -> None:
     _num_sms = num_sms
 
 
-def combine_comm(group, x: torch.Tensor, handle: tuple):
-    """The Comm of the dispatch that made ``handle``; for a handle made elsewhere, the agreed one with
-    the handle's SM count."""
-    comm = comm_of(handle)
-    if comm is None:
-        num_sms, num_tokens = handle_layout(handle)
-        dtype = dtype_name(x.dtype)
-        comm = agreed_comm("deepep", group, dtype, x.size(1), num_tokens, None, None, {"num_sms": num_sms}).comm
-    return comm
-
-
-class FusedDispatch(torch.autograd.Function):
+class FusedDispatch(SeedDispatch):
     """Fused dispatch operation for MoE routing combining computation and communication."""
-
-    differentiable = (0, 2)  # x, token_probs (for run_function)
 
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass of fused dispatch (see :func:`fused_dispatch`)."""
-        agreed, x, token_indices, token_probs = agreed_dispatch("deepep", group, x, token_indices, token_probs,
-                                                                num_experts, explicit_knobs())
-        out = dispatch_forward(ctx, agreed.comm, x, token_indices, token_probs, num_experts, group, async_finish,
-                               allocate_on_comm_stream)
-        remember(out[4], agreed.comm)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
-        """Backward pass of fused dispatch: a combine of the gradients."""
-        grad_x, grad_probs = dispatch_backward(ctx, grad_output, grad_token_probs)
-        return grad_x, None, grad_probs, None, None, None, None
+        return dispatch_forward_of("deepep", explicit_knobs(), ctx, x, token_indices, token_probs, num_experts, group,
+                                   async_finish, allocate_on_comm_stream)
 
 
-class FusedCombine(torch.autograd.Function):
+class FusedCombine(SeedCombine):
     """Fused combine operation for MoE output combining computation and communication."""
-
-    differentiable = (0,)  # x (for run_function)
 
     @staticmethod
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass of fused combine (see :func:`fused_combine`)."""
-        comm = combine_comm(group, x, handle)
-        return combine_forward(ctx, comm, x, group, handle, async_finish, allocate_on_comm_stream), None
-
-    @staticmethod
-    def backward(ctx, grad_output, previous_event=None):
-        """Backward pass of fused combine: a cached dispatch of the gradient."""
-        return combine_backward(ctx, grad_output), None, None, None, None
+        return combine_forward_of("deepep", handle_layout, ctx, x, group, handle, async_finish, allocate_on_comm_stream)
 
 
 def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):

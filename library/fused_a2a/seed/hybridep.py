@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from fused_a2a.autograd import run_function
-from fused_a2a.backends import hybridep
-from fused_a2a.backends.base import Shape
-from fused_a2a.backends.hybridep import HAVE_HYBRIDEP, Settings
+from fused_a2a.backends import hybridep_buffer
+from fused_a2a.backends.hybridep_adapter import shape_problem
+from fused_a2a.backends.hybridep_buffer import HAVE_HYBRIDEP, Settings
+from fused_a2a.shape import CallShape, keyed
 from fused_a2a.tuning.agreement import agreed_comm
 from fused_a2a.tuning.resolve import env_or_default
 
@@ -64,18 +65,18 @@ def init_hybrid_ep_buffer(
             them (``None``: HybridEP's defaults).
     """
     global _made_by_caller
-    deep_ep = hybridep.require("init_hybrid_ep_buffer")
+    deep_ep = hybridep_buffer.require("init_hybrid_ep_buffer")
     kwargs = dict(num_sms_dispatch_api=num_sms_dispatch_api, num_sms_combine_api=num_sms_combine_api,
                   num_blocks_permute=num_blocks_permute, num_blocks_unpermute=num_blocks_unpermute,
                   num_sms_preprocessing_api=num_sms_preprocessing_api)
-    if hybridep.constructor_takes("enable_custom_allgather"):
+    if hybridep_buffer.constructor_takes("enable_custom_allgather"):
         kwargs["enable_custom_allgather"] = env_or_default("hybridep", "enable_custom_allgather")
-    hybridep.set_current_buffer(None, None)
+    hybridep_buffer.set_current_buffer(None, None)
     group = torch.distributed.group.WORLD if group is None else group
     buffer = deep_ep.HybridEPBuffer(group=group, hidden_dim=hidden_dim, max_num_of_tokens_per_rank=seq_len,
                                     num_local_experts=num_local_experts, use_fp8=fp8_dispatch,
                                     **{name: value for name, value in kwargs.items() if value is not None})
-    hybridep.set_current_buffer(buffer, ("caller", group, hidden_dim, num_local_experts, fp8_dispatch))
+    hybridep_buffer.set_current_buffer(buffer, ("caller", group, hidden_dim, num_local_experts, fp8_dispatch))
     _made_by_caller = True
 
 
@@ -83,29 +84,29 @@ def adopt_buffer(buffer) -> None:
     """Make ``buffer`` (a ``HybridEPBuffer`` the caller built) the process-wide one, used as it is, as
     after :func:`init_hybrid_ep_buffer`."""
     global _made_by_caller
-    hybridep.set_current_buffer(buffer, ("caller",))
+    hybridep_buffer.set_current_buffer(buffer, ("caller",))
     _made_by_caller = True
 
 
 def reset_hybrid_ep_buffer() -> None:
     """Drop the process-wide HybridEP buffer; the next dispatch creates a new one."""
     global _made_by_caller
-    hybridep.free_buffers()
+    hybridep_buffer.free_buffers()
     _made_by_caller = False
 
 
 def _buffer_for(x: torch.Tensor, routing_map: torch.Tensor, group, num_local_experts: int, given: dict[str, Any]):
     """The buffer a seed dispatch runs on and its settings: the caller's own buffer, else the
     process-wide one of the agreed knobs (created when needed). Collective at a shape's first call."""
-    current = hybridep.current_buffer()
+    current = hybridep_buffer.current_buffer()
     if _made_by_caller and current is not None:
         return current, None
     explicit = {name: value for name, value in given.items() if value is not None}
     num_tokens, hidden = x.shape
     num_experts = routing_map.size(1)
-    comm = agreed_comm("hybridep", group, "bf16", hidden, num_tokens, None, num_experts, explicit).comm
+    comm = agreed_comm("hybridep", group, keyed("bf16", hidden, None, num_experts, None), num_tokens, explicit).comm
     settings: Settings = comm.dispatch_config
-    return hybridep.ensure_buffer(group, hidden, num_local_experts, num_tokens, settings), settings
+    return hybridep_buffer.ensure_buffer(group, hidden, num_local_experts, num_tokens, settings), settings
 
 
 _checked: list = [None]  # the last (id of the buffer, group, tokens, hidden, experts) found fine (no reference kept)
@@ -119,8 +120,9 @@ def _check_shape(buffer, x: torch.Tensor, routing_map: torch.Tensor, group) -> N
     if key == _checked[0]:
         return
     world = torch.distributed.get_world_size(group)
-    shape = Shape(world, (num_tokens,), hidden, 1, num_experts, "bf16", hybridep.ranks_per_node(buffer))
-    problem = hybridep.shape_problem(shape)
+    shape = CallShape("bf16", hidden, 1, num_experts, world_size=world, tokens=(num_tokens,),
+                      ranks_per_node=hybridep_buffer.ranks_per_node(buffer))
+    problem = shape_problem(shape)
     if problem is not None:
         raise ValueError(f"hybridep: {problem}")
     _checked[0] = key
@@ -128,7 +130,7 @@ def _check_shape(buffer, x: torch.Tensor, routing_map: torch.Tensor, group) -> N
 
 def _fused_supported(fused: bool, blocks: tuple) -> bool:
     """``fused``, or ``False`` with a warning when the installed HybridEP has no fused permute."""
-    if (fused or any(b is not None for b in blocks)) and not hybridep.has_fused_permute():
+    if (fused or any(b is not None for b in blocks)) and not hybridep_buffer.has_fused_permute():
         warnings.warn("the installed HybridEP has no fused permute or num_blocks_permute/num_blocks_unpermute; "
                       "running the unfused dispatch", UserWarning, stacklevel=4)
         return False
@@ -158,7 +160,7 @@ class HybridEPDispatch(torch.autograd.Function):
             num_of_experts_per_rank=num_local_experts, pad_multiple=pad_multiple, num_permuted_tokens=num_permuted,
             non_blocking=num_permuted is not None, **({"fuse_permute_dispatch": True} if fused else {}),
         )
-        hybridep.remember_buffer(handle, buffer)
+        hybridep_buffer.remember_buffer(handle, buffer)
         setattr(handle[0], _FUSED_ATTRIBUTE, fused)
         if ctx is not None:
             ctx.buffer, ctx.settings, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, settings, handle, pad_multiple, fused
@@ -168,7 +170,7 @@ class HybridEPDispatch(torch.autograd.Function):
     def backward(ctx, grad_x, grad_probs, grad_scaling_factor, grad_tokens_per_expert, grad_handle):
         """Backward pass of fused dispatch of the HybridEP backend: combine + unpermute of the gradients."""
         if ctx.settings is not None:
-            hybridep.apply_environment(ctx.settings)
+            hybridep_buffer.apply_environment(ctx.settings)
         grad_hidden, grad_in_probs = ctx.buffer.combine_with_unpermute(
             hidden=grad_x, probs=grad_probs, handle=ctx.handle, pad_multiple=ctx.pad_multiple,
             **({"fuse_unpermute_combine": True} if ctx.fused else {}),
@@ -184,8 +186,8 @@ class HybridEPCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, num_permuted_tokens=None, pad_multiple=None, fused=False):
         """Forward pass of fused combine of the HybridEP backend (see :func:`hybrid_ep_combine`)."""
-        buffer = hybridep.buffer_of(handle)
-        fused = getattr(handle[0], _FUSED_ATTRIBUTE, fused and hybridep.has_fused_permute())
+        buffer = hybridep_buffer.buffer_of(handle)
+        fused = getattr(handle[0], _FUSED_ATTRIBUTE, fused and hybridep_buffer.has_fused_permute())
         combined, _ = buffer.combine_with_unpermute(hidden=x, handle=handle, pad_multiple=pad_multiple,
                                                     **({"fuse_unpermute_combine": True} if fused else {}))
         if ctx is not None:
@@ -241,9 +243,9 @@ def hybrid_ep_dispatch(
         tokens_per_expert [num_local_experts] int64, handle)``; ``handle[-1]`` is the overflow flag.
 
     Raises:
-        ValueError: a token count HybridEP cannot take (see :func:`fused_a2a.backends.hybridep.shape_problem`).
+        ValueError: a token count HybridEP cannot take (see :func:`fused_a2a.backends.hybridep_adapter.shape_problem`).
     """
-    hybridep.require("hybrid_ep_dispatch")
+    hybridep_buffer.require("hybrid_ep_dispatch")
     return run_function(HybridEPDispatch, x, routing_map, probs, group, num_local_experts, num_sms_dispatch_api,
                         num_sms_combine_api, num_permuted_tokens, pad_multiple, num_blocks_permute,
                         num_blocks_unpermute, fused, num_sms_preprocessing_api)
@@ -264,5 +266,5 @@ def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None, *,
     Returns:
         ``[num_tokens, hidden]``.
     """
-    hybridep.require("hybrid_ep_combine")
+    hybridep_buffer.require("hybrid_ep_combine")
     return run_function(HybridEPCombine, x, handle, num_permuted_tokens, pad_multiple, fused)

@@ -4,7 +4,7 @@ them (what ``a2a-bench speedup``, ``overhead`` and ``paths`` time as the ``seed`
 ``fused_dispatch``/``fused_combine`` (DeepEP), ``uccl_fused_dispatch``/``uccl_fused_combine`` (UCCL) take
 top-k routing; ``hybrid_ep_dispatch``/``hybrid_ep_combine`` (HybridEP) take a dense routing map and
 probabilities, made here once as their callers make them
-(:func:`fused_a2a.backends.hybridep.topk_to_routing_map`).
+(:func:`fused_a2a.backends.hybridep_routing.topk_to_routing_map`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from fused_a2a.backends.hybridep import topk_to_routing_map
+from fused_a2a.backends.hybridep_routing import topk_to_routing_map
 from fused_a2a.seed.deepep import fused_combine, fused_dispatch
 from fused_a2a.seed.hybridep import hybrid_ep_combine, hybrid_ep_dispatch
 from fused_a2a.seed.uccl import uccl_fused_combine, uccl_fused_dispatch

@@ -12,15 +12,13 @@ from typing import Any
 
 import torch
 
-from fused_a2a import environment
-from fused_a2a.autograd import combine_backward, combine_forward, dispatch_backward, dispatch_forward, run_function
+from fused_a2a import env_snapshot
+from fused_a2a.autograd import run_function
 from fused_a2a.backends import uccl
 from fused_a2a.backends.uccl import HAVE_UCCL_EP, SM_ENV_VARS, UCCL_EP, UCCLBuffer
-from fused_a2a.calls import agreed_dispatch
-from fused_a2a.checks import dtype_name
+from fused_a2a.backends.uccl_buffer import handle_layout
 from fused_a2a.groups import group_or_world
-from fused_a2a.seed.handles import comm_of, remember
-from fused_a2a.tuning.agreement import agreed_comm
+from fused_a2a.seed.buffer_functions import SeedCombine, SeedDispatch, combine_forward_of, dispatch_forward_of
 
 __all__ = [
     "HAVE_UCCL_EP", "UCCLFusedCombine", "UCCLFusedDispatch", "get_uccl_buffer", "set_uccl_num_sms",
@@ -29,13 +27,13 @@ __all__ = [
 
 
 _set_by_caller = False  # set_uccl_num_sms was called
-_SM_ENV = environment.encode(SM_ENV_VARS)
+_SM_ENV = env_snapshot.encode(SM_ENV_VARS)
 _UNSET = (None,) * len(SM_ENV_VARS)
 
 
 def explicit_knobs() -> dict[str, Any]:
     """``num_sms`` when the caller fixed it (:func:`set_uccl_num_sms` or NeMo's SM variables)."""
-    if _set_by_caller or environment.values(_SM_ENV) != _UNSET:
+    if _set_by_caller or env_snapshot.values(_SM_ENV) != _UNSET:
         return {"num_sms": UCCLBuffer.num_sms}
     return {}
 
@@ -72,52 +70,23 @@ def set_uccl_num_sms(num_sms: int | None) -> None:
     _set_by_caller = num_sms is not None
 
 
-def _combine_comm(group, x: torch.Tensor, handle):
-    comm = comm_of(handle)
-    if comm is None:
-        dtype = dtype_name(x.dtype)
-        comm = agreed_comm("uccl", group, dtype, x.size(1), handle.num_tokens, None, None,
-                           {"num_sms": handle.num_sms}).comm
-    return comm
-
-
-class UCCLFusedDispatch(torch.autograd.Function):
+class UCCLFusedDispatch(SeedDispatch):
     """Fused dispatch using UCCL-EP instead of DeepEP."""
-
-    differentiable = (0, 2)  # x, token_probs (for run_function)
 
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass: layout + dispatch (see :func:`uccl_fused_dispatch`)."""
-        agreed, x, token_indices, token_probs = agreed_dispatch("uccl", group, x, token_indices, token_probs,
-                                                                num_experts, explicit_knobs())
-        out = dispatch_forward(ctx, agreed.comm, x, token_indices, token_probs, num_experts, group, async_finish,
-                               allocate_on_comm_stream)
-        remember(out[4], agreed.comm)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
-        """Backward pass: a combine of the gradients."""
-        grad_x, grad_probs = dispatch_backward(ctx, grad_output, grad_token_probs)
-        return grad_x, None, grad_probs, None, None, None, None
+        return dispatch_forward_of("uccl", explicit_knobs(), ctx, x, token_indices, token_probs, num_experts, group,
+                                   async_finish, allocate_on_comm_stream)
 
 
-class UCCLFusedCombine(torch.autograd.Function):
+class UCCLFusedCombine(SeedCombine):
     """Fused combine using UCCL-EP instead of DeepEP."""
-
-    differentiable = (0,)  # x (for run_function)
 
     @staticmethod
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         """Forward pass (see :func:`uccl_fused_combine`)."""
-        comm = _combine_comm(group, x, handle)
-        return combine_forward(ctx, comm, x, group, handle, async_finish, allocate_on_comm_stream), None
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_event=None):
-        """Backward pass: a cached dispatch of the gradient."""
-        return combine_backward(ctx, grad_output), None, None, None, None
+        return combine_forward_of("uccl", handle_layout, ctx, x, group, handle, async_finish, allocate_on_comm_stream)
 
 
 def uccl_fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):

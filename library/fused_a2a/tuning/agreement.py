@@ -1,7 +1,7 @@
 """The knobs of a call, agreed by every rank of its group, resolved once per key and cached.
 
-Fused kernels need identical configs on all ranks of a group. The first call of a key (group,
-backend, dtype, hidden, top-k, experts, routing, explicit knobs, SM budget) runs one collective: the
+Fused kernels need identical configs on all ranks of a group. The first call of a key (group
+and :class:`CallKey`: backend, call shape, explicit knobs, SM budget) runs one collective: the
 ranks exchange their token counts, explicit knobs, environment overrides and a digest of the tuning
 table they would read. Explicit knobs or overrides that differ between ranks raise the same
 ``ValueError`` on every rank (instead of a hang); tables that differ are ignored on every rank with one
@@ -33,18 +33,19 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from fused_a2a import environment, log
+from fused_a2a import env_snapshot, log
 from fused_a2a.autograd import Comm
-from fused_a2a.backends import BACKENDS, Shape, get_backend
+from fused_a2a.backends import BACKENDS, get_backend
 from fused_a2a.checks import check_experts_divisible
 from fused_a2a.cluster import CLUSTER_ID_ENV, detect_cluster
 from fused_a2a.groups import GroupMap
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning import resolve as resolution
 
 STAT_EVERY = 32  # warm calls of a key between two looks at the table files
@@ -53,16 +54,40 @@ GLOBAL_ENV = (resolution.TUNING_DIR_ENV, CLUSTER_ID_ENV, resolution.STRICT_ENV, 
 
 
 @dataclass(frozen=True)
+class CallKey:
+    """What a group's agreed resolutions are keyed by.
+
+    Attributes:
+        backend: the backend the call names (``auto`` included).
+        shape: its :class:`~fused_a2a.shape.CallShape` without world size and tokens (the token count
+            changes from call to call; the group gives the world size).
+        explicit: the knob arguments, sorted ``(name, value)`` pairs.
+        num_sms_budget: the SM budget argument (``None``: none given).
+    """
+
+    backend: str
+    shape: CallShape
+    explicit: tuple[tuple[str, Any], ...] = ()
+    num_sms_budget: int | None = None
+
+    def describe(self) -> str:
+        """``torch bf16 hidden 7168 top-8 64 experts routing uniform``: the call as an error names it."""
+        shape, budget = self.shape, self.num_sms_budget
+        return (f"{self.backend} {shape.dtype} hidden {shape.hidden} top-{shape.topk} {shape.num_experts} experts "
+                f"routing {shape.routing or 'default'}{'' if budget is None else f' SM budget {budget}'}")
+
+
+@dataclass(frozen=True)
 class Agreed:
     """What a key resolved to.
 
     Attributes:
+        key: the call's :class:`CallKey`.
         backend: the backend that runs (``auto`` resolved to a name).
         comm: its :class:`~fused_a2a.autograd.Comm`, knobs resolved.
         lookup_tokens: the token count the table was looked up with (the group's largest at the
             key's first call).
         use_table: ``False`` when the ranks saw different tables.
-        routing: the routing the call declared (``None``: ``$FUSED_A2A_ROUTING`` or ``uniform``).
         watch: the encoded environment variables and table paths whose change invalidates the entry.
         stamp: their values when the entry was resolved.
         resolved: the knobs, their sources and the table entry the comm was built from.
@@ -70,11 +95,11 @@ class Agreed:
         calls: warm calls since the table files were last looked at (one per entry, mutable).
     """
 
+    key: CallKey
     backend: str
     comm: Comm
     lookup_tokens: int
     use_table: bool
-    routing: str | None
     watch: tuple
     stamp: tuple
     resolved: resolution.Resolution | None = None
@@ -89,7 +114,11 @@ class LocalProblem(ValueError):
 
 @dataclass(eq=False)
 class _GroupCalls:
-    """One group's agreed keys on this rank and the key of its last dispatch (``None``: none yet)."""
+    """One group's agreed keys on this rank and the key of its last dispatch (``None``: none yet).
+
+    ``agreed`` is keyed by ``(backend, shape, explicit, num_sms_budget)``: a :class:`CallKey`'s values
+    in a tuple, which a warm call builds faster than a :class:`CallKey` (its entry holds the typed key).
+    """
 
     agreed: dict[tuple, Agreed] = field(default_factory=dict)
     last: tuple | None = None
@@ -97,7 +126,7 @@ class _GroupCalls:
 
 _cache: GroupMap[_GroupCalls] = GroupMap()
 _stats = {"hits": 0, "agreements": 0, "refreshes": 0}
-_announced: dict[tuple, str] = {}  # key -> the last line logged for it
+_announced: dict[CallKey, str] = {}  # key -> the last line logged for it
 
 
 def cache_stats() -> dict[str, int]:
@@ -117,19 +146,24 @@ def clear() -> None:
 def agreed_comm(
     backend: str,
     group: dist.ProcessGroup | None,
-    dtype: str,
-    hidden: int,
+    shape: CallShape,
     num_tokens: int,
-    topk: int | None,
-    num_experts: int | None,
     explicit: dict[str, Any],
     num_sms_budget: int | None = None,
-    routing: str | None = None,
 ) -> Agreed:
     """The backend and :class:`Comm` of a call, the same on every rank of ``group``.
 
     Collective the first time a key is seen (every rank of ``group`` must make the call); afterwards
-    local. Arguments as in :func:`fused_a2a.tuning.resolve.resolve`; ``backend`` may be ``"auto"``.
+    local.
+
+    Args:
+        backend: a backend name, or ``"auto"``.
+        group: the expert-parallel process group (``None``: the default group).
+        shape: the call's dtype, hidden size, top-k, experts and routing (world size and tokens not
+            set: the group and ``num_tokens`` give them); :func:`fused_a2a.shape.keyed` gives a warm call
+            its shape without building one.
+        num_tokens: this rank's tokens.
+        explicit: the knob arguments; num_sms_budget: as in :func:`fused_a2a.tuning.resolve.resolve`.
 
     Raises:
         ValueError: unknown backend or knob, a knob value the backend rejects, a dtype or shape the
@@ -139,20 +173,21 @@ def agreed_comm(
             that has run a call already (raised on this rank only, before any collective).
         RuntimeError: the backend's library is not installed.
     """
-    key = (backend, dtype, hidden, topk, num_experts, routing, _frozen(explicit), num_sms_budget)
+    index = (backend, shape, frozen_knobs(explicit), num_sms_budget)
     calls = _cache.get(group)
-    agreed = None if calls is None else calls.agreed.get(key)
+    agreed = None if calls is None else calls.agreed.get(index)
     if agreed is not None:
-        if num_experts is not None:
-            calls.last = key
-        if environment.values(agreed.watch[0]) == agreed.stamp[0] and _files_unchanged(agreed):
+        if shape.num_experts is not None:
+            calls.last = index
+        if env_snapshot.values(agreed.watch[0]) == agreed.stamp[0] and _files_unchanged(agreed):
             _stats["hits"] += 1
             return agreed
         _stats["refreshes"] += 1
-        agreed = _resolve(group, key, agreed.lookup_tokens, agreed.use_table)
+        agreed = _resolve(group, agreed.key, agreed.lookup_tokens, agreed.use_table)
     else:
+        key = CallKey(backend, shape, index[2], num_sms_budget)
         world_size = dist.get_world_size(group)
-        problem = _local_problem(backend, dtype, num_experts, world_size)
+        problem = _local_problem(key, world_size)
         if problem is not None and calls is not None and calls.last is not None:
             raise LocalProblem(problem)
         _stats["agreements"] += 1
@@ -160,54 +195,57 @@ def agreed_comm(
         agreed = _resolve(group, key, lookup_tokens, use_table)
         if calls is None:
             calls = _cache.set(group, _GroupCalls())
-        if num_experts is not None:
-            calls.last = key
-    calls.agreed[key] = agreed
-    _announce(group, key, agreed)
+        if shape.num_experts is not None:
+            calls.last = index
+    calls.agreed[index] = agreed
+    _announce(group, agreed)
     return agreed
 
 
-def refuse(problem: str, backend: str, group: dist.ProcessGroup | None, explicit: dict[str, Any],
-           num_sms_budget: int | None = None, routing: str | None = None) -> None:
+def refuse(problem: str, group: dist.ProcessGroup | None, key: CallKey) -> None:
     """Raise the same ``ValueError`` (naming this rank and ``problem``) on every rank of ``group``, whose
     other ranks are at the first call of their key. Collective: this rank's side of :func:`agreed_comm`'s
-    first-call exchange, for a call that failed a check before it had a key."""
-    _agree(group, (backend, None, None, None, None, routing, _frozen(explicit), num_sms_budget), 0, problem)
+    first-call exchange, for a call that failed a check before it had a key (``key.shape`` holds its
+    routing alone)."""
+    _agree(group, key, 0, problem)
     raise ValueError(problem)  # a group of one rank: nothing to exchange
 
 
-def join_target(group: dist.ProcessGroup | None, dtype: str | None, hidden: int | None, topk: int | None,
-                num_experts: int | None, backend: str, explicit: dict[str, Any], num_sms_budget: int | None = None,
-                routing: str | None = None) -> tuple[tuple, Comm] | None:
+def join_target(group: dist.ProcessGroup | None, key: CallKey) -> tuple[CallShape, Comm] | None:
     """The dispatch this rank's peers most likely run now, for a rank whose own call failed a check.
 
-    The call's dtype, hidden size, top-k and experts are what the failed call still gives (``None``: not
-    known). Returns ``((dtype, hidden, top-k, experts), Comm)`` of the group's last dispatch on this rank
-    if it matches every part given, else of the latest agreed dispatch that does; ``None`` when none does
-    (a shape the group has not run: its peers are at its first call) or this rank has run none. A call
-    that gives none of the four parts takes the last dispatch. The target becomes the last dispatch."""
+    ``key.shape`` holds the call's dtype, hidden size, top-k and experts as far as the failed call still
+    gives them (``None``: not known). Returns the shape and Comm of the group's last dispatch on this
+    rank if it matches every part given, else of the latest agreed dispatch that does; ``None`` when none
+    does (a shape the group has not run: its peers are at its first call) or this rank has run none. A
+    call that gives none of the four parts takes the last dispatch. The target becomes the last dispatch."""
     calls = _cache.get(group)
     if calls is None or calls.last is None:
         return None
-    given = (backend, dtype, hidden, topk, num_experts)
-    rest = (routing, _frozen(explicit), num_sms_budget)
+    given = key.shape
+    parts = ("dtype", "hidden", "topk", "num_experts")
 
-    def matches(key: tuple) -> bool:
-        return (key[4] is not None and key[5:] == rest
-                and all(want is None or want == have for want, have in zip(given, key[:5])))
+    def matches(agreed: Agreed) -> bool:
+        have = agreed.key
+        return (have.shape.num_experts is not None and have.backend == key.backend
+                and (have.shape.routing, have.explicit, have.num_sms_budget)
+                == (given.routing, key.explicit, key.num_sms_budget)
+                and all(getattr(given, part) in (None, getattr(have.shape, part)) for part in parts))
 
     target = calls.last
-    if given[1:] != (None, None, None, None) and not matches(target):
-        target = next((key for key in reversed(calls.agreed) if matches(key)), None)
+    if any(getattr(given, part) is not None for part in parts) and not matches(calls.agreed[target]):
+        target = next((index for index, agreed in reversed(calls.agreed.items()) if matches(agreed)), None)
         if target is None:
             return None
     calls.last = target
-    return target[1:5], calls.agreed[target].comm
+    agreed = calls.agreed[target]
+    return agreed.key.shape, agreed.comm
 
 
-def _local_problem(backend: str, dtype: str | None, num_experts: int | None, world_size: int) -> str | None:
+def _local_problem(key: CallKey, world_size: int) -> str | None:
     """Why this rank's call cannot run whatever its peers do (unknown backend, a dtype the backend does
     not move, experts not divisible by the group size), or ``None``."""
+    backend, dtype, num_experts = key.backend, key.shape.dtype, key.shape.num_experts
     try:
         spec = get_backend(backend) if backend != "auto" else None
         if num_experts is not None:
@@ -219,26 +257,24 @@ def _local_problem(backend: str, dtype: str | None, num_experts: int | None, wor
     return None
 
 
-def _announce(group, key: tuple, agreed: Agreed) -> None:
-    """Log what ``key`` resolved to, on global rank 0, unless that very line was logged for it."""
+def _announce(group, agreed: Agreed) -> None:
+    """Log what ``agreed``'s key resolved to, on global rank 0, unless that very line was logged for it."""
     log.configure()
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    line = describe(group, key, agreed)
-    if _announced.get(key) == line:
+    line = describe(group, agreed)
+    if _announced.get(agreed.key) == line:
         return
-    _announced[key] = line
+    _announced[agreed.key] = line
     log.logger.info("%s", line)
 
 
-def describe(group, key: tuple, agreed: Agreed) -> str:
-    """One line: the backend a key of ``group`` runs (and why, for ``auto``), its knobs with their
+def describe(group, agreed: Agreed) -> str:
+    """One line: the backend an agreed key of ``group`` runs (and why, for ``auto``), its knobs with their
     sources, and the table entry they came from."""
-    backend, dtype, hidden, topk, num_experts, *_ = key
     res = agreed.resolved
-    shape = (f"{dtype} hidden {hidden}" + (f" top-{topk}" if topk else "") + (f" {num_experts} experts" if num_experts else "")
-             + f" on {dist.get_world_size(group)} ranks, {res.routing if res else 'uniform'} routing, "
-             f"table looked up for {agreed.lookup_tokens} tokens")
+    shape = (f"{agreed.key.shape.describe()} on {dist.get_world_size(group)} ranks, "
+             f"{res.routing if res else 'uniform'} routing, table looked up for {agreed.lookup_tokens} tokens")
     name = agreed.backend
     if agreed.choice is not None:
         c = agreed.choice
@@ -274,7 +310,8 @@ def _files_unchanged(agreed: Agreed) -> bool:
     return _file_stamp(agreed.watch) == agreed.stamp[1]
 
 
-def _frozen(explicit: dict[str, Any]) -> tuple:
+def frozen_knobs(explicit: dict[str, Any]) -> tuple:
+    """Knob arguments as :attr:`CallKey.explicit` holds them."""
     return tuple(sorted(explicit.items())) if explicit else ()
 
 
@@ -291,7 +328,7 @@ def _table_paths(world_size: int) -> tuple[Path, ...]:
 
 
 def _watch(backend: str, world_size: int) -> tuple:
-    return environment.encode(_env_names(backend)), _table_paths(world_size)
+    return env_snapshot.encode(_env_names(backend)), _table_paths(world_size)
 
 
 def _file_stamp(watch: tuple) -> tuple:
@@ -307,7 +344,7 @@ def _file_stamp(watch: tuple) -> tuple:
 
 
 def _stamp(watch: tuple) -> tuple:
-    return environment.values(watch[0]), _file_stamp(watch)
+    return env_snapshot.values(watch[0]), _file_stamp(watch)
 
 
 def _table_digest(world_size: int) -> str | None:
@@ -320,18 +357,18 @@ def _table_digest(world_size: int) -> str | None:
     return None
 
 
-def _agree(group, key: tuple, num_tokens: int, problem: str | None) -> tuple[int, bool]:
+def _agree(group, key: CallKey, num_tokens: int, problem: str | None) -> tuple[int, bool]:
     """The group's largest token count and whether its ranks read the same table; raises the same
     ``ValueError`` on every rank when a rank has a ``problem``, when the ranks' calls (backend, dtype,
     hidden, top-k, experts, routing, SM budget) differ, or when their explicit knobs or overrides differ.
     Collective."""
-    backend = key[0]
+    backend = key.backend
     world_size = dist.get_world_size(group)
     local = {
         "problem": problem,
-        "call": key[:6] + key[7:],
+        "call": replace(key, explicit=()),
         "tokens": int(num_tokens),
-        "explicit": key[6],
+        "explicit": key.explicit,
         "env": tuple((name, os.environ.get(name)) for name in _env_names(backend)),
         "table": _table_digest(world_size),
     }
@@ -343,7 +380,7 @@ def _agree(group, key: tuple, num_tokens: int, problem: str | None) -> tuple[int
     if problems:
         raise ValueError(f"fused_a2a: invalid dispatch on {'; '.join(problems)} (raised on every rank of the group)")
     if any(view["call"] != views[0]["call"] for view in views):
-        calls = "; ".join(f"rank {rank}: {_describe_call(view['call'])}" for rank, view in enumerate(views))
+        calls = "; ".join(f"rank {rank}: {view['call'].describe()}" for rank, view in enumerate(views))
         raise ValueError(f"fused_a2a: the ranks of the group called dispatch with different arguments ({calls}); "
                          "every rank must pass the same backend, dtype, hidden size, top-k, experts, routing and SM budget")
     for part, what in (("explicit", "knob arguments"), ("env", "FUSED_A2A_* environment overrides")):
@@ -360,20 +397,14 @@ def _agree(group, key: tuple, num_tokens: int, problem: str | None) -> tuple[int
     return max(view["tokens"] for view in views), same_table
 
 
-def _check_shape(key: tuple, world_size: int, tokens: tuple[int, ...]) -> None:
+def _check_shape(key: CallKey, world_size: int, tokens: tuple[int, ...]) -> None:
     """``ValueError`` (the same on every rank) for a shape the backend's kernels do not take (its dtypes
     are checked before, :func:`_local_problem`)."""
-    backend, dtype, hidden, topk, num_experts, *_ = key
-    spec = get_backend(backend)
-    problem = spec.shape_problem(Shape(world_size, tokens, hidden, topk or 1, num_experts or world_size, dtype), {})
+    shape = key.shape
+    on_group = replace(shape.on(world_size, tokens), topk=shape.topk or 1, num_experts=shape.num_experts or world_size)
+    problem = get_backend(key.backend).shape_problem(on_group, {})
     if problem is not None:
-        raise ValueError(f"{backend}: {problem}")
-
-
-def _describe_call(call: tuple) -> str:
-    backend, dtype, hidden, topk, num_experts, routing, budget = call
-    return (f"{backend} {dtype} hidden {hidden} top-{topk} {num_experts} experts routing {routing or 'default'}"
-            f"{'' if budget is None else f' SM budget {budget}'}")
+        raise ValueError(f"{key.backend}: {problem}")
 
 
 def _describe(items: tuple) -> str:
@@ -381,18 +412,16 @@ def _describe(items: tuple) -> str:
     return ", ".join(shown) or "none"
 
 
-def _resolve(group, key: tuple, lookup_tokens: int, use_table: bool) -> Agreed:
-    backend, dtype, hidden, topk, num_experts, routing, explicit, budget = key
+def _resolve(group, key: CallKey, lookup_tokens: int, use_table: bool) -> Agreed:
+    backend = key.backend
     world_size = dist.get_world_size(group)
     watch = _watch(backend, world_size)
     stamp = _stamp(watch)
-    shape = dict(world_size=world_size, dtype=dtype, hidden=hidden, num_tokens=lookup_tokens, topk=topk,
-                 num_experts=num_experts)
+    shape = key.shape.on(world_size, (lookup_tokens,))
     name, choice = backend, None
     if backend == "auto":
-        choice = (resolution.choose_backend(**shape, routing=routing) if use_table
-                  else resolution.BackendChoice("torch", None, ()))
+        choice = resolution.choose_backend(shape) if use_table else resolution.BackendChoice("torch", None, ())
         name = choice.backend
-    comm, resolved = resolution.tuned_comm(name, **shape, explicit=dict(explicit),
-                                           num_sms_budget=budget, routing=routing, use_table=use_table)
-    return Agreed(name, comm, lookup_tokens, use_table, routing, watch, stamp, resolved, choice)
+    comm, resolved = resolution.tuned_comm(name, shape, dict(key.explicit), num_sms_budget=key.num_sms_budget,
+                                           use_table=use_table)
+    return Agreed(key, name, comm, lookup_tokens, use_table, watch, stamp, resolved, choice)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fused_a2a.autograd import Comm
-from fused_a2a.backends import BACKENDS, Knob, check_knobs, get_backend, make_comm
+from fused_a2a.backends import BACKENDS, BackendSpec, Knob, check_knobs, get_backend, open_comm
 from fused_a2a.cluster import detect_cluster
+from fused_a2a.shape import CallShape
 from fused_a2a.tuning.table import (
     ROUTING_RE,
     TuningEntry,
@@ -127,7 +128,7 @@ def load_cluster_table(cluster: str, strict: bool | None = None) -> tuple[Tuning
 
     A file that cannot be read, fails validation, or names another cluster id is skipped with one
     :class:`TuningWarning`. Results are cached per file version (a rewritten file is read again;
-    :func:`clear_cache` forgets them).
+    :func:`fused_a2a.tuning.clear` forgets them).
 
     Args:
         cluster: the cluster id (``fused_a2a.cluster.detect_cluster().id``).
@@ -173,15 +174,11 @@ def _load(cluster: str, dirs: tuple[Path, ...], strict: bool, stamps: tuple) -> 
     return None, None
 
 
-def clear_cache() -> None:
-    """Forget the loaded tables, the detected cluster, which resolutions were logged and the agreed
-    resolutions of :mod:`fused_a2a.tuning.agreement` (call it on every rank of a group, or on none)."""
-    from fused_a2a.tuning import agreement  # agreement builds on this module
-
+def clear_tables() -> None:
+    """Forget the loaded tables and which resolutions were logged (:func:`fused_a2a.tuning.clear` clears
+    every cache of the tuning layer at once)."""
     _load.cache_clear()
-    detect_cluster.cache_clear()
     _logged.clear()
-    agreement.clear()
 
 
 def env_var(backend: str, knob: str) -> str:
@@ -217,26 +214,20 @@ def env_or_default(backend: str, knob: str) -> Any:
 
 def resolve(
     backend: str,
-    world_size: int,
-    dtype: str,
-    hidden: int,
-    num_tokens: int,
+    shape: CallShape,
     explicit: dict[str, Any],
-    topk: int | None = None,
-    num_experts: int | None = None,
     cluster: str | None = None,
     use_table: bool = True,
     num_sms_budget: int | None = None,
-    routing: str | None = None,
 ) -> Resolution:
     """The knobs of ``backend`` for a call of this shape, each from the first source that sets it.
 
     Args:
         backend: a backend name.
-        world_size: ranks in the expert-parallel group.
-        dtype: token dtype (``"bf16"``, ``"fp16"``, ``"fp32"``, ``"fp8"``).
-        hidden: hidden size; num_tokens: the tokens to look the table up with (the group's
-            largest, :mod:`fused_a2a.tuning.agreement`); topk, num_experts: as the table's keys.
+        shape: the call: its world size, dtype, hidden size, top-k, experts (as the table's keys), its
+            tokens (the table is looked up with the largest: the group's,
+            :mod:`fused_a2a.tuning.agreement`) and its routing (``None``: ``$FUSED_A2A_ROUTING``, else
+            ``uniform``; entries of that routing are preferred, else ``uniform`` ones).
         explicit: knobs the caller passed (used for both dispatch and combine).
         cluster: the cluster id (default: :func:`fused_a2a.cluster.detect_cluster` ``(world_size).id``).
         use_table: ``False`` skips the tuning table (after the backend rejected its entry).
@@ -244,8 +235,6 @@ def resolve(
             limit). For a backend with a ``num_sms`` knob not set by argument or environment: the
             table's SM count if within the budget, else the best frontier point within it, else the
             default if within it, else the budget itself (source ``"budget"``).
-        routing: the routing the call declares (default: ``$FUSED_A2A_ROUTING``, else ``uniform``);
-            entries of that routing are preferred, else ``uniform`` ones.
 
     Returns:
         a :class:`Resolution`; logged at DEBUG on the ``fused_a2a`` logger once per distinct choice.
@@ -259,13 +248,13 @@ def resolve(
     """
     spec = get_backend(backend)
     check_knobs(backend, explicit)
-    routing = declared_routing(routing)
-    cluster = cluster or detect_cluster(world_size).id
+    routing = declared_routing(shape.routing)
+    cluster = cluster or detect_cluster(shape.world_size).id
     build = spec.version()
     table, path = load_cluster_table(cluster) if use_table else (None, None)
     entry = None
     if table is not None:
-        entry = lookup(table, backend, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, build)
+        entry = lookup(table, backend, shape.with_routing(routing), build)
     if entry is not None and entry.build is not None and build is not None and entry.build != build:
         _other_build(path, entry, build)
     table_source = "table" if entry is None or entry.routing == routing else f"table ({entry.routing} routing)"
@@ -290,7 +279,7 @@ def resolve(
         sms, sources[SMS_KNOB] = _within_budget(dispatch[SMS_KNOB], sources[SMS_KNOB], entry, budget, spec.knob(SMS_KNOB))
         dispatch[SMS_KNOB] = combine[SMS_KNOB] = sms
     resolution = Resolution(backend, dispatch, combine, sources, str(path) if path else None, entry, routing, build)
-    _log_once(resolution, (world_size, dtype, hidden, topk, num_experts))
+    _log_once(resolution, shape)
     return resolution
 
 
@@ -308,35 +297,43 @@ def _other_build(path: Path | None, entry: TuningEntry, build: str) -> None:
 
 def tuned_comm(
     backend: str,
-    world_size: int,
-    dtype: str,
-    hidden: int,
-    num_tokens: int,
+    shape: CallShape,
     explicit: dict[str, Any],
-    topk: int | None = None,
-    num_experts: int | None = None,
     num_sms_budget: int | None = None,
-    routing: str | None = None,
     use_table: bool = True,
 ) -> tuple[Comm, Resolution]:
     """The backend's :class:`~fused_a2a.autograd.Comm` with its knobs resolved (:func:`resolve`), and
     the :class:`Resolution` it was built from.
 
-    A table entry the installed backend rejects (its ``make_comm`` raises) is dropped with one
-    :class:`TuningWarning` and the knobs are resolved again without the table; a rejection of knobs
-    that did not come from the table is raised.
+    Each knob value is checked once, where it comes from: an argument by :func:`resolve`, an
+    environment override when it is read, a value of the table or the SM budget here. A table entry
+    the installed backend rejects (a value the knob rejects, or the backend's ``make_comm`` raises) is
+    dropped with one :class:`TuningWarning` and the knobs are resolved again without the table; a
+    rejection of knobs that did not come from the table is raised.
     """
-    context = dict(explicit=explicit, topk=topk, num_experts=num_experts, num_sms_budget=num_sms_budget, routing=routing)
-    resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context, use_table=use_table)
+    spec = get_backend(backend)
+    resolution = resolve(backend, shape, explicit, use_table=use_table, num_sms_budget=num_sms_budget)
     try:
-        return make_comm(backend, resolution.dispatch, resolution.combine, world_size), resolution
+        return _open(spec, resolution, shape.world_size), resolution
     except (ValueError, RuntimeError) as exc:
         if not any(source.startswith("table") for source in resolution.sources.values()):
             raise
         warnings.warn(f"fused_a2a: {backend} rejected the knobs of tuning table {resolution.table_path} ({exc}); "
                       "using the defaults", TuningWarning, stacklevel=3)
-    resolution = resolve(backend, world_size, dtype, hidden, num_tokens, **context, use_table=False)
-    return make_comm(backend, resolution.dispatch, resolution.combine, world_size), resolution
+    resolution = resolve(backend, shape, explicit, use_table=False, num_sms_budget=num_sms_budget)
+    return _open(spec, resolution, shape.world_size), resolution
+
+
+_CHECKED_SOURCES = ("argument", "environment", "default")  # values checked before a Comm is opened (or trusted)
+
+
+def _open(spec: BackendSpec, resolution: Resolution, world_size: int) -> Comm:
+    """The Comm of ``resolution``'s knobs, after checking the values that came from the table or the budget."""
+    for name, source in resolution.sources.items():
+        if source not in _CHECKED_SOURCES:
+            check_knobs(spec.name, {name: resolution.dispatch[name]})
+            check_knobs(spec.name, {name: resolution.combine[name]})
+    return open_comm(spec, resolution.dispatch, resolution.combine, world_size)
 
 
 def _budget_from_env() -> int | None:
@@ -399,31 +396,23 @@ class BackendChoice:
     costs: tuple[tuple[str, float], ...]
 
 
-def choose_backend(
-    world_size: int,
-    dtype: str,
-    hidden: int,
-    num_tokens: int,
-    topk: int | None = None,
-    num_experts: int | None = None,
-    cluster: str | None = None,
-    routing: str | None = None,
-) -> BackendChoice:
-    """The installed backend that this cluster's tuning table measured fastest for a call, on the cost
-    of a training step's call: the ``api`` round trip (dispatch + combine medians).
+def choose_backend(shape: CallShape, cluster: str | None = None) -> BackendChoice:
+    """The installed backend that this cluster's tuning table measured fastest for a call of ``shape``
+    (as in :func:`resolve`), on the cost of a training step's call: the ``api`` round trip (dispatch +
+    combine medians).
 
     Each backend's entry is the one :func:`~fused_a2a.tuning.table.lookup` picks for the call. The
     backends are compared in the first mode of :data:`STEP_MODES` that every one of their entries
     recorded (``api``; ``kernel`` when an older table holds kernel times only), so that no backend is
     ranked by cached kernels against another's full calls. ``torch`` when no installed backend has a
-    timed entry, or there is no usable table. Arguments as in :func:`resolve`.
+    timed entry, or there is no usable table.
     """
-    table, _ = load_cluster_table(cluster or detect_cluster(world_size).id)
-    routing = declared_routing(routing)
+    table, _ = load_cluster_table(cluster or detect_cluster(shape.world_size).id)
+    shape = shape.with_routing(declared_routing(shape.routing))
     entries = {}
     for name, spec in BACKENDS.items():
         if table is not None and spec.unavailable() is None:
-            entry = lookup(table, name, world_size, dtype, hidden, num_tokens, topk, num_experts, routing, spec.version())
+            entry = lookup(table, name, shape, spec.version())
             if entry is not None:
                 entries[name] = entry
     for mode in STEP_MODES:
@@ -434,21 +423,12 @@ def choose_backend(
     return BackendChoice("torch", None, ())
 
 
-def best_backend(
-    world_size: int,
-    dtype: str,
-    hidden: int,
-    num_tokens: int,
-    topk: int | None = None,
-    num_experts: int | None = None,
-    cluster: str | None = None,
-    routing: str | None = None,
-) -> str:
+def best_backend(shape: CallShape, cluster: str | None = None) -> str:
     """The name :func:`choose_backend` picks (arguments as there)."""
-    return choose_backend(world_size, dtype, hidden, num_tokens, topk, num_experts, cluster, routing).backend
+    return choose_backend(shape, cluster).backend
 
 
-def _log_once(resolution: Resolution, shape: tuple) -> None:
+def _log_once(resolution: Resolution, shape: CallShape) -> None:
     """Log ``resolution`` at DEBUG unless one with the same backend, shape, entry and sources was logged
     (the calls of a job are logged at INFO once per key, on rank 0, by :mod:`fused_a2a.tuning.agreement`).
 
@@ -456,14 +436,14 @@ def _log_once(resolution: Resolution, shape: tuple) -> None:
     entry it selects is in it.
     """
     entry_key = resolution.entry.key if resolution.entry else None
-    key = (resolution.backend, shape, entry_key, tuple(sorted(resolution.sources.items())))
+    facts = (shape.world_size, shape.dtype, shape.hidden, shape.topk, shape.num_experts)
+    key = (resolution.backend, facts, entry_key, tuple(sorted(resolution.sources.items())))
     if key in _logged:
         return
     _logged.add(key)
-    world_size, dtype, hidden, topk, num_experts = shape
     logger.debug(
         "fused_a2a %s (world_size=%d dtype=%s hidden=%d topk=%s num_experts=%s): dispatch %s, combine %s; "
         "sources %s; table %s; entry %s",
-        resolution.backend, world_size, dtype, hidden, topk, num_experts, resolution.dispatch,
+        resolution.backend, *facts, resolution.dispatch,
         resolution.combine, resolution.sources, resolution.table_path or "none", entry_key,
     )

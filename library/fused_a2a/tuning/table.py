@@ -24,6 +24,7 @@ from filelock import FileLock
 from fused_a2a.backends import BACKENDS
 from fused_a2a.cluster import cluster_id_problem
 from fused_a2a.files import atomic_write_text
+from fused_a2a.shape import CallShape
 
 SCHEMA = "a2a-bench/tuning/v1"
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
@@ -356,27 +357,19 @@ def update_table(path: str | os.PathLike, new: TuningTable) -> TuningTable:
     return merged
 
 
-def lookup(
-    table: TuningTable,
-    backend: str,
-    world_size: int,
-    dtype: str,
-    hidden: int,
-    num_tokens: int,
-    topk: int | None = None,
-    num_experts: int | None = None,
-    routing: str = "uniform",
-    build: str | None = None,
-) -> TuningEntry | None:
-    """The entry of ``table`` that applies to a call, or ``None``.
+def lookup(table: TuningTable, backend: str, shape: CallShape, build: str | None = None) -> TuningEntry | None:
+    """The entry of ``table`` that applies to a call of ``backend`` with ``shape``, or ``None``.
 
-    Backend, world size and dtype match exactly. Routing: the entries of the call's routing, else
-    (none measured with it) those of ``uniform``. Build: the entries measured with the installed
-    ``build`` when there are any, else those of any build (the caller warns). Among those, entries
-    with the call's ``topk`` (then ``num_experts``) are preferred when there are any. Hidden: the exact
-    size, else the nearest (a tie goes to the larger). Tokens: the smallest entry with
-    ``num_tokens >=`` the call's, else the largest.
+    ``shape`` gives the world size, dtype, hidden size, tokens (its :attr:`~CallShape.num_tokens`),
+    top-k, experts and routing (``None``: ``uniform``). Backend, world size and dtype match exactly.
+    Routing: the entries of the call's routing, else (none measured with it) those of ``uniform``.
+    Build: the entries measured with the installed ``build`` when there are any, else those of any build
+    (the caller warns). Among those, entries with the call's ``topk`` (then ``num_experts``) are
+    preferred when there are any. Hidden: the exact size, else the nearest (a tie goes to the larger).
+    Tokens: the smallest entry with ``num_tokens >=`` the call's, else the largest.
     """
+    world_size, dtype, hidden, num_tokens = shape.world_size, shape.dtype, shape.hidden, shape.num_tokens
+    routing, topk, num_experts = shape.routing or "uniform", shape.topk, shape.num_experts
     candidates = [e for e in table.entries if (e.backend, e.world_size, e.dtype) == (backend, world_size, dtype)]
     candidates = [e for e in candidates if e.routing == routing] or [e for e in candidates if e.routing == "uniform"]
     candidates = [e for e in candidates if build is not None and e.build == build] or candidates

@@ -1,4 +1,5 @@
-"""Environment variables read on every call: the values of a fixed set of names, fast.
+"""Snapshots of a fixed set of environment variables, taken fast enough for every call: what notices
+that a ``FUSED_A2A_*`` override or a HybridEP chunk variable changed.
 
 ``os.environ`` decodes each key and value on access (about 0.5 µs a name); where CPython keeps the
 encoded dictionary (``os.environ._data``) the names are encoded once and looked up there, which is
