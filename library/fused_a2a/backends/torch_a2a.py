@@ -267,20 +267,19 @@ class TorchBuffer:
         """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank ``r``; return the received rows
         (on ``rows``' device)."""
         rows = rows.contiguous()
-        out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
         if config.impl == "all_to_all":
+            out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
             dist.all_to_all_single(out, rows, list(recv_counts), list(send_counts), group=self.group)
             return out
         if rows.device.type != "cpu" and dist.get_backend(self.group) == "gloo":
             # gloo's send/recv read and write the tensor's memory as host memory: stage GPU rows on the host
-            host_out = torch.empty(out.shape, dtype=out.dtype)
-            return self._p2p(rows.cpu(), host_out, send_counts, recv_counts).to(rows.device)
-        return self._p2p(rows, out, send_counts, recv_counts)
+            return self._p2p(rows.cpu(), send_counts, recv_counts).to(rows.device)
+        return self._p2p(rows, send_counts, recv_counts)
 
-    def _p2p(self, rows: torch.Tensor, out: torch.Tensor, send_counts: tuple[int, ...],
-             recv_counts: tuple[int, ...]) -> torch.Tensor:
-        """The ``p2p`` exchange of :meth:`_exchange` into ``out`` (on ``rows``' device); returns ``out``.
-        Collective."""
+    def _p2p(self, rows: torch.Tensor, send_counts: tuple[int, ...], recv_counts: tuple[int, ...]) -> torch.Tensor:
+        """The ``p2p`` exchange of :meth:`_exchange` (contiguous ``rows``); the received rows on ``rows``'
+        device. Collective."""
+        out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
         sends = rows.split(list(send_counts))
         recvs = out.split(list(recv_counts))
         ops = []
