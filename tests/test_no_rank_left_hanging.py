@@ -44,3 +44,20 @@ def test_uccl_with_an_empty_rank_on_a_warm_call() -> None:
 
 def test_a_destroyed_group_is_not_kept_alive() -> None:
     spawn(workers.destroyed_groups_are_freed, 2, sys_path=FAKES)
+
+
+def test_sanitized_ids_lie_in_range_and_flag_exactly_the_bad_ones() -> None:
+    """What DeepEP and UCCL-EP see of the ids (any layout in, contiguous ids in ``[-1, E)`` out) and the
+    flag that makes every rank raise: set by an id below -1, of E or more, or the placeholder's."""
+    import torch
+
+    from fused_a2a.shared_errors import POISON_ID, sanitize_topk
+
+    good = torch.tensor([[0, 7], [-1, 3], [5, -1]])
+    ids, bad = sanitize_topk(good.t().contiguous().t(), 8)
+    assert ids.is_contiguous() and torch.equal(ids, good) and not bad
+    for wrong in (-2, 8, 1 << 40, POISON_ID):
+        given = good.clone()
+        given[1, 0] = wrong
+        ids, bad = sanitize_topk(given, 8)
+        assert bad and ids.min() >= -1 and ids.max() < 8 and torch.equal(ids[[0, 2]], good[[0, 2]])

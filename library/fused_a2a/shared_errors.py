@@ -6,7 +6,7 @@ it at the synchronisation the dispatch makes anyway: no collective is added.
 
 * Expert ids outside ``[-1, E)``: the torch backend sends each rank's smallest and largest id with its
   counts (:func:`range_error`). A ``deep_ep.Buffer``-shaped library (DeepEP, UCCL-EP) never sees them:
-  :func:`sanitize_topk` turns them into ``-1`` on the device, and a rank that had some adds
+  :func:`sanitize_topk` clamps them into that range on the device, and a rank that had some adds
   :func:`flag_offset` to every entry of the ``num_tokens_per_expert`` it passes to ``dispatch``. DeepEP's
   ``notify_dispatch`` sums the senders' entries into each rank's ``num_recv_tokens_per_expert_list``
   (which it only returns), so every rank reads the flag there (:func:`raise_if_flagged`).
@@ -32,11 +32,12 @@ def flag_offset(world_size: int) -> int:
 
 
 def sanitize_topk(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, bad)``: ``topk_idx`` with every id outside ``[-1, num_experts)`` replaced by ``-1``
-    (a new contiguous int64 tensor), and a 0-d bool tensor on the same device, ``True`` when there was
-    such an id. No host synchronisation."""
-    outside = (topk_idx < -1) | (topk_idx >= num_experts)
-    return topk_idx.masked_fill(outside, -1).contiguous(), outside.any()
+    """``(ids, bad)``: ``topk_idx`` clamped into ``[-1, num_experts)`` (a new contiguous int64 tensor:
+    an id below ``-1`` becomes ``-1``, one of ``num_experts`` or more the last expert; the dispatch
+    that carries them raises on every rank anyway), and a 0-d bool tensor on the same device, ``True``
+    when an id was outside. Three kernels, no host synchronisation."""
+    ids = topk_idx.clamp(-1, num_experts - 1).contiguous()
+    return ids, ids.ne(topk_idx).any()
 
 
 def flag_counts(num_tokens_per_expert: torch.Tensor, bad: torch.Tensor, world_size: int) -> torch.Tensor:
