@@ -35,7 +35,8 @@ BATCH = 50  # calls per timed batch: perf_counter's resolution is far below one 
 class Replay:
     """A stand-in for a buffer: it forwards attributes to the real one and answers each call kind
     (layout, fresh dispatch, cached dispatch, combine; HybridEP's permuting dispatch and combine)
-    with the outputs of the first such call."""
+    with the outputs of the first such call; a HybridEP buffer's fresh dispatch still synchronises the
+    host with the stream, as the real one does."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -55,7 +56,10 @@ class Replay:
 
     def dispatch(self, *args, **kwargs):
         kind = "dispatch" if kwargs.get("handle") is None else "cached"
-        return self._answer(kind, self._real.dispatch, *args, **kwargs)
+        answer = self._answer(kind, self._real.dispatch, *args, **kwargs)
+        if kind == "dispatch" and "routing_map" in kwargs:  # HybridEP's dispatch (DeepEP's takes none)
+            _synchronize(kwargs.get("hidden"))
+        return answer
 
     def combine(self, *args, **kwargs):
         return self._answer("combine", self._real.combine, *args, **kwargs)
@@ -74,6 +78,14 @@ class Replay:
 
     def combine_with_unpermute(self, **kwargs):
         return self._answer("unpermute", self._real.combine_with_unpermute, **kwargs)
+
+
+def _synchronize(tokens: Any) -> None:
+    """The host synchronisation HybridEP's uncached ``dispatch`` makes itself (it reads the received row
+    count): kept in its replay, so that fused_a2a's adapter, which makes it in HybridEP's place between
+    the runtime's preprocessing and dispatch, is not charged for it."""
+    if isinstance(tokens, torch.Tensor) and tokens.is_cuda:
+        torch.cuda.current_stream(tokens.device).synchronize()
 
 
 class _RuntimeReplay:
