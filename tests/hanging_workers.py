@@ -184,6 +184,40 @@ def _non_contiguous_routing(rank: int, backend: str, seed: bool) -> None:
         assert torch.equal(got, want)
 
 
+def misaligned_rows(rank: int, world_size: int, calls: tuple[tuple[str, bool], ...]) -> None:
+    """For each ``(backend, seed functions?)`` of ``calls``: tokens, a combine input and an output gradient
+    that are contiguous views starting 2 bytes past a 16-byte boundary (a one-row slice of a wider
+    buffer is one) give what fresh tensors give; the fused libraries load rows 16 bytes at a time and
+    fault on such a pointer (``misaligned address``; the fakes raise it), so they must never see one."""
+    case = RoutingCase(seed=41, world=2, tokens=(4, 4), topk=2, num_experts=16, hidden=32)
+    clean = case.clean(rank)
+    for backend, seed in calls:
+        results = []
+        for shifted in (False, True):
+            dispatch, combine = _calls(backend, seed)
+            x = _off_boundary(clean.x) if shifted else clean.x.clone()
+            x.requires_grad_(True)
+            recv_x, recv_idx, recv_weights, counts, handle = dispatch(x, clean.topk_idx, clean.topk_weights, 16)
+            expert_out = recv_x * 2
+            combined = combine(_off_boundary(expert_out) if shifted else expert_out, handle)
+            grad = torch.ones_like(combined)
+            combined.backward(_off_boundary(grad) if shifted else grad)
+            results.append((recv_x.detach(), recv_idx, recv_weights, counts, combined.detach(), x.grad))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), backend
+
+
+def _off_boundary(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` whose data starts 2 bytes past a 16-byte boundary (and keeps the
+    graph: its gradient flows back to ``tensor``)."""
+    flat = torch.zeros(tensor.numel() + 8 // tensor.element_size() + 1, dtype=tensor.dtype)
+    start = (-flat.data_ptr() % 16 + 2) // tensor.element_size()
+    shifted = torch.cat([flat[:start].detach(), tensor.reshape(-1), flat[start + tensor.numel():].detach()])
+    view = shifted[start:start + tensor.numel()].view(tensor.shape)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
 def uccl_empty_rank_warm(rank: int, world_size: int) -> None:
     """UCCL-EP with 0 tokens on rank 0 at a warm key (uccl 0.1.1 asserts num_tokens > 0): both ranks get
     the reference's result, through the API and the seed functions."""

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,7 @@ HANG_S = 120  # one run (dispatch, combine, backward, twice) that takes longer o
 # rank), with the same legal token count on every rank: HybridEP needs one count on every rank, which the
 # group checks at a shape's first call only (a count that differs between ranks at a later call hangs it)
 HYBRIDEP_BAD_INPUT_CASES = True
-TRACE = os.environ.get("FUSED_A2A_PROPERTY_TRACE") == "1"  # print each run before it starts (to find a crash)
+TRACE = os.environ.get("FUSED_A2A_PROPERTY_TRACE") == "1"  # print each run before it starts and what went wrong
 
 
 def _backend_calls(name: str, case_index: int, group):
@@ -110,6 +111,8 @@ def _run(case: RoutingCase, index: int, backend: str, rank: int, device: torch.d
     except ValueError as error:
         return f"ValueError: {error}"
     except Exception as error:  # noqa: BLE001 - any other failure is reported with the case
+        if TRACE:
+            traceback.print_exc()
         return f"{type(error).__name__}: {error}"
     return next((failure for failure in failures if failure), "ok")
 
@@ -212,6 +215,8 @@ def property_run(rank: int, world_size: int, count: int, seed: int, backends: tu
             watchdog = threading.Timer(HANG_S, _hung, (run,))
             watchdog.start()
             outcome = _run(case, index, backend, rank, device, group)
+            if TRACE and outcome != "ok":
+                print(f"rank {rank}: {run}: {outcome}", file=sys.stderr, flush=True)
             outcomes = [None] * world_size
             dist.all_gather_object(outcomes, outcome, group=group)
             watchdog.cancel()

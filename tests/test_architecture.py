@@ -17,6 +17,7 @@ BACKENDS = LIBRARY / "backends"
 BELOW_BACKENDS = {
     "fused_a2a.autograd", "fused_a2a.checks", "fused_a2a.fp8", "fused_a2a.env_snapshot", "fused_a2a.shape", "fused_a2a.backends.base",
     "fused_a2a.backends.optional", "fused_a2a.backends.chunk_config", "fused_a2a.groups", "fused_a2a.shared_errors",
+    "fused_a2a.layout",
     "fused_a2a.backends.direct", "fused_a2a.backends.frameworks",
 }
 # a backend's own helper modules

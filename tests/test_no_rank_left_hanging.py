@@ -36,6 +36,12 @@ def test_non_contiguous_routing_reaches_the_fused_libraries_contiguous() -> None
     spawn(workers.non_contiguous_routing, 2, SEED_AND_API, sys_path=FAKES)
 
 
+def test_rows_off_a_16_byte_boundary_reach_the_fused_libraries_aligned() -> None:
+    """``CUDA error: misaligned address`` (the GPU property run: a one-row slice of a wider buffer is
+    contiguous, DeepEP took it) no more, in dispatch, combine and both backwards."""
+    spawn(workers.misaligned_rows, 2, (*SEED_AND_API, ("hybridep", False)), sys_path=FAKES)
+
+
 def test_uccl_with_an_empty_rank_on_a_warm_call() -> None:
     """uccl 0.1.1 asserts num_tokens > 0: the adapter dispatches a placeholder row instead (the empty
     rank raised alone before, and its peer crashed in gloo)."""

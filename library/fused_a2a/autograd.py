@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from fused_a2a.layout import dense
 from fused_a2a.shared_errors import flag_counts, ids_detail, raise_if_flagged, sanitize_topk
 
 
@@ -178,6 +179,8 @@ def dispatch_forward(ctx, comm: Comm, x, topk_idx, topk_weights, num_experts, gr
         )
     else:  # DeepEP's contract: the library sees only ids in [-1, E); bad ones flag the counts instead
         ids, bad = sanitize_topk(topk_idx, num_experts)
+        if ids.numel() == 0:  # DeepEP asserts on the device that both pointers are null or both are set
+            ids, topk_weights = ids.new_empty(ids.shape), topk_weights.new_empty(topk_weights.shape)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = (
             buffer.get_dispatch_layout(
                 ids,
@@ -247,7 +250,7 @@ def dispatch_backward(ctx, grad_recv_x, grad_recv_topk_weights):
     comm: Comm = ctx.comm
     buffer = comm.get_buffer(ctx.group, grad_recv_x)
     grad_x, grad_topk_weights, after = buffer.combine(
-        grad_recv_x.contiguous(),
+        dense(grad_recv_x),
         ctx.handle,
         topk_weights=grad_recv_topk_weights.float(),
         config=comm.combine_config,
@@ -265,7 +268,7 @@ def combine_forward(ctx, comm: Comm, x, group, handle, async_finish, on_comm_str
     ``[N, H]`` in ``x``'s dtype."""
     buffer = comm.get_buffer(group, x)
     combined_x, _, after = buffer.combine(
-        x,
+        dense(x),
         handle=handle,
         config=comm.combine_config,
         previous_event=comm.previous_event(True) if async_finish else None,
@@ -284,7 +287,7 @@ def combine_backward(ctx, grad_combined):
     comm: Comm = ctx.comm
     buffer = comm.get_buffer(ctx.group, grad_combined)
     grad_x, _, _, _, _, after = buffer.dispatch(
-        grad_combined.contiguous(),
+        dense(grad_combined),
         handle=ctx.handle,
         config=comm.dispatch_config,
         previous_event=comm.previous_event(ctx.async_finish),

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from fused_a2a.autograd import Comm, dispatch_forward
 from fused_a2a.backends import BACKENDS
 from fused_a2a.checks import DTYPE_NAMES, dispatch_shape
+from fused_a2a.layout import dense
 from fused_a2a.shape import CallShape, keyed
 from fused_a2a.shared_errors import POISON_ID
 from fused_a2a.tuning import agreement
@@ -62,7 +63,7 @@ def agreed_dispatch(backend: str, group: dist.ProcessGroup | None, x, topk_idx, 
                              num_sms_budget)
     except LocalProblem as error:  # this rank's dtype or expert count cannot run (nor its peers' at this shape)
         raise_on_every_rank(str(error), backend, group, x, topk_idx, num_experts, explicit, num_sms_budget, routing)
-    x = x.contiguous() if type(x) is not tuple else tuple(t.contiguous() for t in x)
+    x = dense(x) if type(x) is not tuple else tuple(dense(t) for t in x)
     return agreed, x, topk_idx.contiguous(), topk_weights.contiguous()
 
 

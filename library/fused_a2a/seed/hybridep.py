@@ -19,6 +19,7 @@ from fused_a2a.autograd import run_function
 from fused_a2a.backends import hybridep_buffer
 from fused_a2a.backends.hybridep_adapter import shape_problem
 from fused_a2a.backends.hybridep_buffer import HAVE_HYBRIDEP, Settings
+from fused_a2a.layout import dense
 from fused_a2a.shape import CallShape, keyed
 from fused_a2a.tuning.agreement import agreed_comm
 from fused_a2a.tuning.resolve import env_or_default
@@ -156,7 +157,7 @@ class HybridEPDispatch(torch.autograd.Function):
         fused = settings.fused if settings is not None else fused  # ensure_buffer applied settings' variables
         num_permuted = None if num_permuted_tokens is None else int(num_permuted_tokens)
         hidden, out_probs, scaling_factor, tokens_per_expert, handle = buffer.dispatch_with_permute(
-            hidden=x, routing_map=routing_map, probs=probs, scaling_factor=None,
+            hidden=dense(x), routing_map=routing_map, probs=probs, scaling_factor=None,
             num_of_experts_per_rank=num_local_experts, pad_multiple=pad_multiple, num_permuted_tokens=num_permuted,
             non_blocking=num_permuted is not None, **({"fuse_permute_dispatch": True} if fused else {}),
         )
@@ -172,7 +173,7 @@ class HybridEPDispatch(torch.autograd.Function):
         if ctx.settings is not None:
             hybridep_buffer.apply_environment(ctx.settings)
         grad_hidden, grad_in_probs = ctx.buffer.combine_with_unpermute(
-            hidden=grad_x, probs=grad_probs, handle=ctx.handle, pad_multiple=ctx.pad_multiple,
+            hidden=dense(grad_x), probs=grad_probs, handle=ctx.handle, pad_multiple=ctx.pad_multiple,
             **({"fuse_unpermute_combine": True} if ctx.fused else {}),
         )
         return grad_hidden, None, grad_in_probs, None, None, None, None, None, None, None, None, None, None
@@ -188,7 +189,7 @@ class HybridEPCombine(torch.autograd.Function):
         """Forward pass of fused combine of the HybridEP backend (see :func:`hybrid_ep_combine`)."""
         buffer = hybridep_buffer.buffer_of(handle)
         fused = getattr(handle[0], _FUSED_ATTRIBUTE, fused and hybridep_buffer.has_fused_permute())
-        combined, _ = buffer.combine_with_unpermute(hidden=x, handle=handle, pad_multiple=pad_multiple,
+        combined, _ = buffer.combine_with_unpermute(hidden=dense(x), handle=handle, pad_multiple=pad_multiple,
                                                     **({"fuse_unpermute_combine": True} if fused else {}))
         if ctx is not None:
             ctx.buffer, ctx.handle, ctx.pad_multiple, ctx.fused = buffer, handle, pad_multiple, fused
@@ -199,7 +200,7 @@ class HybridEPCombine(torch.autograd.Function):
     def backward(ctx, grad_x):
         """Backward pass of fused combine of the HybridEP backend: a cached permute + dispatch."""
         hidden, _, _, _, _ = ctx.buffer.dispatch_with_permute(
-            hidden=grad_x, scaling_factor=None, handle=ctx.handle, pad_multiple=ctx.pad_multiple,
+            hidden=dense(grad_x), scaling_factor=None, handle=ctx.handle, pad_multiple=ctx.pad_multiple,
             num_permuted_tokens=ctx.num_permuted_tokens, **({"fuse_permute_dispatch": True} if ctx.fused else {}),
         )
         return hidden, None, None, None, None

@@ -75,6 +75,13 @@ def _record(event: str, buffer: Buffer) -> None:
             log.write(f"{os.getpid()} {event} {id(buffer)}\n")
 
 
+
+def _cpp_data_ptr(tensor: torch.Tensor) -> int:
+    """The address C++'s ``tensor.data_ptr<T>()`` gives DeepEP: storage plus offset, so an empty view of
+    a non-empty buffer has one (Python's ``data_ptr()`` says 0 for every empty tensor)."""
+    base = tensor.untyped_storage().data_ptr()
+    return base + tensor.storage_offset() * tensor.element_size() if base else 0
+
 class Config:
     """``deep_ep.Config``: the SM count and chunk sizes of one normal-mode kernel (values not readable).
 
@@ -237,6 +244,9 @@ class Buffer:
                and num_tokens_per_expert.is_contiguous(), "num_tokens_per_expert is a contiguous [E] int32 tensor")
         _check(num_tokens_per_expert.size(0) % self.group_size == 0, "num_tokens_per_expert->size(0) % num_ranks == 0")
         _check(topk_idx.is_contiguous() and topk_weights.is_contiguous(), "topk_idx and topk_weights are contiguous")
+        if (_cpp_data_ptr(topk_idx) == 0) != (_cpp_data_ptr(topk_weights) == 0):  # a device assertion in DeepEP's kernel
+            raise RuntimeError("CUDA error: unspecified launch failure (fake DeepEP: device assertion "
+                               "(topk_idx == nullptr) == (topk_weights == nullptr))")
         _check_ids(topk_idx, num_tokens_per_expert.size(0))
         counts = self._received_per_expert(num_tokens_per_expert, expert_alignment)
         recv_x, recv_idx, recv_weights, _, torch_handle, _ = self.runtime.dispatch(
@@ -279,6 +289,8 @@ class Buffer:
     def _check_kernel(self, x: torch.Tensor, config: Config) -> None:
         _check(config._num_sms % 2 == 0, f"config.num_sms % 2 == 0 (got {config._num_sms})")
         _check(x.dim() == 2 and x.is_contiguous(), "x is a contiguous [N, H] tensor")
+        if x.data_ptr() % 16:  # the kernels' 16-byte loads fault on the device; DeepEP checks no alignment
+            raise RuntimeError("CUDA error: misaligned address (fake DeepEP: x off a 16-byte boundary)")
         row_bytes = x.size(1) * x.element_size()
         _check(row_bytes % 16 == 0, f"hidden * element_size % 16 == 0 (got {row_bytes} bytes)")
         needed = config.get_nvl_buffer_size_hint(row_bytes, self.group_size)

@@ -59,6 +59,13 @@ def _current_device() -> int:
     return 0
 
 
+def _row_loads(ptr: int) -> None:
+    """The kernels load rows with 16-byte vector loads and TMA and check no alignment on the host: a row
+    pointer off a 16-byte boundary faults on the device, which this fake raises as the error CUDA gives."""
+    if ptr % 16:
+        raise RuntimeError("CUDA error: misaligned address (fake UCCL-EP: a row pointer off a 16-byte boundary)")
+
+
 def _view(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The ``shape`` tensor of ``dtype`` at address ``ptr`` (the caller's memory, not a copy)."""
     if not isinstance(ptr, int):
@@ -383,6 +390,7 @@ class Buffer:
         row_bytes = hidden * x_element_size
         _check(row_bytes % 16 == 0, f"hidden * x_element_size % 16 == 0 (got {row_bytes})")
         _check(config.num_sms % 2 == 0, "config.num_sms % 2 == 0")
+        _row_loads(x_ptr)
         self._check_nvl_bytes(config, row_bytes)
         if x_scales_ptr or num_worst_tokens:
             raise NotImplementedError("the fake dispatches without FP8 scales and without num_worst_tokens")
@@ -444,6 +452,7 @@ class Buffer:
                "src_idx is the dispatch's recv_src_idx")
         _check(torch.equal(_view(channel_prefix_matrix_ptr, (size, channels), torch.int32).long(), self._recv_channel_prefix(in_rank, channels)),
                "channel_prefix_matrix is the dispatch's receive-side (recv_channel_prefix_matrix) with the config's channels")
+        _row_loads(x_ptr)
         x = _view(x_ptr, (num_tokens, hidden), torch.bfloat16)
         weights = _view(topk_weights_ptr, (num_tokens, num_topk), torch.float32) if topk_weights_ptr else None
         bias = tuple(_view(ptr, (num_recv_tokens, hidden), torch.bfloat16) for ptr in (bias_0_ptr, bias_1_ptr) if ptr)
