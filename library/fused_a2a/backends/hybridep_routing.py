@@ -170,34 +170,39 @@ if triton is not None:
         tl.store(map_ptr + phantoms, tl.full([B, WP], 1, dtype=tl.uint8), mask=(bad != 0)[:, None] & (rr < world)[None, :])
 
     @triton.jit
-    def _count(map_ptr, rows_ptr, out_ptr, padded, BR: tl.constexpr, LP: tl.constexpr):
+    def _count(map_ptr, rows_ptr, partial_ptr, ticket_ptr, out_ptr, padded, grid, BR: tl.constexpr, LP: tl.constexpr):
         rows = tl.load(rows_ptr).to(tl.int32)
         cc = tl.arange(0, LP)
         acc = tl.zeros([LP], dtype=tl.int32)
-        for start in range(0, rows, BR):
+        for start in range(tl.program_id(0) * BR, rows, grid * BR):
             r = start + tl.arange(0, BR)
             m = (r < rows)[:, None] & (cc < padded)[None, :]
-            v = tl.load(map_ptr + r[:, None] * padded + cc[None, :], mask=m, other=0)
-            acc += tl.sum(v.to(tl.int32), axis=0)
-        tl.store(out_ptr + cc, acc.to(tl.int64), mask=cc < padded)
+            acc += tl.sum(tl.load(map_ptr + r[:, None] * padded + cc[None, :], mask=m, other=0).to(tl.int32), axis=0)
+        tl.atomic_add(partial_ptr + cc, acc, mask=cc < padded)
+        # the last program to finish writes the totals and leaves the scratch zeroed for the next launch
+        if tl.atomic_add(ticket_ptr, 1) == grid - 1:
+            total = tl.atomic_xchg(partial_ptr + cc, tl.zeros([LP], dtype=tl.int32), mask=cc < padded)
+            tl.store(out_ptr + cc, total.to(tl.int64), mask=cc < padded)
+            tl.atomic_xchg(ticket_ptr, 0)
 
     @triton.jit
     def _ascending(map_ptr, probs_ptr, ids_ptr, w_ptr, rows, local, padded, probs_stride, first, k,
                    BR: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr):
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         cc = tl.arange(0, LP)
-        rmask = r < rows
-        v = tl.load(map_ptr + r[:, None] * padded + cc[None, :], mask=rmask[:, None] & (cc < local)[None, :],
-                    other=0).to(tl.int32)
-        rank_of = tl.cumsum(v, axis=1)
-        for j in tl.static_range(KP):
-            sel = (v != 0) & (rank_of == j + 1)
-            has = tl.max(sel.to(tl.int32), axis=1) != 0
-            col = tl.sum(tl.where(sel, cc[None, :], 0), axis=1)
-            weight = tl.load(probs_ptr + r.to(tl.int64) * probs_stride + first + col, mask=rmask & has, other=0.0)
-            out = rmask & (j < k)
-            tl.store(ids_ptr + r * k + j, tl.where(has, col, -1).to(tl.int64), mask=out)
-            tl.store(w_ptr + r * k + j, weight, mask=out)
+        m = (r < rows)[:, None] & (cc < local)[None, :]
+        v = tl.load(map_ptr + r[:, None] * padded + cc[None, :], mask=m, other=0).to(tl.int32)
+        # a set column's slot is the number of set columns up to it; slots past k are dropped
+        slot = tl.cumsum(v, axis=1) - 1
+        put = m & (v != 0) & (slot < k)
+        weight = tl.load(probs_ptr + r.to(tl.int64)[:, None] * probs_stride + first + cc[None, :], mask=put, other=0.0)
+        tl.store(ids_ptr + r[:, None] * k + slot, (cc[None, :] + tl.zeros([BR, LP], dtype=tl.int32)).to(tl.int64),
+                 mask=put)
+        tl.store(w_ptr + r[:, None] * k + slot, weight, mask=put)
+        kk = tl.arange(0, KP)
+        unused = (r < rows)[:, None] & (kk < k)[None, :] & (kk[None, :] >= tl.sum(v, axis=1)[:, None])
+        tl.store(ids_ptr + r[:, None] * k + kk[None, :], tl.full([BR, KP], -1, dtype=tl.int64), mask=unused)
+        tl.store(w_ptr + r[:, None] * k + kk[None, :], tl.zeros([BR, KP], dtype=tl.float32), mask=unused)
 
 
 def _trait(arg: Any) -> tuple:
@@ -295,12 +300,31 @@ def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor
     padded = local_map.size(1)
     out = torch.empty(padded, dtype=torch.int64, pin_memory=True)
     try:
-        lp = _pow2(padded)  # one program reads every received row: wide blocks keep it bandwidth-bound
-        _count_launch(1, local_map.view(torch.uint8), num_rows, out, padded, BR=max(16, 32768 // lp), LP=lp, num_warps=16)
+        lp = _pow2(padded)
+        block = max(16, 4096 // lp)
+        partial, ticket, programs = _count_scratch(local_map.device, lp)
+        grid = max(1, min(programs, triton.cdiv(local_map.size(0), block)))
+        _count_launch(grid, local_map.view(torch.uint8), num_rows, partial, ticket, out, padded, grid, BR=block, LP=lp)
     except Exception as error:  # noqa: BLE001
         _give_up(error)
         return None
     return out
+
+
+_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _count_scratch(device: torch.device, lp: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The zeroed ``[lp]`` int32 partial sums and ``[1]`` int32 ticket :func:`start_count`'s kernel uses on
+    the current stream of ``device`` (its last program zeroes them again), and the device's SM count."""
+    stream = torch.cuda.current_stream(device)
+    key = (device, stream.cuda_stream, lp)
+    found = _scratch.get(key)
+    if found is None:
+        found = (torch.zeros(lp, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device),
+                 torch.cuda.get_device_properties(device).multi_processor_count)
+        _scratch[key] = found
+    return found
 
 
 def count_rows(local_map: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -332,7 +356,7 @@ def ascending_topk(local_map: torch.Tensor, recv_probs: torch.Tensor | None, num
     ids = torch.empty(num_rows, topk, dtype=torch.int64, device=local_map.device)
     weights = torch.empty(num_rows, topk, dtype=torch.float32, device=local_map.device)
     lp = _pow2(padded)
-    block = max(1, min(128, 4096 // lp))
+    block = max(1, min(64, 2048 // lp))
     try:
         _ascending_launch(
             triton.cdiv(num_rows, block), local_map.view(torch.uint8), recv_probs, ids, weights, num_rows, local, padded, recv_probs.stride(0), first,
