@@ -68,7 +68,7 @@ def _check(seed: int, routing) -> None:
     num_rows = torch.tensor([rows], dtype=torch.int32)
     for grid in (1, 3):  # twice on one scratch: the kernel must leave it zeroed
         out = torch.full((columns.padded,), -5, dtype=torch.int64)
-        routing._count[(grid,)](local_map.view(torch.uint8), num_rows, partial, ticket, out, columns.padded, grid, BR=4,
+        routing._count[(grid,)](local_map.view(torch.uint8), num_rows, partial, ticket, out, columns.padded, BR=4,
                                 LP=routing._pow2(columns.padded))
         assert torch.equal(out, routing.count_rows(local_map, rows)), f"count, {grid} programs"
         assert not partial.any() and ticket.item() == 0, "count scratch left dirty"

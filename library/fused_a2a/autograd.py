@@ -43,7 +43,8 @@ class BufferLike(Protocol):
     it differs.
 
     Notation: ``N`` tokens on this rank, ``H`` hidden size, ``K`` experts per token, ``E`` experts of the
-    group, ``W`` ranks, ``R`` rows this rank receives.
+    group, ``W`` ranks, ``R`` rows this rank receives. Every row tensor a buffer is given (tokens,
+    combine inputs, gradients) is contiguous and 16-byte aligned (:func:`fused_a2a.layout.dense`).
 
     Attributes:
         needs_layout: ``False`` for a buffer that routes from top-k itself: its :meth:`dispatch` takes

@@ -15,7 +15,6 @@ import fused_a2a.backends.hybridep_routing as routing
 from fused_a2a.backends.hybridep_buffer import Settings, apply_environment, ensure_buffer, free_buffers, ranks_per_node
 from fused_a2a.checks import dtype_name
 from fused_a2a.groups import GroupRef
-from fused_a2a.layout import dense
 from fused_a2a.shape import CallShape
 
 
@@ -134,7 +133,7 @@ class HybridEPAdapter:
         """
         if handle is not None:
             apply_environment(handle.settings)
-            recv_x = handle.buffer.dispatch(hidden=dense(x), handle=handle.raw, num_of_experts=handle.num_experts,
+            recv_x = handle.buffer.dispatch(hidden=x, handle=handle.raw, num_of_experts=handle.num_experts,
                                             num_dispatched_tokens=handle.num_recv)[0]
             return recv_x, None, None, None, None, None
         num_tokens, hidden = x.shape
@@ -213,7 +212,7 @@ class HybridEPAdapter:
             ids = handle.recv_topk_idx
             probs.scatter_add_(1, torch.where(ids >= 0, ids + handle.first, 0),
                                torch.where(ids >= 0, topk_weights.float(), 0.0))
-        combined, combined_probs = handle.buffer.combine(hidden=dense(x), probs=probs, handle=handle.raw)
+        combined, combined_probs = handle.buffer.combine(hidden=x, probs=probs, handle=handle.raw)
         combined_weights = None
         if combined_probs is not None:
             chosen = handle.topk_idx >= 0

@@ -170,8 +170,9 @@ if triton is not None:
         tl.store(map_ptr + phantoms, tl.full([B, WP], 1, dtype=tl.uint8), mask=(bad != 0)[:, None] & (rr < world)[None, :])
 
     @triton.jit
-    def _count(map_ptr, rows_ptr, partial_ptr, ticket_ptr, out_ptr, padded, grid, BR: tl.constexpr, LP: tl.constexpr):
+    def _count(map_ptr, rows_ptr, partial_ptr, ticket_ptr, out_ptr, padded, BR: tl.constexpr, LP: tl.constexpr):
         rows = tl.load(rows_ptr).to(tl.int32)
+        grid = tl.num_programs(0)
         cc = tl.arange(0, LP)
         acc = tl.zeros([LP], dtype=tl.int32)
         for start in range(tl.program_id(0) * BR, rows, grid * BR):
@@ -196,8 +197,7 @@ if triton is not None:
         slot = tl.cumsum(v, axis=1) - 1
         put = m & (v != 0) & (slot < k)
         weight = tl.load(probs_ptr + r.to(tl.int64)[:, None] * probs_stride + first + cc[None, :], mask=put, other=0.0)
-        tl.store(ids_ptr + r[:, None] * k + slot, (cc[None, :] + tl.zeros([BR, LP], dtype=tl.int32)).to(tl.int64),
-                 mask=put)
+        tl.store(ids_ptr + r[:, None] * k + slot, tl.broadcast_to(cc[None, :], (BR, LP)).to(tl.int64), mask=put)
         tl.store(w_ptr + r[:, None] * k + slot, weight, mask=put)
         kk = tl.arange(0, KP)
         unused = (r < rows)[:, None] & (kk < k)[None, :] & (kk[None, :] >= tl.sum(v, axis=1)[:, None])
@@ -304,7 +304,7 @@ def start_count(local_map: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor
         block = max(16, 4096 // lp)
         partial, ticket, programs = _count_scratch(local_map.device, lp)
         grid = max(1, min(programs, triton.cdiv(local_map.size(0), block)))
-        _count_launch(grid, local_map.view(torch.uint8), num_rows, partial, ticket, out, padded, grid, BR=block, LP=lp)
+        _count_launch(grid, local_map.view(torch.uint8), num_rows, partial, ticket, out, padded, BR=block, LP=lp)
     except Exception as error:  # noqa: BLE001
         _give_up(error)
         return None

@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .hybrid_ep_buffer import HybridEPBuffer
+from .hybrid_ep_buffer import HybridEPBuffer, rows_aligned
 from .utils import EventHandle, EventOverlap
 
 __all__ = ["Buffer", "Config", "EventOverlap", "EVENTS", "HybridEPBuffer"]
@@ -75,12 +75,12 @@ def _record(event: str, buffer: Buffer) -> None:
             log.write(f"{os.getpid()} {event} {id(buffer)}\n")
 
 
-
 def _cpp_data_ptr(tensor: torch.Tensor) -> int:
     """The address C++'s ``tensor.data_ptr<T>()`` gives DeepEP: storage plus offset, so an empty view of
     a non-empty buffer has one (Python's ``data_ptr()`` says 0 for every empty tensor)."""
     base = tensor.untyped_storage().data_ptr()
     return base + tensor.storage_offset() * tensor.element_size() if base else 0
+
 
 class Config:
     """``deep_ep.Config``: the SM count and chunk sizes of one normal-mode kernel (values not readable).
@@ -289,8 +289,7 @@ class Buffer:
     def _check_kernel(self, x: torch.Tensor, config: Config) -> None:
         _check(config._num_sms % 2 == 0, f"config.num_sms % 2 == 0 (got {config._num_sms})")
         _check(x.dim() == 2 and x.is_contiguous(), "x is a contiguous [N, H] tensor")
-        if x.data_ptr() % 16:  # the kernels' 16-byte loads fault on the device; DeepEP checks no alignment
-            raise RuntimeError("CUDA error: misaligned address (fake DeepEP: x off a 16-byte boundary)")
+        rows_aligned(x, "DeepEP")
         row_bytes = x.size(1) * x.element_size()
         _check(row_bytes % 16 == 0, f"hidden * element_size % 16 == 0 (got {row_bytes} bytes)")
         needed = config.get_nvl_buffer_size_hint(row_bytes, self.group_size)

@@ -580,7 +580,7 @@ class HybridEPBuffer:
             _check(hidden.dtype == torch.bfloat16, f"fake HybridEP: combine_with_unpermute supports bfloat16 only, got {hidden.dtype}")
             _check(hidden.dim() == 2 and hidden.is_contiguous() and hidden.size(1) == config.hidden_dim,
                    f"fake HybridEP: hidden must be a contiguous [P, {config.hidden_dim}] tensor, got {list(hidden.shape)}")
-            _tma_rows(hidden)
+            rows_aligned(hidden, "HybridEP")
             top = int(positions.max()) if positions.numel() else -1
             _check(top < hidden.size(0), f"fake HybridEP: the handle reads permuted row {top}, hidden has {hidden.size(0)} rows")
             if probs is not None:
@@ -633,7 +633,7 @@ class HybridEPBuffer:
 
     def _check_tokens(self, config: HybridEpConfigInstance, hidden, probs, scaling_factor, num_tokens: int) -> None:
         _check(hidden.dim() == 2 and hidden.is_contiguous(), "fake HybridEP: hidden must be a contiguous [N, H] tensor")
-        _tma_rows(hidden)
+        rows_aligned(hidden, "HybridEP")
         _check(hidden.size(1) == config.hidden_dim, f"fake HybridEP: hidden has {hidden.size(1)} columns, the config {config.hidden_dim}")
         if config.token_data_type == UINT8:
             _check(hidden.element_size() == 1, f"fake HybridEP: an fp8 buffer dispatches 1-byte tokens, got {hidden.dtype}")
@@ -784,11 +784,11 @@ def _padded(counts: torch.Tensor, pad_multiple: int) -> torch.Tensor:
     return counts
 
 
-def _tma_rows(hidden: torch.Tensor) -> None:
-    """HybridEP moves rows with TMA and checks no alignment on the host: rows off a 16-byte boundary fault
-    on the device, which this fake raises as the error CUDA gives."""
-    if hidden.data_ptr() % 16:
-        raise RuntimeError("CUDA error: misaligned address (fake HybridEP: hidden off a 16-byte boundary)")
+def rows_aligned(rows: torch.Tensor, library: str) -> None:
+    """DeepEP and HybridEP move rows with 16-byte loads and TMA and check no alignment on the host: rows
+    off a 16-byte boundary fault on the device, which the fakes raise as the error CUDA gives."""
+    if rows.data_ptr() % 16:
+        raise RuntimeError(f"CUDA error: misaligned address (fake {library}: rows off a 16-byte boundary)")
 
 
 def _check(condition: bool, message: str) -> None:
